@@ -1,0 +1,59 @@
+"""The ``lightning-bagpipe`` command: ``bench SUITE``, ``convert``.
+
+Each sub-command lives in its own module exposing ``add_arguments(parser)`` and ``run(args)``; this file
+only wires them up, importing a module when its command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+BENCH_SUITES = {
+    "oracle": "lightning_bagpipe.bench.oracle",
+}
+COMMANDS = {
+    "convert": ("lightning_bagpipe.data.convert", "stream a Criteo TSV file or folder into Parquet"),
+}
+
+
+def _module(name: str) -> Any:
+    return importlib.import_module(name)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lightning-bagpipe", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    bench = sub.add_parser("bench", help="run a benchmark suite and write its figures as JSON")
+    suites = bench.add_subparsers(dest="suite", required=True)
+    for suite, mod in BENCH_SUITES.items():
+        p = suites.add_parser(suite, help=f"benchmark suite '{suite}'")
+        p.add_argument("--json", type=Path, default=None, help="write the results to this JSON file")
+        _module(mod).add_arguments(p)
+        p.set_defaults(_run=mod)
+    for cmd, (mod, help_text) in COMMANDS.items():
+        p = sub.add_parser(cmd, help=help_text)
+        _module(mod).add_arguments(p)
+        p.set_defaults(_run=mod)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    result = _module(args._run).run(args)
+    if args.command == "bench":
+        text = json.dumps(result, indent=2, sort_keys=True)
+        if args.json is not None:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(text + "\n")
+        print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

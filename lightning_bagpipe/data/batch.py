@@ -1,0 +1,279 @@
+"""The batch that flows from a data source through the oracle into ``training_step``.
+
+:class:`SparseFeatures` is the one central sparse structure (a keyed jagged tensor in TorchRec's terms):
+for ``F`` features and ``B`` samples it holds
+
+* ``keys``: the feature names, in table order;
+* ``values``: every id occurrence, flattened **key-major** (all of feature 0's ids for samples 0..B-1,
+  then feature 1's, ...), each id a row of that feature's own table (not fused);
+* ``lengths``: ``F * B`` bag sizes, key-major; one-hot features are the case of all lengths 1;
+* ``weights``: optional per-occurrence weights (same shape as ``values``);
+* ``lookup``: under ``strategy="bagpipe"`` training, the cache slots this rank's occurrences read.
+
+:class:`Batch` adds dense features, labels and the step's cache instructions (:class:`StepPlan`).
+Both are plain (non-frozen) dataclasses with a ``to(device)`` method, so Lightning's default batch
+transfer moves them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from lightning_bagpipe.tables import Tables
+
+
+@dataclass
+class CacheLookup:
+    """Where this rank's id occurrences live in the cache during one training step.
+
+    ``slots`` are the distinct cache slots the step reads (ascending) and ``inverse`` maps every
+    occurrence of :attr:`SparseFeatures.values` to its index in ``slots``.
+    """
+
+    slots: Tensor
+    inverse: Tensor
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> CacheLookup:
+        return CacheLookup(
+            self.slots.to(device, non_blocking=non_blocking),
+            self.inverse.to(device, non_blocking=non_blocking),
+        )
+
+
+@dataclass
+class SparseFeatures:
+    """Sparse categorical features of one batch (see the module docstring for the layout)."""
+
+    keys: list[str]
+    values: Tensor
+    lengths: Tensor
+    weights: Tensor | None = None
+    lookup: CacheLookup | None = None
+    _offsets: Tensor | None = field(default=None, repr=False)
+
+    # ------------------------------------------------------------------ constructors
+    @classmethod
+    def from_lengths(
+        cls,
+        keys: Sequence[str],
+        values: Tensor | np.ndarray,
+        lengths: Tensor | np.ndarray,
+        weights: Tensor | np.ndarray | None = None,
+    ) -> SparseFeatures:
+        """Build from flat key-major ``values`` and ``F * B`` ``lengths``; checks they add up."""
+        v = _as_long(values, "values")
+        ln = _as_long(lengths, "lengths")
+        keys = list(keys)
+        if ln.dim() != 1:
+            raise ValueError(f"lengths must be 1-D (key-major, F*B entries), got shape {tuple(ln.shape)}")
+        if len(keys) == 0:
+            raise ValueError("at least one feature key is required")
+        if ln.numel() % len(keys):
+            raise ValueError(f"{ln.numel()} lengths are not a multiple of the {len(keys)} feature keys")
+        if ln.numel() and int(ln.min()) < 0:
+            raise ValueError(f"negative length {int(ln.min())} in sparse features")
+        total = int(ln.sum())
+        if total != v.numel():
+            b = ln.numel() // len(keys)
+            per_key = ln.view(len(keys), b).sum(1).tolist() if b else [0] * len(keys)
+            raise ValueError(
+                f"lengths add up to {total} ids but values holds {v.numel()} "
+                f"(per feature: {dict(zip(keys, per_key))})"
+            )
+        w = None
+        if weights is not None:
+            w = torch.as_tensor(weights, dtype=torch.float32)
+            if w.shape != v.shape:
+                raise ValueError(f"weights shape {tuple(w.shape)} does not match values {tuple(v.shape)}")
+        return cls(keys, v, ln, w)
+
+    @classmethod
+    def from_offsets(
+        cls,
+        keys: Sequence[str],
+        values: Tensor | np.ndarray,
+        offsets: Tensor | np.ndarray,
+        weights: Tensor | np.ndarray | None = None,
+    ) -> SparseFeatures:
+        """Build from ``F * B + 1`` offsets into ``values`` (``offsets[0] == 0``)."""
+        off = _as_long(offsets, "offsets")
+        if off.dim() != 1 or off.numel() < 1 or int(off[0]) != 0:
+            raise ValueError("offsets must be 1-D with offsets[0] == 0")
+        return cls.from_lengths(keys, values, off[1:] - off[:-1], weights)
+
+    @classmethod
+    def from_dense(cls, keys: Sequence[str], ids: Tensor | np.ndarray) -> SparseFeatures:
+        """One-hot features from a ``[B, F]`` id matrix (column ``f`` is feature ``keys[f]``)."""
+        m = _as_long(ids, "ids")
+        if m.dim() != 2 or m.shape[1] != len(keys):
+            raise ValueError(f"expected ids of shape [batch, {len(keys)}], got {tuple(m.shape)}")
+        values = m.t().contiguous().view(-1)
+        return cls(list(keys), values, torch.ones(values.numel(), dtype=torch.long))
+
+    @classmethod
+    def from_dict(cls, bags: Mapping[str, Sequence[Sequence[int]]]) -> SparseFeatures:
+        """From ``{feature: [bag of ids per sample]}``; convenient in notebooks and tests."""
+        keys = list(bags)
+        lengths: list[int] = []
+        values: list[int] = []
+        for k in keys:
+            for bag in bags[k]:
+                lengths.append(len(bag))
+                values.extend(int(x) for x in bag)
+        return cls.from_lengths(keys, torch.tensor(values, dtype=torch.long), torch.tensor(lengths))
+
+    # ------------------------------------------------------------------ shape
+    @property
+    def num_features(self) -> int:
+        return len(self.keys)
+
+    @property
+    def batch_size(self) -> int:
+        return self.lengths.numel() // max(1, len(self.keys))
+
+    @property
+    def offsets(self) -> Tensor:
+        """``F * B + 1`` offsets of each bag into :attr:`values`."""
+        if self._offsets is None or self._offsets.device != self.lengths.device:
+            off = torch.zeros(self.lengths.numel() + 1, dtype=torch.long, device=self.lengths.device)
+            torch.cumsum(self.lengths, 0, out=off[1:])
+            self._offsets = off
+        return self._offsets
+
+    def is_one_hot(self) -> bool:
+        return bool((self.lengths == 1).all())
+
+    # ------------------------------------------------------------------ ids
+    def fused_ids(self, tables: Tables) -> np.ndarray:
+        """Occurrences as ids in the fused space (table offset + row), key-major, int64 numpy."""
+        self.validate(tables)
+        b = self.batch_size
+        per_key = self.lengths.view(len(self.keys), b).sum(1).numpy() if b else np.zeros(len(self.keys))
+        offs = np.repeat(tables.offsets, per_key.astype(np.int64))
+        return self.values.numpy().astype(np.int64, copy=False) + offs
+
+    def validate(self, tables: Tables) -> None:
+        """Raise a ValueError naming the feature and value for ids that do not fit ``tables``."""
+        if self.keys != tables.names:
+            unknown = [k for k in self.keys if k not in tables.names]
+            missing = [n for n in tables.names if n not in self.keys]
+            if unknown:
+                raise ValueError(f"unknown feature keys {unknown}; the tables are {tables.names}")
+            if missing:
+                raise ValueError(f"batch lacks features {missing}; every batch carries all tables")
+            raise ValueError(f"feature keys {self.keys} must be in table order {tables.names}")
+        if self.values.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"sparse ids must be integers, got dtype {self.values.dtype}")
+        b = self.batch_size
+        if self.values.numel() == 0:
+            return
+        per_key = self.lengths.view(len(self.keys), b).sum(1) if b else torch.zeros(len(self.keys))
+        key_of = torch.repeat_interleave(torch.arange(len(self.keys)), per_key.long())
+        limit = torch.as_tensor(tables.sizes)[key_of]
+        bad = (self.values < 0) | (self.values >= limit)
+        if bool(bad.any()):
+            pos = int(bad.nonzero()[0, 0])
+            k = int(key_of[pos])
+            raise ValueError(
+                f"feature {self.keys[k]!r}: id {int(self.values[pos])} is outside "
+                f"[0, {tables.sizes[k]}) of its table ({int(bad.sum())} bad ids in this batch)"
+            )
+
+    def slice_samples(self, start: int, stop: int) -> SparseFeatures:
+        """The features of samples ``[start, stop)`` (every feature), keeping the layout."""
+        b, f = self.batch_size, len(self.keys)
+        ln = self.lengths.view(f, b)
+        off = self.offsets.view(-1)
+        starts = off[:-1].view(f, b)[:, start] if stop > start else off[:-1].view(f, b)[:, 0]
+        ends = starts + ln[:, start:stop].sum(1)
+        idx = torch.cat([torch.arange(int(s), int(e)) for s, e in zip(starts, ends)])
+        w = self.weights[idx] if self.weights is not None else None
+        return SparseFeatures(list(self.keys), self.values[idx], ln[:, start:stop].reshape(-1).clone(), w)
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> SparseFeatures:
+        return SparseFeatures(
+            list(self.keys),
+            self.values.to(device, non_blocking=non_blocking),
+            self.lengths.to(device, non_blocking=non_blocking),
+            None if self.weights is None else self.weights.to(device, non_blocking=non_blocking),
+            None if self.lookup is None else self.lookup.to(device, non_blocking=non_blocking),
+        )
+
+
+@dataclass
+class StepPlan:
+    """This rank's cache instructions for one training step (host-side numpy arrays).
+
+    ``key`` identifies the step in the stream (``(epoch, step)``). Before the step the executor writes
+    back ``evict`` rows (capacity evictions) and then loads ``fetch`` rows; after the step's optimizer
+    update it writes back ``writeback`` rows, which stay in their slots as clean copies. ``next_evict`` and
+    ``next_fetch`` are the next step's pre-step instructions, so they can start while this step computes.
+    Each pair is ``(fused ids, slots)``. ``ids``/``slots`` are the distinct rows this rank's
+    occurrences read and update during the step (host copies of :class:`CacheLookup`).
+    """
+
+    key: tuple[int, int]
+    capacity: int
+    fetch: tuple[np.ndarray, np.ndarray]
+    evict: tuple[np.ndarray, np.ndarray]
+    writeback: tuple[np.ndarray, np.ndarray]
+    ids: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    slots: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    next_key: tuple[int, int] | None = None
+    next_fetch: tuple[np.ndarray, np.ndarray] | None = None
+    next_evict: tuple[np.ndarray, np.ndarray] | None = None
+    unique_ids: int = 0
+    hits: int = 0
+    clean_hits: int = 0
+    tables_fingerprint: str = ""
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> StepPlan:
+        return self  # host-side instructions stay on the host
+
+
+@dataclass
+class Batch:
+    """One (rank-local) batch: dense features ``[B, D]``, sparse features, labels ``[B]`` and plan."""
+
+    sparse: SparseFeatures
+    dense: Tensor | None = None
+    labels: Tensor | None = None
+    plan: StepPlan | None = None
+
+    @property
+    def batch_size(self) -> int:
+        return self.sparse.batch_size
+
+    def slice_samples(self, start: int, stop: int) -> Batch:
+        """Samples ``[start, stop)`` without plan or lookup (the loader attaches this rank's own)."""
+        return Batch(
+            self.sparse.slice_samples(start, stop),
+            None if self.dense is None else self.dense[start:stop],
+            None if self.labels is None else self.labels[start:stop],
+        )
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        return Batch(
+            self.sparse.to(device, non_blocking=non_blocking),
+            None if self.dense is None else self.dense.to(device, non_blocking=non_blocking),
+            None if self.labels is None else self.labels.to(device, non_blocking=non_blocking),
+            self.plan,
+        )
+
+    def __len__(self) -> int:
+        return self.batch_size
+
+
+def _as_long(x: Any, what: str) -> Tensor:
+    t = torch.as_tensor(x)
+    if t.dtype.is_floating_point or t.dtype == torch.bool or t.dtype.is_complex:
+        bad = t[(t != t.round())] if t.dtype.is_floating_point else t[:1]
+        example = f" (e.g. {bad[0].item()!r})" if bad.numel() else ""
+        raise ValueError(f"{what} must be integers, got dtype {t.dtype}{example}")
+    return t.long()

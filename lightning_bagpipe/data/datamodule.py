@@ -1,0 +1,131 @@
+"""BagpipeDataModule: the user says where global batches come from; the module does the rest."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import lightning.pytorch as pl
+
+from lightning_bagpipe.data.batch import Batch
+from lightning_bagpipe.data.loader import BagpipeLoader, EvalLoader, SourceFn
+from lightning_bagpipe.tables import Tables, TableSpec
+
+
+class BagpipeDataModule(pl.LightningDataModule):
+    """A LightningDataModule whose training loader runs the BagPipe oracle.
+
+    Subclass it and implement :meth:`train_source`: an iterable of **global** :class:`Batch` objects in
+    training order (every rank sees the same stream; each trains its slice of every global batch).
+    Optionally implement :meth:`val_source`, :meth:`test_source` and :meth:`predict_source`.
+
+    Args:
+        tables: one table per sparse feature, in feature order.
+        batch_size: the global batch size (what the source yields; each of ``R`` ranks trains ``B / R``).
+        lookahead: ``L``, how many batches the oracle looks ahead. Larger ``L`` keeps rows resident across
+            longer reuse gaps (fewer fetches) at the cost of more batches buffered in the loader.
+        cache_rows: cache capacity in rows (slots) per :class:`~lightning_bagpipe.CachedEmbedding`;
+            ``None`` lets the cache grow to whatever the oracle needs.
+        queue_batches: planned batches buffered between the oracle thread and training.
+    """
+
+    def __init__(
+        self,
+        tables: Tables | Iterable[TableSpec | tuple[str, int]],
+        *,
+        batch_size: int,
+        lookahead: int = 64,
+        cache_rows: int | None = None,
+        queue_batches: int = 4,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if lookahead < 1:
+            raise ValueError(f"lookahead must be >= 1, got {lookahead}")
+        if cache_rows is not None and cache_rows < 1:
+            raise ValueError(f"cache_rows must be >= 1 or None, got {cache_rows}")
+        self.tables = Tables.coerce(tables)
+        self.batch_size = int(batch_size)
+        self.lookahead = int(lookahead)
+        self.cache_rows = cache_rows
+        self.queue_batches = int(queue_batches)
+        self._train_loader: BagpipeLoader | None = None
+        self._pending_state: dict[str, Any] | None = None
+
+    # ------------------------------------------------------------------ what users override
+    def train_source(self) -> Iterable[Batch]:
+        """Global training batches in training order. Must be overridden."""
+        raise NotImplementedError(f"{type(self).__name__} must implement train_source()")
+
+    def val_source(self) -> Iterable[Batch] | None:
+        """Global validation batches, or ``None`` for no validation."""
+        return None
+
+    def test_source(self) -> Iterable[Batch] | None:
+        return None
+
+    def predict_source(self) -> Iterable[Batch] | None:
+        return None
+
+    # ------------------------------------------------------------------ Lightning hooks
+    def _rank(self) -> tuple[int, int]:
+        trainer = self.trainer
+        if trainer is None:
+            return 0, 1
+        return trainer.global_rank, trainer.world_size
+
+    def train_dataloader(self) -> BagpipeLoader:
+        rank, world = self._rank()
+        if self._train_loader is not None:
+            self._train_loader.close()
+        loader = BagpipeLoader(
+            self.train_source,
+            self.tables,
+            lookahead=self.lookahead,
+            cache_rows=self.cache_rows,
+            rank=rank,
+            world_size=world,
+            queue_batches=self.queue_batches,
+        )
+        if self._pending_state is not None:
+            loader.load_state_dict(self._pending_state)
+            self._pending_state = None
+        self._train_loader = loader
+        return loader
+
+    def _eval_loader(self, name: str, fn: SourceFn) -> EvalLoader:
+        if fn() is None:
+            raise NotImplementedError(f"{type(self).__name__} has no {name}_source()")
+        rank, world = self._rank()
+        return EvalLoader(lambda: fn() or (), self.tables, rank, world, name)
+
+    def val_dataloader(self) -> Any:
+        if self.val_source() is None:
+            return []
+        return self._eval_loader("val", self.val_source)  # type: ignore[arg-type]
+
+    def test_dataloader(self) -> EvalLoader:
+        return self._eval_loader("test", self.test_source)  # type: ignore[arg-type]
+
+    def predict_dataloader(self) -> EvalLoader:
+        return self._eval_loader("predict", self.predict_source)  # type: ignore[arg-type]
+
+    def teardown(self, stage: str) -> None:
+        if self._train_loader is not None:
+            self._train_loader.close()
+
+    def state_dict(self) -> dict[str, Any]:
+        """The training loader's position (batches handed out this epoch) for exact resume."""
+        if self._train_loader is None:
+            return {}
+        return {"train_loader": self._train_loader.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state = state_dict.get("train_loader")
+        if state is None:
+            return
+        if self._train_loader is not None:
+            self._train_loader.load_state_dict(state)
+        else:
+            self._pending_state = dict(state)

@@ -1,0 +1,297 @@
+"""Loaders that turn a source of global batches into this rank's batches.
+
+:class:`BagpipeLoader` (training) runs the lookahead oracle in a background thread: it reads global
+batches, validates them, feeds their fused ids to the oracle, and once a batch's plan is known (``L``
+batches later) slices batch and plan for this rank and queues the result. The queue is bounded, so the
+thread never runs more than ``lookahead + queue_batches`` batches ahead of training.
+
+:class:`EvalLoader` (validation, test, predict) only validates and slices: evaluation reads the store
+directly and needs no plan.
+
+Neither is a ``torch.utils.data.DataLoader``, so Lightning passes them through untouched and never
+re-wraps them with a ``DistributedSampler``: the global stream order is the oracle's to keep.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import weakref
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import numpy as np
+import torch
+
+from lightning_bagpipe.data.batch import Batch, CacheLookup, StepPlan
+from lightning_bagpipe.oracle.lookahead import LookaheadOracle
+from lightning_bagpipe.oracle.plan import CachePlan
+from lightning_bagpipe.tables import Tables
+
+SourceFn = Callable[[], Iterable[Batch]]
+
+
+def rank_bounds(batch_size: int, rank: int, world_size: int) -> tuple[int, int]:
+    """Samples ``[start, stop)`` of a global batch trained by ``rank``."""
+    return rank * batch_size // world_size, (rank + 1) * batch_size // world_size
+
+
+def occurrence_mask(batch: Batch, start: int, stop: int) -> np.ndarray:
+    """Boolean mask over the key-major id occurrences of samples ``[start, stop)``."""
+    sp = batch.sparse
+    b = sp.batch_size
+    in_range = np.zeros(b, dtype=bool)
+    in_range[start:stop] = True
+    per_bag = np.tile(in_range, sp.num_features)
+    return np.repeat(per_bag, sp.lengths.numpy())
+
+
+def check_batch(batch: Batch, tables: Tables, where: str) -> np.ndarray:
+    """Validate a global batch against ``tables``; return its fused ids (key-major)."""
+    if not isinstance(batch, Batch):
+        raise TypeError(
+            f"{where}: a source must yield lightning_bagpipe.Batch objects, got {type(batch).__name__}"
+        )
+    b = batch.batch_size
+    for name, t in (("dense", batch.dense), ("labels", batch.labels)):
+        if t is not None and t.shape[0] != b:
+            raise ValueError(
+                f"{where}: {name} has {t.shape[0]} rows but the sparse features have {b} samples"
+            )
+    try:
+        return batch.sparse.fused_ids(tables)
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None
+
+
+class _LoaderBase:
+    """Shared bookkeeping: the source, the rank slice and the per-epoch resume position."""
+
+    def __init__(self, source_fn: SourceFn, tables: Tables, rank: int, world_size: int, name: str) -> None:
+        self._source_fn = source_fn
+        self.tables = tables
+        self.rank = rank
+        self.world_size = world_size
+        self.name = name
+        self._length: int | None = None
+
+    def __len__(self) -> int:
+        if self._length is None:
+            src = self._source_fn()
+            try:
+                self._length = len(src)  # type: ignore[arg-type]
+            except TypeError:
+                raise TypeError(f"the {self.name} source has no length") from None
+        return self._length
+
+    def _local(self, batch: Batch) -> tuple[Batch, tuple[int, int]]:
+        if self.world_size == 1:
+            return batch, (0, batch.batch_size)
+        b = batch.batch_size
+        if b < self.world_size:
+            raise ValueError(
+                f"{self.name}: global batch of {b} samples cannot be split over {self.world_size} ranks"
+            )
+        start, stop = rank_bounds(b, self.rank, self.world_size)
+        return batch.slice_samples(start, stop), (start, stop)
+
+
+class EvalLoader(_LoaderBase):
+    """Validation/test/predict batches for this rank (validated, sliced, no plan)."""
+
+    def __iter__(self) -> Iterator[Batch]:
+        for i, batch in enumerate(self._source_fn()):
+            check_batch(batch, self.tables, f"{self.name} batch {i}")
+            yield self._local(batch)[0]
+
+
+class BagpipeLoader(_LoaderBase):
+    """Training batches for this rank, each carrying its cache plan; the oracle runs in a thread.
+
+    ``state_dict`` counts batches *handed out* (not fetched by the thread), so a resumed loader starts
+    exactly at the next unseen batch.
+    """
+
+    def __init__(
+        self,
+        source_fn: SourceFn,
+        tables: Tables,
+        *,
+        lookahead: int,
+        cache_rows: int | None,
+        rank: int = 0,
+        world_size: int = 1,
+        queue_batches: int = 4,
+    ) -> None:
+        super().__init__(source_fn, tables, rank, world_size, "train")
+        if lookahead < 1:
+            raise ValueError(f"lookahead must be >= 1, got {lookahead}")
+        self.lookahead = int(lookahead)
+        self.cache_rows = cache_rows
+        self.queue_batches = max(1, int(queue_batches))
+        self.epoch = 0
+        self.yielded = 0
+        self._resume_from = 0
+        self._threads: weakref.WeakSet[_OracleThread] = weakref.WeakSet()
+
+    def __len__(self) -> int:
+        return super().__len__() - self._resume_from
+
+    # -------------------------------------------------------------- state (exact resume)
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "batches_yielded": self.yielded}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch = int(state["epoch"])
+        self._resume_from = int(state["batches_yielded"])
+
+    # -------------------------------------------------------------- iteration
+    def __iter__(self) -> Iterator[Batch]:
+        self.close()
+        skip, self._resume_from = self._resume_from, 0
+        if skip == 0 and self.yielded:
+            self.epoch += 1
+        epoch = self.epoch
+        self.yielded = skip
+        thread = _OracleThread(self, epoch, skip)
+        self._threads.add(thread)
+        thread.start()
+        return self._consume(thread)
+
+    def _consume(self, thread: _OracleThread) -> Iterator[Batch]:
+        try:
+            while True:
+                item = thread.get()
+                if item is None:
+                    return
+                self.yielded += 1
+                yield item
+        finally:
+            thread.stop()
+
+    def close(self) -> None:
+        """Stop every background thread of this loader (idempotent)."""
+        for t in list(self._threads):
+            t.stop()
+
+
+class _OracleThread(threading.Thread):
+    """Reads the source, runs the oracle and queues rank-local batches with their plans."""
+
+    _DONE = object()
+
+    def __init__(self, loader: BagpipeLoader, epoch: int, skip: int) -> None:
+        super().__init__(name=f"bagpipe-oracle-e{epoch}", daemon=True)
+        self.loader = loader
+        self.epoch = epoch
+        self.skip = skip
+        self.queue: queue.Queue[Any] = queue.Queue(maxsize=loader.queue_batches)
+        self._stop_event = threading.Event()
+        self.error: BaseException | None = None
+
+    # ---------------------------------------------------------- consumer side
+    def get(self) -> Batch | None:
+        while True:
+            try:
+                item = self.queue.get(timeout=0.05)
+            except queue.Empty:
+                if not self.is_alive() and self.queue.empty():
+                    if self.error is not None:
+                        raise self.error from None
+                    raise RuntimeError(
+                        "the bagpipe loader thread ended without finishing the epoch"
+                    ) from None
+                continue
+            if item is self._DONE:
+                if self.error is not None:
+                    raise self.error
+                return None
+            return item
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        while self.is_alive():
+            try:
+                while True:
+                    self.queue.get_nowait()
+            except queue.Empty:
+                pass
+            self.join(timeout=0.05)
+
+    # ---------------------------------------------------------- producer side
+    def _put(self, item: Any) -> bool:
+        while not self._stop_event.is_set():
+            try:
+                self.queue.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def run(self) -> None:
+        try:
+            self._produce()
+        except BaseException as err:  # surfaced in the training loop by get()
+            self.error = err
+        finally:
+            self._put(self._DONE)
+
+    def _produce(self) -> None:
+        ld = self.loader
+        oracle = LookaheadOracle(ld.tables.total_rows, ld.lookahead, ld.cache_rows)
+        pending: deque[tuple[Batch, np.ndarray]] = deque()  # batches waiting for their plan
+        ready: deque[tuple[Batch, CachePlan]] = deque()  # planned, waiting for the next plan
+        step = self.skip
+        for i, batch in enumerate(ld._source_fn()):
+            if self._stop_event.is_set():
+                return
+            if i < self.skip:
+                continue
+            ids = check_batch(batch, ld.tables, f"train batch {i}")
+            pending.append((batch, ids))
+            plan = oracle.push(ids)
+            if plan is not None:
+                ready.append((pending.popleft()[0], plan))
+            while len(ready) >= 2:
+                if not self._emit(ready.popleft(), ready[0][1], step):
+                    return
+                step += 1
+        for plan in oracle.finish():
+            ready.append((pending.popleft()[0], plan))
+        while ready:
+            cur = ready.popleft()
+            if not self._emit(cur, ready[0][1] if ready else None, step):
+                return
+            step += 1
+
+    def _emit(self, cur: tuple[Batch, CachePlan], nxt: CachePlan | None, step: int) -> bool:
+        batch, plan = cur
+        ld = self.loader
+        local, (start, stop) = ld._local(batch)
+        if ld.world_size == 1:
+            slots, inverse = plan.slots, plan.inverse
+            ids = plan.ids
+        else:
+            mask = occurrence_mask(batch, start, stop)
+            uniq, inverse = np.unique(plan.inverse[mask], return_inverse=True)
+            slots, ids = plan.slots[uniq], plan.ids[uniq]
+        local.sparse.lookup = CacheLookup(torch.from_numpy(slots), torch.from_numpy(inverse.astype(np.int64)))
+        capacity = ld.cache_rows if ld.cache_rows is not None else -1
+        local.plan = StepPlan(
+            key=(self.epoch, step),
+            capacity=capacity,
+            fetch=(plan.fetch_ids, plan.fetch_slots),
+            evict=(plan.evict_ids, plan.evict_slots),
+            writeback=(plan.writeback_ids, plan.writeback_slots),
+            ids=ids,
+            slots=slots,
+            next_key=None if nxt is None else (self.epoch, step + 1),
+            next_fetch=None if nxt is None else (nxt.fetch_ids, nxt.fetch_slots),
+            next_evict=None if nxt is None else (nxt.evict_ids, nxt.evict_slots),
+            unique_ids=int(plan.ids.size),
+            hits=int(plan.hits),
+            clean_hits=int(plan.clean_hits),
+            tables_fingerprint=ld.tables.fingerprint(),
+        )
+        return self._put(local)

@@ -1,0 +1,6 @@
+"""The embedding side: CachedEmbedding, its stores, and the machinery that moves rows."""
+
+from lightning_bagpipe.embedding.cached import CachedEmbedding
+from lightning_bagpipe.embedding.store import EmbeddingStore, MemoryStore, MmapStore
+
+__all__ = ["CachedEmbedding", "EmbeddingStore", "MemoryStore", "MmapStore"]

@@ -1,0 +1,275 @@
+"""CachedEmbedding: pooled embedding lookups for many tables, served from a plan-driven device cache.
+
+Under ``strategy="bagpipe"`` training, every lookup reads ``cache[slot]`` with the slots the oracle put in
+the batch (no id -> slot lookup in the hot path) and gradients flow only into the rows the step touched;
+the strategy then applies the row-wise sparse optimizer to those cache rows. Each cache row holds the
+embedding weights *and* that row's optimizer state, so both travel together between cache and store.
+
+Everywhere else (validation, test, predict, a plain Trainer, a notebook call) the module reads rows straight
+from the store, without the cache and without gradients, so a trained model is usable anywhere.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor, nn
+
+from lightning_bagpipe.data.batch import SparseFeatures
+from lightning_bagpipe.embedding.init import initialize_store
+from lightning_bagpipe.embedding.store import EmbeddingStore, MemoryStore, MmapStore
+from lightning_bagpipe.optim.sparse import SparseOptimizer
+from lightning_bagpipe.tables import Tables, TableSpec
+
+
+class CachedEmbedding(nn.Module):
+    """Sum- or mean-pooled embeddings of every sparse feature, one table per feature.
+
+    Args:
+        tables: one table per feature, in the order of the batch's feature keys.
+        dim: embedding dimension shared by the tables of this module. Tables that need another dimension
+            go in a second ``CachedEmbedding``; modules over the same features share one oracle plan.
+        optimizer: the row-wise sparse optimizer that trains this module's rows
+            (:mod:`lightning_bagpipe.optim`).
+        store: where the full tables live: ``None`` (host RAM), a path (a memory-mapped file, created or
+            reopened), or an :class:`~lightning_bagpipe.embedding.store.EmbeddingStore`.
+        seed: seed of the deterministic initialisation
+            (:func:`~lightning_bagpipe.embedding.init.initial_rows`).
+        pooling: ``"sum"`` or ``"mean"`` over each bag.
+
+    ``forward(features)`` returns ``[batch, features, dim]``.
+    """
+
+    _anchor: Tensor
+    _offsets: Tensor
+    _sizes: Tensor
+
+    def __init__(
+        self,
+        tables: Tables | list[TableSpec] | list[tuple[str, int]],
+        dim: int,
+        optimizer: SparseOptimizer,
+        *,
+        store: EmbeddingStore | str | Path | None = None,
+        seed: int = 0,
+        pooling: Literal["sum", "mean"] = "sum",
+    ) -> None:
+        super().__init__()
+        if dim < 1:
+            raise ValueError(f"dim must be >= 1, got {dim}")
+        if pooling not in ("sum", "mean"):
+            raise ValueError(f"pooling must be 'sum' or 'mean', got {pooling!r}")
+        if not isinstance(optimizer, SparseOptimizer):
+            raise TypeError(
+                "optimizer must be a lightning_bagpipe.optim sparse optimizer "
+                f"(SGD, Adagrad, RowWiseAdagrad, Adam), got {type(optimizer).__name__}"
+            )
+        self.tables = Tables.coerce(tables)
+        self.dim = int(dim)
+        self.optimizer = optimizer
+        self.pooling = pooling
+        self.seed = int(seed)
+        self.width = self.dim + optimizer.state_width(self.dim)
+        self.store = self._open_store(store)
+        self.register_buffer("_anchor", torch.zeros(0), persistent=False)
+        self.register_buffer("_offsets", torch.as_tensor(self.tables.offsets), persistent=False)
+        self.register_buffer("_sizes", torch.as_tensor(self.tables.sizes), persistent=False)
+        self._cache: Tensor | None = None
+        self._active = False
+        self._pending: list[tuple[Tensor, Tensor]] = []
+        self._warned_inactive = False
+
+    # ------------------------------------------------------------------ store
+    def _store_metadata(self) -> dict[str, Any]:
+        return {
+            "tables": self.tables.to_list(),
+            "tables_fingerprint": self.tables.fingerprint(),
+            "dim": self.dim,
+            "optimizer": self.optimizer.name,
+            "state_width": self.width - self.dim,
+            "seed": self.seed,
+        }
+
+    def _open_store(self, store: EmbeddingStore | str | Path | None) -> EmbeddingStore:
+        n = self.tables.total_rows
+        what = f"CachedEmbedding({len(self.tables)} tables, dim={self.dim}, optimizer={self.optimizer.name})"
+        if store is None:
+            s: EmbeddingStore = MemoryStore(n, self.width)
+        elif isinstance(store, (str, Path)):
+            s = MmapStore(store, num_rows=n, width=self.width, mode="auto")
+        elif isinstance(store, EmbeddingStore):
+            s = store
+        else:
+            raise TypeError(f"store must be None, a path or an EmbeddingStore, got {type(store).__name__}")
+        s.validate(n, self.width, what=what)
+        meta = s.metadata
+        if meta.get("initialized"):
+            fp = meta.get("tables_fingerprint")
+            if fp is not None and fp != self.tables.fingerprint():
+                raise ValueError(f"store {s!r} was created for other tables (fingerprint {fp}) than {what}")
+            if meta.get("optimizer") not in (None, self.optimizer.name):
+                raise ValueError(
+                    f"store {s!r} holds {meta['optimizer']} optimizer state, but {what} uses "
+                    f"{self.optimizer.name}"
+                )
+        else:
+            initialize_store(s, self.tables, self.dim, self.optimizer.initial_state(self.dim), self.seed)
+            s.set_metadata(initialized=True, **self._store_metadata())
+        return s
+
+    def export(self) -> dict[str, Tensor]:
+        """The trained tables as plain ``[num_embeddings, dim]`` tensors, keyed by feature name.
+
+        Call after training (the strategy flushes the cache at the end of fit and before checkpoints).
+        """
+        full = self.store.tensor()
+        return {
+            t.name: full[int(o) : int(o) + t.num_embeddings, : self.dim].clone()
+            for t, o in zip(self.tables, self.tables.offsets)
+        }
+
+    def export_state(self) -> Tensor:
+        """Every row's optimizer state, ``[total_rows, state_width]`` in fused-id order."""
+        return self.store.tensor()[:, self.dim :].clone()
+
+    # ------------------------------------------------------------------ cache (driven by the strategy)
+    @property
+    def cache_device(self) -> torch.device:
+        return self._anchor.device
+
+    def _ensure_cache(self, rows: int) -> Tensor:
+        if self._cache is None or self._cache.shape[0] < rows or self._cache.device != self.cache_device:
+            new = torch.zeros(rows, self.width, device=self.cache_device)
+            if self._cache is not None and self._cache.device == self.cache_device:
+                new[: self._cache.shape[0]] = self._cache
+            self._cache = new
+        return self._cache
+
+    def _activate(self, capacity: int | None) -> None:
+        self._ensure_cache(max(1, capacity or 1))
+        self._active = True
+        self._pending.clear()
+
+    def _deactivate(self) -> None:
+        self._active = False
+        self._pending.clear()
+        self._cache = None
+
+    def _load_rows(self, ids: np.ndarray, slots: np.ndarray) -> None:
+        """Store -> cache (runs on the executor thread)."""
+        need = int(slots.max()) + 1
+        cache = self._cache if self._cache is not None and self._cache.shape[0] >= need else None
+        if cache is None:
+            raise RuntimeError(
+                f"cache of {0 if self._cache is None else self._cache.shape[0]} rows < slot {need - 1}"
+            )
+        rows = self.store.read(ids)
+        cache.index_copy_(
+            0, torch.from_numpy(slots).to(cache.device), rows.to(cache.device, non_blocking=True)
+        )
+
+    def _store_rows(self, ids: np.ndarray, slots: np.ndarray) -> None:
+        """Cache -> store (runs on the executor thread)."""
+        assert self._cache is not None
+        rows = self._cache.index_select(0, torch.from_numpy(slots).to(self._cache.device))
+        self.store.write(ids, rows.cpu())
+
+    def _apply_sparse_update(self, step: int) -> None:
+        """Apply the sparse optimizer to the cache rows this step's forward passes touched."""
+        pending, self._pending = self._pending, []
+        grads = [(s, r.grad) for s, r in pending if r.grad is not None]
+        if not grads or self._cache is None:
+            return
+        slots = torch.cat([s for s, _ in grads])
+        grad = torch.cat([g for _, g in grads])
+        if len(grads) > 1:
+            slots, inv = torch.unique(slots, return_inverse=True)
+            grad = torch.zeros(slots.numel(), self.dim, device=grad.device, dtype=grad.dtype).index_add_(
+                0, inv, grad
+            )
+        rows = self._cache.index_select(0, slots)
+        self.optimizer.update(rows, grad, step)
+        self._cache.index_copy_(0, slots, rows)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, features: SparseFeatures) -> Tensor:
+        if self._active and self.training and features.lookup is not None and torch.is_grad_enabled():
+            lookup = features.lookup
+            assert self._cache is not None
+            rows = self._cache.index_select(0, lookup.slots)[:, : self.dim].requires_grad_()
+            self._pending.append((lookup.slots, rows))
+            inverse = lookup.inverse
+        else:
+            if self.training and torch.is_grad_enabled() and not self._warned_inactive:
+                self._warned_inactive = True
+                rank_zero_warn(
+                    "CachedEmbedding is training outside strategy='bagpipe': rows are read from the store "
+                    "and receive no updates. Use Trainer(strategy='bagpipe') to train the embeddings."
+                )
+            ids = self._fused_ids(features)
+            uniq, inverse = torch.unique(ids, return_inverse=True)
+            rows = self.store.read(uniq.cpu().numpy())[:, : self.dim].to(self.cache_device)
+        b, f = features.batch_size, features.num_features
+        pooled = F.embedding_bag(
+            inverse,
+            rows,
+            features.offsets[:-1],
+            mode=self.pooling,
+            per_sample_weights=features.weights,
+        )
+        return pooled.view(f, b, self.dim).transpose(0, 1)
+
+    def _fused_ids(self, features: SparseFeatures) -> Tensor:
+        if features.keys != self.tables.names:
+            features.to("cpu").validate(self.tables)  # raises, naming the unknown or missing keys
+        b = features.batch_size
+        per_key = features.lengths.view(len(features.keys), b).sum(1)
+        key_of = torch.repeat_interleave(torch.arange(len(features.keys), device=per_key.device), per_key)
+        bad = (features.values < 0) | (features.values >= self._sizes[key_of])
+        if bool(bad.any()):
+            features.to("cpu").validate(self.tables)
+        return features.values + self._offsets[key_of]
+
+    # ------------------------------------------------------------------ checkpoints
+    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination[prefix + "rows"] = self.store.tensor()
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        key = prefix + "rows"
+        if key in state_dict:
+            rows = state_dict.pop(key)
+            expect = (self.tables.total_rows, self.width)
+            if tuple(rows.shape) != expect:
+                error_msgs.append(
+                    f"{key}: checkpoint table rows have shape {tuple(rows.shape)}, this module expects "
+                    f"{expect} ({len(self.tables)} tables, dim {self.dim} + {self.width - self.dim} "
+                    "optimizer state columns)"
+                )
+            else:
+                self.store.write_range(0, rows.to(torch.float32).cpu())
+        elif strict:
+            missing_keys.append(key)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"tables={len(self.tables)}, rows={self.tables.total_rows}, dim={self.dim}, "
+            f"optimizer={self.optimizer.name}, pooling={self.pooling}, store={type(self.store).__name__}"
+        )

@@ -1,0 +1,218 @@
+"""CacheDriver: carries out each step's plan on every CachedEmbedding, in the order the oracle assumes.
+
+Per training step ``t`` (called by the strategy):
+
+``before_step(plan_t)``
+    queue the write-back of step ``t-1``'s last-use rows, make sure step ``t``'s evictions and fetches
+    are queued (they normally were, during step ``t-1``), wait for them, then queue step ``t+1``'s
+    evictions and fetches so they overlap step ``t``.
+``after_update(step)``
+    apply the sparse optimizer to the rows step ``t`` touched (right after the dense optimizer step).
+
+The driver also keeps, per slot, which row it holds and whether the cache copy is newer than the store
+(dirty), so :meth:`sync_store` can flush every dirty row before validation, checkpoints and the end of fit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from lightning_bagpipe.data.batch import StepPlan
+from lightning_bagpipe.embedding.cached import CachedEmbedding
+from lightning_bagpipe.embedding.executor import IdSlots, RowExecutor, _Ticket
+
+
+@dataclass
+class StepStats:
+    """Cache figures of the last step (logged by the strategy)."""
+
+    unique_rows: int = 0
+    hits: int = 0
+    rows_fetched: int = 0
+    rows_written_back: int = 0
+    rows_evicted: int = 0
+    wait_ms: float = 0.0
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / self.unique_rows if self.unique_rows else 1.0
+
+
+@dataclass
+class TotalStats:
+    """Cache figures accumulated over a fit."""
+
+    steps: int = 0
+    unique_rows: int = 0
+    hits: int = 0
+    rows_fetched: int = 0
+    rows_written_back: int = 0
+    rows_evicted: int = 0
+    wait_s: float = 0.0
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / self.unique_rows if self.unique_rows else 1.0
+
+    def as_dict(self) -> dict[str, float]:
+        return {
+            "steps": self.steps,
+            "hit_rate": self.hit_rate,
+            "rows_fetched": self.rows_fetched,
+            "rows_written_back": self.rows_written_back,
+            "rows_evicted": self.rows_evicted,
+            "fetch_wait_ms_total": 1000.0 * self.wait_s,
+        }
+
+
+class CacheDriver:
+    """Drives the caches of ``modules`` (they share one plan stream) through one executor."""
+
+    def __init__(self, modules: Sequence[CachedEmbedding]) -> None:
+        if not modules:
+            raise ValueError("no CachedEmbedding modules to drive")
+        fps = {m.tables.fingerprint() for m in modules}
+        if len(fps) > 1:
+            raise ValueError(
+                "all CachedEmbedding modules of a model must serve the same tables (they share one plan); "
+                f"found {len(fps)} different table configurations"
+            )
+        self.modules = list(modules)
+        self.fingerprint = fps.pop()
+        self.executor: RowExecutor | None = None
+        self.rows = 0
+        self.slot_ids = np.zeros(0, dtype=np.int64)
+        self.dirty = np.zeros(0, dtype=bool)
+        self._queued_key: tuple[int, int] | None = None
+        self._queued_ticket: _Ticket | None = None
+        self._current: StepPlan | None = None
+        self._writeback: IdSlots | None = None
+        self.last = StepStats()
+        self.total = TotalStats()
+
+    # ------------------------------------------------------------------ per step
+    def before_step(self, plan: StepPlan) -> None:
+        if plan.tables_fingerprint and plan.tables_fingerprint != self.fingerprint:
+            raise ValueError(
+                "the batches were planned for other tables than the model's CachedEmbedding "
+                f"(fingerprints {plan.tables_fingerprint} vs {self.fingerprint}); give the DataModule and "
+                "the CachedEmbedding the same tables"
+            )
+        self._end_step()
+        if self.executor is None:
+            self._start(plan.capacity)
+        assert self.executor is not None
+        self._submit_writeback()
+        if plan.key == self._queued_key:
+            ticket = self._queued_ticket
+        else:
+            ticket = self._submit_prestep(plan.evict, plan.fetch)
+        waited = self.executor.wait(ticket)
+        self._queued_key, self._queued_ticket = None, None
+        if plan.next_key is not None and plan.next_fetch is not None and plan.next_evict is not None:
+            self._queued_ticket = self._submit_prestep(plan.next_evict, plan.next_fetch)
+            self._queued_key = plan.next_key
+        self._current = plan
+        self.last = StepStats(
+            unique_rows=plan.unique_ids,
+            hits=plan.hits,
+            rows_fetched=int(plan.fetch[0].size),
+            rows_written_back=int(plan.evict[0].size + plan.writeback[0].size),
+            rows_evicted=int(plan.evict[0].size),
+            wait_ms=1000.0 * waited,
+        )
+        t = self.total
+        t.steps += 1
+        t.unique_rows += plan.unique_ids
+        t.hits += plan.hits
+        t.rows_fetched += self.last.rows_fetched
+        t.rows_written_back += self.last.rows_written_back
+        t.rows_evicted += self.last.rows_evicted
+        t.wait_s += waited
+
+    def after_update(self, step: int) -> None:
+        """Apply the sparse optimizer to the rows touched since the last update."""
+        for m in self.modules:
+            m._apply_sparse_update(step)
+        if self._current is not None:
+            self.dirty[self._current.slots] = True
+
+    # ------------------------------------------------------------------ store consistency
+    def sync_store(self, durable: bool = False) -> None:
+        """Write every row whose cache copy is newer than the store; afterwards the store is current."""
+        if self.executor is None:
+            return
+        self._end_step()
+        self._submit_writeback()
+        self.executor.drain()
+        slots = np.flatnonzero(self.dirty)
+        if slots.size:
+            ids = self.slot_ids[slots]
+            for m in self.modules:
+                m._store_rows(ids, slots)
+        if durable:
+            for m in self.modules:
+                m.store.flush()
+
+    def close(self, flush: bool = True) -> None:
+        """Stop the executor; with ``flush``, first bring the store up to date."""
+        if self.executor is None:
+            return
+        try:
+            if flush:
+                self.sync_store(durable=True)
+        finally:
+            self.executor.close()
+            self.executor = None
+            for m in self.modules:
+                m._deactivate()
+
+    # ------------------------------------------------------------------ internals
+    def _start(self, capacity: int) -> None:
+        self.rows = capacity if capacity > 0 else 1024
+        for m in self.modules:
+            m._activate(self.rows)
+        self.slot_ids = np.full(self.rows, -1, dtype=np.int64)
+        self.dirty = np.zeros(self.rows, dtype=bool)
+        self.executor = RowExecutor(self.modules)
+
+    def _end_step(self) -> None:
+        """Close the current step: its end-of-use rows become due for write-back."""
+        if self._current is None:
+            return
+        for m in self.modules:
+            m._pending.clear()  # gradients no optimizer step consumed (e.g. manual optimization without step)
+        self._writeback = self._current.writeback
+        self._current = None
+
+    def _submit_writeback(self) -> None:
+        if self._writeback is None:
+            return
+        assert self.executor is not None
+        ids, slots = self._writeback
+        self._writeback = None
+        self.executor.submit_writeback((ids, slots))
+        self.dirty[slots] = False
+
+    def _submit_prestep(self, evict: IdSlots, fetch: IdSlots) -> _Ticket:
+        assert self.executor is not None
+        need = int(max(fetch[1].max(initial=-1), evict[1].max(initial=-1))) + 1
+        if need > self.rows:
+            self._grow(need)
+        self.dirty[evict[1]] = False
+        self.slot_ids[fetch[1]] = fetch[0]
+        return self.executor.submit_prestep(evict, fetch)
+
+    def _grow(self, need: int) -> None:
+        """Unbounded caches grow by doubling (after draining queued copies into the old buffer)."""
+        assert self.executor is not None
+        self.executor.drain()
+        rows = max(need, 2 * self.rows)
+        for m in self.modules:
+            m._ensure_cache(rows)
+        self.slot_ids = np.concatenate([self.slot_ids, np.full(rows - self.rows, -1, dtype=np.int64)])
+        self.dirty = np.concatenate([self.dirty, np.zeros(rows - self.rows, dtype=bool)])
+        self.rows = rows

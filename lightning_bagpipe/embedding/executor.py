@@ -1,0 +1,154 @@
+"""The background worker that moves rows between stores and caches, in plan order.
+
+One worker thread serves every :class:`~lightning_bagpipe.CachedEmbedding` of a model (they share one plan).
+Jobs run strictly in submission order, which is what makes the oracle's guarantees hold: a write-back of a
+slot always completes before a later fetch that reuses the slot or re-reads the same id.
+
+On CUDA the copies run on a side stream through pinned host buffers: a fetch's host->device copy is
+recorded as an event the training step waits on, and a write-back first waits for the compute stream so
+it reads rows only after the step's update. On CPU the worker copies directly; the training thread only
+waits for its own step's fetches.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+if TYPE_CHECKING:
+    from lightning_bagpipe.embedding.cached import CachedEmbedding
+
+IdSlots = tuple[np.ndarray, np.ndarray]
+
+
+class _Ticket:
+    """Completion of one submitted job (set by the worker, possibly with an error)."""
+
+    __slots__ = ("cuda_event", "done", "error")
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.error: BaseException | None = None
+        self.cuda_event: Any = None
+
+
+class RowExecutor:
+    """Runs fetch (store -> cache) and write-back (cache -> store) jobs on one background thread."""
+
+    def __init__(self, modules: Sequence[CachedEmbedding], name: str = "bagpipe-executor") -> None:
+        self.modules = list(modules)
+        self._jobs: queue.Queue[tuple[Callable[[], None], _Ticket] | None] = queue.Queue()
+        self._failed: BaseException | None = None
+        self._cuda = any(m.cache_device.type == "cuda" for m in self.modules)
+        self._stream: Any = torch.cuda.Stream() if self._cuda else None
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+        self._last: _Ticket | None = None
+
+    # ------------------------------------------------------------------ worker
+    def _run(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            fn, ticket = job
+            if self._failed is None:
+                try:
+                    if self._stream is not None:
+                        with torch.cuda.stream(self._stream):
+                            fn()
+                            ticket.cuda_event = torch.cuda.Event()
+                            ticket.cuda_event.record(self._stream)
+                    else:
+                        fn()
+                except BaseException as err:
+                    self._failed = err
+                    ticket.error = err
+            else:
+                ticket.error = self._failed
+            ticket.done.set()
+
+    def _submit(self, fn: Callable[[], None]) -> _Ticket:
+        self.raise_if_failed()
+        if not self._thread.is_alive():
+            raise RuntimeError("the bagpipe row executor has been closed")
+        ticket = _Ticket()
+        self._jobs.put((fn, ticket))
+        self._last = ticket
+        return ticket
+
+    def raise_if_failed(self) -> None:
+        if self._failed is not None:
+            raise RuntimeError(f"a background fetch/write-back failed: {self._failed!r}") from self._failed
+
+    # ------------------------------------------------------------------ jobs
+    def submit_prestep(self, evict: IdSlots, fetch: IdSlots) -> _Ticket:
+        """Write back ``evict`` rows, then load ``fetch`` rows; returns the ticket to wait on."""
+        evict_ids, evict_slots = evict
+        fetch_ids, fetch_slots = fetch
+        compute_event = self._compute_event() if evict_ids.size else None
+
+        def job() -> None:
+            if evict_ids.size:
+                self._write_back(evict_ids, evict_slots, compute_event)
+            if fetch_ids.size:
+                for m in self.modules:
+                    m._load_rows(fetch_ids, fetch_slots)
+
+        return self._submit(job)
+
+    def submit_writeback(self, rows: IdSlots) -> _Ticket | None:
+        """Write back rows after the step that last used them (they stay cached as clean copies)."""
+        ids, slots = rows
+        if not ids.size:
+            return None
+        compute_event = self._compute_event()
+        return self._submit(lambda: self._write_back(ids, slots, compute_event))
+
+    def _write_back(self, ids: np.ndarray, slots: np.ndarray, compute_event: Any) -> None:
+        if compute_event is not None:
+            torch.cuda.current_stream().wait_event(compute_event)
+        for m in self.modules:
+            m._store_rows(ids, slots)
+
+    def _compute_event(self) -> Any:
+        if not self._cuda:
+            return None
+        ev = torch.cuda.Event()
+        ev.record(torch.cuda.current_stream())
+        return ev
+
+    # ------------------------------------------------------------------ waiting
+    def wait(self, ticket: _Ticket | None) -> float:
+        """Block until ``ticket`` is done; returns the seconds spent waiting."""
+        if ticket is None:
+            return 0.0
+        t0 = time.perf_counter()
+        while not ticket.done.wait(timeout=1.0):
+            if not self._thread.is_alive():
+                raise RuntimeError("the bagpipe row executor stopped while a step waited for its rows")
+        waited = time.perf_counter() - t0
+        if ticket.error is not None:
+            raise RuntimeError(f"a background fetch/write-back failed: {ticket.error!r}") from ticket.error
+        if ticket.cuda_event is not None:
+            torch.cuda.current_stream().wait_event(ticket.cuda_event)
+        return waited
+
+    def drain(self) -> None:
+        """Wait for every submitted job."""
+        if self._last is not None:
+            self.wait(self._last)
+            if self._cuda:
+                torch.cuda.synchronize()
+
+    def close(self) -> None:
+        """Finish queued jobs and stop the thread (idempotent)."""
+        if self._thread.is_alive():
+            self._jobs.put(None)
+            self._thread.join()

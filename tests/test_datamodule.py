@@ -1,0 +1,183 @@
+"""BagpipeDataModule and its loaders: plans attached, rank slicing, errors, threads, resume position."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import lightning_bagpipe as lb
+from lightning_bagpipe.data.loader import BagpipeLoader, rank_bounds
+from tests.helpers import ListDataModule, random_batches, small_tables
+
+
+def _oracle_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("bagpipe-oracle")]
+
+
+def _loader(batches, tables, **kw) -> BagpipeLoader:
+    kw.setdefault("lookahead", 3)
+    kw.setdefault("cache_rows", None)
+    return BagpipeLoader(lambda: batches, tables, **kw)
+
+
+def test_each_batch_carries_its_plan_and_lookups_read_the_right_rows() -> None:
+    tables = small_tables()
+    batches = random_batches(tables, 12, 8, multi_hot=3)
+    got = list(_loader(batches, tables))
+    assert len(got) == 12
+    resident: dict[int, int] = {}  # slot -> fused id, replaying the plans
+    for i, (src, b) in enumerate(zip(batches, got)):
+        plan = b.plan
+        assert plan.key == (0, i)
+        assert (plan.next_key is None) == (i == 11)
+        for sid, slot in zip(*plan.evict):
+            assert resident.get(int(slot)) == int(sid)
+        for fid, slot in zip(*plan.fetch):
+            resident[int(slot)] = int(fid)
+        occ_slots = b.sparse.lookup.slots[b.sparse.lookup.inverse].numpy()
+        ids = src.sparse.fused_ids(tables)
+        assert [resident[int(s)] for s in occ_slots] == ids.tolist()
+        assert torch.equal(b.sparse.values, src.sparse.values)
+
+
+def test_rank_slices_partition_the_global_batch() -> None:
+    tables = small_tables()
+    batches = random_batches(tables, 6, 10, multi_hot=2)
+    parts = [list(_loader(batches, tables, rank=r, world_size=3)) for r in range(3)]
+    for i, src in enumerate(batches):
+        ids = src.sparse.fused_ids(tables)
+        dense = torch.cat([parts[r][i].dense for r in range(3)])
+        assert torch.equal(dense, src.dense)
+        seen = []
+        for r in range(3):
+            b = parts[r][i]
+            start, stop = rank_bounds(10, r, 3)
+            assert b.batch_size == stop - start
+            assert np.array_equal(
+                b.plan.fetch[0], parts[0][i].plan.fetch[0]
+            )  # same global plan on every rank
+            seen.append(b.plan.ids[b.sparse.lookup.inverse.numpy()])
+        # each rank's occurrences, mapped back to ids, are the global ids of its samples (key-major per rank)
+        f = len(tables)
+        lengths = src.sparse.lengths.view(f, 10)
+        per_key = [ids[int(lengths[:k].sum()) : int(lengths[: k + 1].sum())] for k in range(f)]
+        for r in range(3):
+            start, stop = rank_bounds(10, r, 3)
+            expect = np.concatenate(
+                [per_key[k][int(lengths[k, :start].sum()) : int(lengths[k, :stop].sum())] for k in range(f)]
+            )
+            assert np.array_equal(seen[r], expect)
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda b: b.sparse.values.__setitem__(0, 10_000), r"feature 'f0': id 10000 is outside \[0, 40\)"),
+        (lambda b: b.sparse.values.__setitem__(-1, -3), r"feature 'f2': id -3 is outside"),
+        (lambda b: setattr(b.sparse, "keys", ["f0", "f1", "zz"]), r"unknown feature keys \['zz'\]"),
+        (lambda b: setattr(b.sparse, "values", b.sparse.values.float()), "must be integers"),
+        (lambda b: setattr(b, "dense", b.dense[:3]), "dense has 3 rows but the sparse features have 8"),
+    ],
+)
+def test_bad_batches_surface_in_the_consumer_with_a_clear_error(mutate, message) -> None:
+    tables = small_tables()
+    batches = random_batches(tables, 6, 8)
+    mutate(batches[4])
+    it = iter(_loader(batches, tables))
+    with pytest.raises((ValueError, TypeError), match=message) as info:
+        list(it)
+    assert "train batch 4" in str(info.value)
+    time.sleep(0.1)
+    assert not _oracle_threads()
+
+
+def test_ragged_lengths_and_non_integer_ids_are_refused_at_construction() -> None:
+    with pytest.raises(ValueError, match=r"lengths add up to 3 ids but values holds 4"):
+        lb.SparseFeatures.from_lengths(["a"], torch.tensor([1, 2, 3, 4]), torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match=r"values must be integers.*1.5"):
+        lb.SparseFeatures.from_lengths(["a"], torch.tensor([1.0, 1.5]), torch.tensor([2]))
+    with pytest.raises(ValueError, match="negative length"):
+        lb.SparseFeatures.from_lengths(["a"], torch.tensor([1]), torch.tensor([2, -1]))
+
+
+def test_source_exception_keeps_its_traceback_and_never_hangs() -> None:
+    tables = small_tables()
+    good = random_batches(tables, 3, 4)
+
+    def source():
+        yield from good
+        raise KeyError("disk went away")
+
+    loader = BagpipeLoader(source, tables, lookahead=2, cache_rows=None)
+    with pytest.raises(KeyError, match="disk went away") as info:
+        list(loader)
+    assert any(frame.name == "source" for frame in info.traceback)
+
+
+def test_stopping_early_leaves_no_thread_running() -> None:
+    tables = small_tables()
+    batches = random_batches(tables, 40, 4)
+    loader = _loader(batches, tables, queue_batches=2)
+    it = iter(loader)
+    next(it)
+    next(it)
+    assert _oracle_threads()
+    loader.close()
+    assert not _oracle_threads()
+    it2 = iter(loader)  # a new epoch replaces the old thread
+    next(it2)
+    del it2
+    loader.close()
+    assert not _oracle_threads()
+
+
+def test_state_dict_counts_batches_handed_out_and_resume_starts_at_the_next_one() -> None:
+    tables = small_tables()
+    batches = random_batches(tables, 10, 4)
+    loader = _loader(batches, tables, queue_batches=4)
+    it = iter(loader)
+    for _ in range(3):
+        next(it)
+    time.sleep(0.05)  # the thread has fetched further ahead; the count must not include that
+    state = loader.state_dict()
+    assert state == {"epoch": 0, "batches_yielded": 3}
+    loader.close()
+    resumed = _loader(batches, tables)
+    resumed.load_state_dict(state)
+    assert len(resumed) == 7
+    rest = list(resumed)
+    assert len(rest) == 7
+    assert torch.equal(rest[0].dense, batches[3].dense)
+    assert rest[0].plan.key == (0, 3)
+    assert resumed.state_dict() == {"epoch": 0, "batches_yielded": 10}
+
+
+def test_batch_moves_with_lightnings_default_transfer() -> None:
+    from lightning.pytorch.utilities import move_data_to_device
+
+    tables = small_tables()
+    b = next(iter(_loader(random_batches(tables, 2, 4), tables)))
+    moved = move_data_to_device(b, torch.device("cpu"))
+    assert isinstance(moved, lb.Batch) and moved.plan is b.plan
+    assert torch.equal(moved.sparse.lookup.slots, b.sparse.lookup.slots)
+
+
+def test_datamodule_does_not_let_lightning_rewrap_the_loader() -> None:
+    tables = small_tables()
+    dm = ListDataModule(tables, random_batches(tables, 4, 4), lookahead=2)
+    loader = dm.train_dataloader()
+    assert not isinstance(loader, torch.utils.data.DataLoader)
+    assert len(loader) == 4
+    dm.teardown("fit")
+
+
+def test_datamodule_validates_its_arguments() -> None:
+    tables = small_tables()
+    with pytest.raises(ValueError, match="lookahead must be >= 1"):
+        ListDataModule(tables, random_batches(tables, 1, 4), lookahead=0)
+    with pytest.raises(ValueError, match="cache_rows must be >= 1"):
+        ListDataModule(tables, random_batches(tables, 1, 4), cache_rows=0)

@@ -1,0 +1,250 @@
+"""strategy="bagpipe" on one process: registration, Lightning features, checkpoints, logging and errors."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.strategies import StrategyRegistry
+
+import lightning_bagpipe as lb
+from tests.helpers import ListDataModule, TinyModel, quiet_trainer, random_batches, small_tables
+
+
+def _bagpipe_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith("bagpipe")]
+
+
+@pytest.fixture
+def data():
+    tables = small_tables()
+    train = random_batches(tables, 24, 8, multi_hot=2, seed=1)
+    val = random_batches(tables, 3, 8, multi_hot=2, seed=2)
+    return tables, train, val
+
+
+def _twin(model: TinyModel, cls=TinyModel, **kw) -> TinyModel:
+    """A fresh model with the same initial dense parameters and tables as ``model`` (before training)."""
+    other = cls(model.emb.tables, **kw)
+    other.load_state_dict(model.state_dict())
+    return other
+
+
+def _dm(tables, train, val=None, cache_rows=60, lookahead=4):
+    return ListDataModule(tables, train, val, lookahead=lookahead, cache_rows=cache_rows)
+
+
+def test_registered_name_resolves_case_insensitively() -> None:
+    assert "bagpipe" in StrategyRegistry
+    for name in ("bagpipe", "BAGPIPE"):
+        trainer = pl.Trainer(strategy=name, accelerator="cpu", logger=False)
+        assert isinstance(trainer.strategy, lb.BagpipeStrategy)
+    lb.BagpipeStrategy.register_strategies(StrategyRegistry)  # idempotent: no "already present" error
+    trainer = pl.Trainer(strategy=lb.BagpipeStrategy(log_stats=False), accelerator="cpu", logger=False)
+    assert trainer.strategy.log_stats is False
+
+
+class StoreMatchesCache(Callback):
+    """During evaluation the store must hold the newest value of every row resident in the cache."""
+
+    def __init__(self) -> None:
+        self.checked = 0
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        driver = trainer.strategy.driver
+        if driver is None or batch_idx:
+            return
+        emb = pl_module.emb
+        slots = torch.nonzero(torch.from_numpy(driver.slot_ids >= 0)).flatten()
+        ids = torch.from_numpy(driver.slot_ids)[slots]
+        assert torch.equal(emb.store.tensor()[ids], emb._cache[slots])
+        self.checked += 1
+
+
+def test_validation_mid_epoch_reads_a_current_store_and_everything_stops(data) -> None:
+    tables, train, val = data
+    model = TinyModel(tables)
+    check = StoreMatchesCache()
+    trainer = quiet_trainer(val_check_interval=0.25, num_sanity_val_steps=0, callbacks=[check])
+    trainer.fit(model, datamodule=_dm(tables, train, val))
+    assert check.checked == 4
+    assert "val_loss" in trainer.callback_metrics
+    assert not _bagpipe_threads()
+    # after fit the store is the model: validate/test/predict read it without the cache
+    out = trainer.validate(model, datamodule=_dm(tables, train, val))
+    assert out[0]["val_loss"] == pytest.approx(float(trainer.callback_metrics["val_loss"]))
+    preds = trainer.predict(model, dataloaders=_dm(tables, train, val).val_dataloader())
+    assert len(preds) == 3 and preds[0].shape == (8,)
+
+
+def test_max_steps_stops_cleanly_with_the_store_flushed(data) -> None:
+    tables, train, _ = data
+    m1 = TinyModel(tables)
+    m2 = _twin(m1)
+    trainer = quiet_trainer(max_steps=7)
+    trainer.fit(m1, datamodule=_dm(tables, train))
+    assert trainer.global_step == 7
+    assert not _bagpipe_threads()
+    # same 7 steps on a cache large enough to never evict: identical tables (flush at the end was complete)
+    quiet_trainer(max_steps=7).fit(
+        m2, datamodule=_dm(tables, train, cache_rows=tables.total_rows, lookahead=30)
+    )
+    assert torch.allclose(m1.emb.store.tensor(), m2.emb.store.tensor(), atol=1e-6, rtol=0)
+    assert not torch.equal(m1.emb.store.tensor(), TinyModel(tables).emb.store.tensor())
+
+
+def test_several_epochs_and_cache_figures_are_logged(data) -> None:
+    tables, train, _ = data
+    trainer = quiet_trainer(max_epochs=2, log_every_n_steps=1)
+    trainer.fit(TinyModel(tables), datamodule=_dm(tables, train[:10]))
+    assert trainer.global_step == 20
+    for key in (
+        "bagpipe/hit_rate",
+        "bagpipe/rows_fetched",
+        "bagpipe/rows_written_back",
+        "bagpipe/fetch_wait_ms",
+    ):
+        assert key in trainer.logged_metrics
+    assert trainer.strategy.cache_stats.steps == 20
+
+
+class ManualModel(TinyModel):
+    def __init__(self, tables, **kw) -> None:
+        super().__init__(tables, **kw)
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        opt = self.optimizers()
+        loss = F.binary_cross_entropy_with_logits(self(batch), batch.labels)
+        opt.zero_grad()
+        self.manual_backward(loss)
+        opt.step()
+        return loss
+
+
+def test_manual_optimization_trains_the_same_model(data) -> None:
+    tables, train, _ = data
+    auto = TinyModel(tables)
+    manual = _twin(auto, ManualModel)
+    quiet_trainer().fit(auto, datamodule=_dm(tables, train))
+    quiet_trainer().fit(manual, datamodule=_dm(tables, train))
+    assert torch.allclose(auto.emb.store.tensor(), manual.emb.store.tensor(), atol=1e-6, rtol=0)
+    for p, q in zip(auto.head.parameters(), manual.head.parameters()):
+        assert torch.allclose(p, q, atol=1e-6, rtol=0)
+
+
+def test_gradient_clipping_of_dense_parameters_still_applies(data) -> None:
+    tables, train, _ = data
+    model = TinyModel(tables, dense_lr=1.0)
+    before = torch.cat([p.detach().flatten().clone() for p in model.head.parameters()])
+    quiet_trainer(max_steps=1, gradient_clip_val=1e-4, gradient_clip_algorithm="norm").fit(
+        model, datamodule=_dm(tables, train)
+    )
+    after = torch.cat([p.detach().flatten() for p in model.head.parameters()])
+    assert 0 < float((after - before).norm()) <= 1e-4 * 1.0001
+
+
+def test_checkpoint_holds_flushed_tables_and_loads_without_the_strategy(data, tmp_path: Path) -> None:
+    tables, train, _ = data
+    ckpt = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=5, save_top_k=-1)
+    model = TinyModel(tables)
+    ref = _twin(model)
+    quiet_trainer(max_steps=10, enable_checkpointing=True, callbacks=[ckpt]).fit(
+        model, datamodule=_dm(tables, train)
+    )
+    at5 = torch.load(tmp_path / "epoch=0-step=5.ckpt", weights_only=True)
+    # an independent run stopped at step 5 has exactly the tables the checkpoint saved mid-run
+    quiet_trainer(max_steps=5).fit(ref, datamodule=_dm(tables, train))
+    assert torch.equal(at5["state_dict"]["emb.rows"], ref.emb.store.tensor())
+    loaded = TinyModel.load_from_checkpoint(tmp_path / "epoch=0-step=10.ckpt", tables=tables)
+    assert torch.equal(loaded.emb.store.tensor(), model.emb.store.tensor())
+    batch = train[0]
+    with torch.no_grad():
+        assert torch.allclose(loaded.eval()(batch), model.eval()(batch))
+
+
+class FailAt(TinyModel):
+    def __init__(self, tables, fail_at: int) -> None:
+        super().__init__(tables)
+        self.fail_at = fail_at
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        if batch_idx == self.fail_at:
+            raise RuntimeError("boom in step")
+        return loss
+
+
+def test_a_failed_step_writes_nothing_to_the_store(data) -> None:
+    tables, train, _ = data
+    failing = FailAt(tables, fail_at=6)
+    ref = _twin(failing)
+    with pytest.raises(RuntimeError, match="boom in step"):
+        quiet_trainer().fit(failing, datamodule=_dm(tables, train))
+    assert not _bagpipe_threads()
+    quiet_trainer(max_steps=6).fit(ref, datamodule=_dm(tables, train))
+    assert torch.equal(failing.emb.store.tensor(), ref.emb.store.tensor())
+
+
+def test_nan_loss_follows_lightnings_usual_behaviour(data) -> None:
+    tables, train, _ = data
+
+    class NanModel(TinyModel):
+        def training_step(self, batch, batch_idx):
+            return super().training_step(batch, batch_idx) * float("nan")
+
+    # Lightning's usual: with detect_anomaly the backward raises; nothing of that step reaches the store
+    model = NanModel(tables)
+    before = model.emb.store.tensor().clone()
+    with pytest.raises(RuntimeError, match="nan"):
+        quiet_trainer(detect_anomaly=True).fit(model, datamodule=_dm(tables, train))
+    assert torch.equal(model.emb.store.tensor(), before)
+
+
+def test_capacity_below_one_steps_rows_is_a_clear_error(data) -> None:
+    tables, train, _ = data
+    with pytest.raises(ValueError, match=r"cache"):
+        quiet_trainer().fit(TinyModel(tables), datamodule=_dm(tables, train, cache_rows=5))
+    assert not _bagpipe_threads()
+
+
+def test_plain_trainer_reads_the_store_and_warns_that_rows_do_not_train(data) -> None:
+    tables, train, _ = data
+    model = TinyModel(tables)
+    before = model.emb.store.tensor().clone()
+    with pytest.warns(UserWarning, match="outside strategy='bagpipe'"):
+        quiet_trainer(strategy="auto", max_steps=3).fit(model, datamodule=_dm(tables, train))
+    assert torch.equal(model.emb.store.tensor(), before)
+
+
+def test_unsupported_configurations_are_refused(data) -> None:
+    tables, train, _ = data
+    with pytest.raises(ValueError, match="accumulate_grad_batches"):
+        quiet_trainer(accumulate_grad_batches=2).fit(TinyModel(tables), datamodule=_dm(tables, train))
+
+    class PlainLoaderModel(TinyModel):
+        def train_dataloader(self):
+            return (b for b in train)  # an iterable of plain batches, no plan
+
+    with pytest.raises(ValueError, match="BagpipeDataModule"):
+        quiet_trainer(max_steps=2).fit(PlainLoaderModel(tables))
+
+
+def test_bad_module_arguments_are_clear_errors() -> None:
+    tables = small_tables()
+    with pytest.raises(ValueError, match="lr"):
+        lb.optim.RowWiseAdagrad(lr=None)
+    with pytest.raises(TypeError, match="sparse optimizer"):
+        lb.CachedEmbedding(tables, dim=4, optimizer=torch.optim.SGD)  # type: ignore[arg-type]
+    wrong = lb.MemoryStore(tables.total_rows, 7)
+    with pytest.raises(ValueError, match="7"):
+        lb.CachedEmbedding(tables, dim=4, optimizer=lb.optim.SGD(lr=0.1), store=wrong)
+    emb = lb.CachedEmbedding(tables, dim=4, optimizer=lb.optim.SGD(lr=0.1))
+    bad = lb.SparseFeatures.from_dense(tables.names, torch.tensor([[0, 0, 35]]))
+    with pytest.raises(ValueError, match=r"feature 'f2': id 35 is outside \[0, 35\)"):
+        emb(bad)
