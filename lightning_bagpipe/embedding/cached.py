@@ -177,7 +177,7 @@ class CachedEmbedding(nn.Module):
         """Cache -> store (runs on the executor thread)."""
         assert self._cache is not None
         rows = self._cache.index_select(0, torch.from_numpy(slots).to(self._cache.device))
-        self.store.write(ids, rows.cpu())
+        self.store.write(ids, rows.cpu(), check_unique=False)
 
     def _apply_sparse_update(self, step: int) -> None:
         """Apply the sparse optimizer to the cache rows this step's forward passes touched."""

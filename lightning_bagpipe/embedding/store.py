@@ -1,0 +1,437 @@
+"""Where the full embedding tables live: a float32 row store in RAM or in a memory-mapped file.
+
+A *row* is one float32 vector of width ``dim + state_width``: the embedding weights (``[:dim]``)
+followed by that row's sparse-optimizer state (``[dim:]``). Weights and state always travel together,
+so a row fetched into the device cache and written back later carries its own optimizer state and
+never inherits another row's (the bug the BagPipe reference implementation has with cache slots).
+
+Two stores implement one interface, :class:`EmbeddingStore`:
+
+* :class:`MemoryStore`: a host tensor (pinned when CUDA is available, so fetches can be asynchronous).
+* :class:`MmapStore`: a raw float32 file plus a JSON sidecar, for tables larger than RAM, for
+  resuming from disk, and for sharing one table between the processes of a node.
+
+Every access is vectorized (``index_select`` / ``index_copy_`` on one CPU tensor view of the whole
+table). Thread-safety: any number of concurrent readers plus one writer are safe as long as the writer's
+rows are disjoint from the rows being read at that moment; ordering reads and write-backs of the *same*
+row is the executor's job. ``close`` must not race with other calls.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from abc import ABC
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = ["STORE_FORMAT", "STORE_VERSION", "EmbeddingStore", "Ids", "MemoryStore", "MmapStore"]
+
+#: Row ids accepted by reads and writes: a 1-D integer numpy array, tensor (any device) or int sequence.
+Ids = np.ndarray | Tensor | Sequence[int]
+
+#: ``format`` field of an :class:`MmapStore` sidecar.
+STORE_FORMAT = "lightning-bagpipe-store"
+#: ``version`` field of an :class:`MmapStore` sidecar; bumped on incompatible layout changes.
+STORE_VERSION = 1
+
+_ITEMSIZE = 4  # float32
+_INT64_MAX = np.iinfo(np.int64).max
+
+
+def _as_ids(ids: Ids, num_rows: int, where: str) -> Tensor:
+    """``ids`` as a 1-D int64 CPU tensor, checked to lie in ``[0, num_rows)`` (ValueError otherwise)."""
+    if isinstance(ids, Tensor):
+        if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+            raise ValueError(f"{where}: row ids must be integers, got a tensor of dtype {ids.dtype}")
+        t = ids.detach().to("cpu")
+    else:
+        a = np.asarray(ids)
+        if a.size == 0 and not isinstance(ids, np.ndarray):
+            a = a.astype(np.int64)  # an empty list has no dtype to check
+        if not np.issubdtype(a.dtype, np.integer):
+            raise ValueError(f"{where}: row ids must be integers, got an array of dtype {a.dtype}")
+        if a.dtype.kind == "u" and a.size and int(a.max()) > _INT64_MAX:
+            raise ValueError(f"{where}: row id {int(a.max())} is outside [0, {num_rows})")
+        t = torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64))
+    if t.dim() != 1:
+        raise ValueError(f"{where}: row ids must be 1-D, got shape {tuple(t.shape)}")
+    t = t.to(torch.int64)
+    if t.numel():
+        lo, hi = torch.aminmax(t)
+        if int(lo) < 0 or int(hi) >= num_rows:
+            bad = ((t < 0) | (t >= num_rows)).nonzero()
+            pos = int(bad[0, 0])
+            raise ValueError(
+                f"{where}: row id {int(t[pos])} at position {pos} is outside [0, {num_rows}) "
+                f"({bad.shape[0]} bad ids of {t.numel()})"
+            )
+    return t
+
+
+def _check_unique(ids: Tensor, where: str) -> None:
+    """ValueError naming a repeated id. O(K) when ``ids`` is strictly increasing, else one sort."""
+    if ids.numel() < 2 or bool((ids[1:] > ids[:-1]).all()):
+        return
+    s = torch.sort(ids).values
+    dup = s[1:] == s[:-1]
+    if bool(dup.any()):
+        raise ValueError(
+            f"{where}: row id {int(s[1:][dup][0])} appears more than once "
+            f"({int(dup.sum())} repeated occurrences); a write must name each row once"
+        )
+
+
+def _check_json(kv: dict[str, Any], where: str) -> None:
+    for k, v in kv.items():
+        try:
+            json.dumps(v, allow_nan=False)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{where}: metadata {k!r}={v!r} is not plain JSON ({e})") from None
+
+
+class EmbeddingStore(ABC):
+    """A table of ``num_rows`` float32 rows of ``width`` values, addressed by fused row id.
+
+    Subclasses only provide the backing CPU tensor (``self._table``); every read and write is
+    implemented here on top of it, so both stores behave identically.
+
+    ``metadata`` is a plain JSON-able dict describing what the rows hold (tables fingerprint, ``dim``,
+    optimizer name, state width, seed, ``initialized``); :meth:`set_metadata` updates it and, for a
+    file store, persists it.
+    """
+
+    num_rows: int
+    width: int
+    metadata: dict[str, Any]
+    _table: Tensor | None
+
+    def __init__(self, num_rows: int, width: int) -> None:
+        num_rows, width = _positive(num_rows, "num_rows"), _positive(width, "width")
+        self.num_rows = num_rows
+        self.width = width
+        self.metadata = {}
+        self._table = None
+
+    # ------------------------------------------------------------------ description
+    def describe(self) -> str:
+        """Short human-readable name used in error messages."""
+        return type(self).__name__
+
+    def __repr__(self) -> str:
+        return f"{self.describe()}[{self.num_rows} x {self.width} float32]"
+
+    @property
+    def nbytes(self) -> int:
+        return self.num_rows * self.width * _ITEMSIZE
+
+    @property
+    def closed(self) -> bool:
+        return self._table is None
+
+    def _t(self) -> Tensor:
+        if self._table is None:
+            raise RuntimeError(f"{self.describe()} is closed")
+        return self._table
+
+    # ------------------------------------------------------------------ validation
+    def validate(self, num_rows: int, width: int, what: str = "the embedding tables") -> None:
+        """Raise ValueError naming both shapes unless the store holds ``num_rows`` rows of ``width``."""
+        if (self.num_rows, self.width) != (int(num_rows), int(width)):
+            raise ValueError(
+                f"{self.describe()} holds {self.num_rows} rows x {self.width} floats but {what} "
+                f"needs {int(num_rows)} rows x {int(width)} floats"
+            )
+
+    def check_metadata(self, **expected: Any) -> None:
+        """Raise ValueError for every key whose stored metadata value differs from ``expected``.
+
+        Keys the store has no value for are not compared (a freshly created store has none).
+        """
+        bad = {k: (self.metadata[k], v) for k, v in expected.items() if k in self.metadata}
+        bad = {k: sv for k, sv in bad.items() if sv[0] != sv[1]}
+        if bad:
+            parts = ", ".join(f"{k}: store has {s!r}, expected {v!r}" for k, (s, v) in bad.items())
+            raise ValueError(f"{self.describe()} was written for a different configuration ({parts})")
+
+    def set_metadata(self, **kv: Any) -> None:
+        """Update :attr:`metadata` with plain JSON values (and persist them, for file stores)."""
+        _check_json(kv, self.describe())
+        self.metadata.update(kv)
+
+    # ------------------------------------------------------------------ access
+    def read(self, ids: Ids) -> Tensor:
+        """A new ``[K, width]`` float32 CPU tensor holding rows ``ids`` (in that order)."""
+        t = self._t()
+        return torch.index_select(t, 0, _as_ids(ids, self.num_rows, f"{self.describe()}.read"))
+
+    def read_into(self, ids: Ids, out: Tensor) -> None:
+        """Like :meth:`read`, into a preallocated ``[K, width]`` float32 CPU tensor (e.g. pinned)."""
+        t = self._t()
+        idx = _as_ids(ids, self.num_rows, f"{self.describe()}.read_into")
+        expected = (idx.numel(), self.width)
+        if tuple(out.shape) != expected or out.dtype != torch.float32 or out.device.type != "cpu":
+            raise ValueError(
+                f"{self.describe()}.read_into: out must be a float32 CPU tensor of shape {list(expected)}, "
+                f"got {out.dtype} on {out.device} with shape {list(out.shape)}"
+            )
+        torch.index_select(t, 0, idx, out=out)
+
+    def write(self, ids: Ids, rows: Tensor, *, check_unique: bool = True) -> None:
+        """Store ``rows[i]`` at row ``ids[i]``; ``rows`` may live on any device (copied to the host).
+
+        A write that names a row twice is ambiguous (which copy wins is unspecified), so it is rejected
+        with a ValueError. The check is O(K) for strictly increasing ids and one sort otherwise; a caller
+        that guarantees distinct ids (the executor, whose ids come from the oracle) may pass
+        ``check_unique=False``.
+        """
+        t = self._t()
+        where = f"{self.describe()}.write"
+        idx = _as_ids(ids, self.num_rows, where)
+        src = self._rows(rows, idx.numel(), where)
+        if check_unique:
+            _check_unique(idx, where)
+        t.index_copy_(0, idx, src)
+
+    def read_range(self, start: int, stop: int) -> Tensor:
+        """A copy of rows ``[start, stop)``."""
+        t = self._t()
+        start, stop = self._range(start, stop, "read_range")
+        return t[start:stop].clone()
+
+    def write_range(self, start: int, rows: Tensor) -> None:
+        """Store ``rows`` at rows ``[start, start + len(rows))``."""
+        t = self._t()
+        where = f"{self.describe()}.write_range"
+        k = rows.shape[0] if rows.dim() else 0
+        start, stop = self._range(start, int(start) + k, "write_range")
+        t[start:stop].copy_(self._rows(rows, k, where))
+
+    def tensor(self) -> Tensor:
+        """The whole table as a zero-copy ``[num_rows, width]`` CPU tensor (writes go to the store)."""
+        return self._t()
+
+    def flush(self) -> None:
+        """Make written rows durable. A no-op in RAM."""
+        self._t()
+
+    def close(self) -> None:
+        """Flush and release the table. Idempotent; tensors from :meth:`tensor` keep their memory alive."""
+        if self._table is not None:
+            self.flush()
+            self._table = None
+
+    def __enter__(self) -> EmbeddingStore:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ helpers
+    def _rows(self, rows: Tensor, k: int, where: str) -> Tensor:
+        if not isinstance(rows, Tensor):
+            raise ValueError(f"{where}: rows must be a torch.Tensor, got {type(rows).__name__}")
+        if rows.dtype != torch.float32:
+            raise ValueError(f"{where}: rows must be float32, got {rows.dtype}")
+        if tuple(rows.shape) != (k, self.width):
+            raise ValueError(f"{where}: rows must have shape [{k}, {self.width}], got {list(rows.shape)}")
+        return rows.detach().to("cpu")
+
+    def _range(self, start: int, stop: int, op: str) -> tuple[int, int]:
+        start, stop = int(start), int(stop)
+        if not 0 <= start <= stop <= self.num_rows:
+            raise ValueError(
+                f"{self.describe()}.{op}: row range [{start}, {stop}) is not within [0, {self.num_rows})"
+            )
+        return start, stop
+
+
+def _positive(n: Any, name: str) -> int:
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or int(n) < 1:
+        raise ValueError(f"{name} must be a positive integer, got {n!r}")
+    return int(n)
+
+
+class MemoryStore(EmbeddingStore):
+    """The table in host RAM, zero-initialised.
+
+    ``pin_memory=None`` pins the buffer iff CUDA is available, so host-to-device fetches of gathered
+    rows can be asynchronous; pass ``False`` to save the pinned-memory budget, ``True`` to insist (a
+    ValueError without CUDA). Use it when the tables fit comfortably in RAM.
+    """
+
+    def __init__(self, num_rows: int, width: int, pin_memory: bool | None = None) -> None:
+        super().__init__(num_rows, width)
+        cuda = torch.cuda.is_available()
+        if pin_memory and not cuda:
+            raise ValueError(
+                "MemoryStore(pin_memory=True) needs CUDA, but torch.cuda.is_available() is False"
+            )
+        self.pinned: bool = cuda if pin_memory is None else bool(pin_memory)
+        self._table = torch.zeros(self.num_rows, self.width, dtype=torch.float32, pin_memory=self.pinned)
+
+
+class MmapStore(EmbeddingStore):
+    """The table in a memory-mapped raw float32 file ``path`` with a JSON sidecar ``path + ".json"``.
+
+    The file is ``num_rows * width`` little-endian-native float32 values, row-major, no header. The
+    sidecar holds ``{"format", "version", "num_rows", "width", "dtype", "metadata"}``.
+
+    Modes: ``"create"`` makes a new sparse file (``ftruncate``: no RAM or disk is spent on rows never
+    written, which read as zeros) and refuses to overwrite an existing one; ``"open"`` maps an existing
+    file and checks it against its sidecar (and against ``num_rows``/``width`` when given); ``"auto"``
+    opens if ``path`` exists, else creates.
+
+    Use it when the tables exceed RAM (the OS pages rows in and out), to keep trained tables on disk
+    between runs, or to share one table between the processes of a node (the mapping is shared, so a
+    row written by one process is visible to the others; create the file in one process first).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        num_rows: int | None = None,
+        width: int | None = None,
+        mode: Literal["auto", "create", "open"] = "auto",
+    ) -> None:
+        self.path = Path(path)
+        self.sidecar = Path(str(self.path) + ".json")
+        if mode not in ("auto", "create", "open"):
+            raise ValueError(f"MmapStore mode must be 'auto', 'create' or 'open', got {mode!r}")
+        if mode == "auto":
+            mode = "open" if self.path.exists() else "create"
+        if mode == "create":
+            if num_rows is None or width is None:
+                raise ValueError(
+                    f"MmapStore('{self.path}'): creating a store needs num_rows and width "
+                    f"(got num_rows={num_rows}, width={width})"
+                )
+            super().__init__(num_rows, width)
+            self._create()
+        else:
+            header = self._read_sidecar()
+            super().__init__(header["num_rows"], header["width"])
+            self.metadata = dict(header.get("metadata") or {})
+            self._check_open(num_rows, width)
+        self._array: np.memmap | None = np.memmap(
+            self.path, dtype=np.float32, mode="r+", shape=(self.num_rows, self.width)
+        )
+        self._table = torch.from_numpy(self._array)
+
+    def describe(self) -> str:
+        return f"MmapStore('{self.path}')"
+
+    # ------------------------------------------------------------------ files
+    def _create(self) -> None:
+        if self.path.exists():
+            raise FileExistsError(
+                f"MmapStore('{self.path}'): file exists; open it with mode='open' (or 'auto') or delete it"
+            )
+        if self.path.parent and not self.path.parent.exists():
+            raise FileNotFoundError(f"MmapStore('{self.path}'): directory {self.path.parent} does not exist")
+        with open(self.path, "xb") as f:
+            f.truncate(self.nbytes)
+        self._write_sidecar()
+
+    def _read_sidecar(self) -> dict[str, Any]:
+        if not self.path.exists():
+            raise FileNotFoundError(f"MmapStore('{self.path}'): no such file (use mode='create' or 'auto')")
+        if not self.sidecar.exists():
+            raise ValueError(
+                f"MmapStore('{self.path}'): sidecar {self.sidecar} is missing, so the file's shape is unknown"
+            )
+        try:
+            header = json.loads(self.sidecar.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(
+                f"MmapStore('{self.path}'): sidecar {self.sidecar} is not valid JSON ({e})"
+            ) from None
+        if not isinstance(header, dict) or header.get("format") != STORE_FORMAT:
+            raise ValueError(f"MmapStore('{self.path}'): {self.sidecar} is not a {STORE_FORMAT} sidecar")
+        if header.get("version") != STORE_VERSION:
+            raise ValueError(
+                f"MmapStore('{self.path}'): sidecar version {header.get('version')!r} is not supported "
+                f"(this library reads version {STORE_VERSION})"
+            )
+        if header.get("dtype") != "float32":
+            raise ValueError(
+                f"MmapStore('{self.path}'): dtype {header.get('dtype')!r} in {self.sidecar}, need float32"
+            )
+        for key in ("num_rows", "width"):
+            v = header.get(key)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(
+                    f"MmapStore('{self.path}'): {key}={v!r} in {self.sidecar} is not a positive int"
+                )
+        return header
+
+    def _check_open(self, num_rows: int | None, width: int | None) -> None:
+        for key, want in (("num_rows", num_rows), ("width", width)):
+            have = getattr(self, key)
+            if want is not None and int(want) != have:
+                raise ValueError(
+                    f"MmapStore('{self.path}'): the file holds {key}={have} (per {self.sidecar}) "
+                    f"but {key}={int(want)} was requested"
+                )
+        size = self.path.stat().st_size
+        if size != self.nbytes:
+            kind = "truncated" if size < self.nbytes else "longer than expected"
+            raise ValueError(
+                f"MmapStore('{self.path}'): file is {kind}: it has {size} bytes but its sidecar describes "
+                f"{self.num_rows} rows x {self.width} float32 = {self.nbytes} bytes"
+            )
+
+    def _write_sidecar(self) -> None:
+        header = {
+            "format": STORE_FORMAT,
+            "version": STORE_VERSION,
+            "num_rows": self.num_rows,
+            "width": self.width,
+            "dtype": "float32",
+            "metadata": self.metadata,
+        }
+        tmp = Path(f"{self.sidecar}.tmp{os.getpid()}")
+        with open(tmp, "w") as f:
+            json.dump(header, f, indent=1, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.sidecar)
+        _fsync_dir(self.sidecar.parent)
+
+    # ------------------------------------------------------------------ overrides
+    def set_metadata(self, **kv: Any) -> None:
+        """Update :attr:`metadata` and rewrite the sidecar atomically (temp file, fsync, rename)."""
+        super().set_metadata(**kv)
+        self._write_sidecar()
+
+    def flush(self) -> None:
+        """``msync`` the mapping: written rows reach the file."""
+        self._t()
+        if self._array is not None:
+            self._array.flush()
+
+    def close(self) -> None:
+        super().close()
+        self._array = None
+
+
+def _fsync_dir(path: Path) -> None:
+    """fsync a directory so a rename inside it is durable (best effort: not every OS allows it)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

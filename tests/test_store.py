@@ -1,0 +1,383 @@
+"""Embedding stores (RAM and memory-mapped file) and the deterministic initial weights."""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lightning_bagpipe.embedding.init import (
+    CHUNK_ROWS,
+    initial_rows,
+    initial_weights,
+    initialize_store,
+)
+from lightning_bagpipe.embedding.store import EmbeddingStore, MemoryStore, MmapStore
+from lightning_bagpipe.tables import Tables
+
+ROWS, WIDTH = 1000, 5
+
+
+@pytest.fixture(params=["memory", "mmap"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[EmbeddingStore]:
+    s: EmbeddingStore
+    if request.param == "memory":
+        s = MemoryStore(ROWS, WIDTH, pin_memory=False)
+    else:
+        s = MmapStore(tmp_path / "table.f32", ROWS, WIDTH, mode="create")
+    yield s
+    s.close()
+
+
+# ---------------------------------------------------------------------------- read / write
+def test_new_store_reads_zeros(store: EmbeddingStore) -> None:
+    assert store.read(np.array([0, ROWS - 1])).eq(0).all()
+    assert store.tensor().shape == (ROWS, WIDTH)
+
+
+def test_roundtrip_random_ids(store: EmbeddingStore) -> None:
+    g = torch.Generator().manual_seed(0)
+    shadow = torch.zeros(ROWS, WIDTH)
+    for _ in range(5):
+        ids = torch.randperm(ROWS, generator=g)[:300]
+        rows = torch.randn(300, WIDTH, generator=g)
+        store.write(ids if _ % 2 else ids.numpy(), rows)
+        shadow[ids] = rows
+        probe = torch.randint(0, ROWS, (400,), generator=g)  # repeats are fine for reads
+        assert torch.equal(store.read(probe), shadow[probe])
+    assert torch.equal(store.tensor(), shadow)
+
+
+def test_empty_reads_and_writes(store: EmbeddingStore) -> None:
+    assert store.read([]).shape == (0, WIDTH)
+    assert store.read(np.zeros(0, dtype=np.int64)).shape == (0, WIDTH)
+    store.write(torch.zeros(0, dtype=torch.long), torch.zeros(0, WIDTH))
+    assert store.tensor().eq(0).all()
+
+
+def test_read_returns_a_copy(store: EmbeddingStore) -> None:
+    out = store.read([3, 4])
+    out.fill_(7.0)
+    assert store.read([3, 4]).eq(0).all()
+
+
+def test_read_into_preallocated_buffer(store: EmbeddingStore) -> None:
+    store.write_range(0, torch.arange(ROWS * WIDTH, dtype=torch.float32).view(ROWS, WIDTH))
+    buf = torch.full((8, WIDTH), -1.0)
+    ids = np.array([9, 2, 500, 999], dtype=np.int32)
+    store.read_into(ids, buf[:4])
+    assert torch.equal(buf[:4], store.tensor()[torch.from_numpy(ids).long()])
+    assert buf[4:].eq(-1).all()
+    with pytest.raises(ValueError, match=r"shape \[4, 5\]"):
+        store.read_into(ids, buf)
+    with pytest.raises(ValueError, match="float32"):
+        store.read_into(ids, buf[:4].double())
+
+
+def test_range_roundtrip_and_bounds(store: EmbeddingStore) -> None:
+    rows = torch.randn(100, WIDTH)
+    store.write_range(900, rows)
+    assert torch.equal(store.read_range(900, 1000), rows)
+    assert store.read_range(0, 900).eq(0).all()
+    assert store.read_range(5, 5).shape == (0, WIDTH)
+    with pytest.raises(ValueError, match=r"\[950, 1050\) is not within \[0, 1000\)"):
+        store.write_range(950, rows)
+    with pytest.raises(ValueError, match=r"\[10, 5\)"):
+        store.read_range(10, 5)
+
+
+def test_tensor_is_zero_copy(store: EmbeddingStore) -> None:
+    store.tensor()[7] = 3.0
+    assert store.read([7]).eq(3.0).all()
+    store.write([8], torch.ones(1, WIDTH))
+    assert store.tensor()[8].eq(1.0).all()
+
+
+def test_write_accepts_noncontiguous_rows(store: EmbeddingStore) -> None:
+    rows = torch.randn(WIDTH, 3).t()  # [3, WIDTH], not contiguous
+    store.write(torch.tensor([1, 5, 2]), rows)
+    assert torch.equal(store.read([1, 5, 2]), rows)
+
+
+def test_bad_ids_are_named(store: EmbeddingStore) -> None:
+    with pytest.raises(ValueError, match=r"row id 1000 at position 2 is outside \[0, 1000\)"):
+        store.read(np.array([1, 2, 1000]))
+    with pytest.raises(ValueError, match=r"row id -3 at position 0"):
+        store.write(torch.tensor([-3]), torch.zeros(1, WIDTH))
+    with pytest.raises(ValueError, match="integers"):
+        store.read(np.array([1.0, 2.0]))
+    with pytest.raises(ValueError, match="1-D"):
+        store.read(torch.zeros(2, 2, dtype=torch.long))
+
+
+def test_duplicate_ids_in_a_write_are_rejected(store: EmbeddingStore) -> None:
+    with pytest.raises(ValueError, match="row id 4 appears more than once"):
+        store.write(np.array([9, 4, 1, 4]), torch.ones(4, WIDTH))
+    assert store.tensor().eq(0).all()  # nothing was written
+    store.write(np.array([9, 4, 1]), torch.ones(3, WIDTH), check_unique=False)
+    assert store.read([1, 4, 9]).eq(1).all()
+
+
+def test_bad_rows_are_rejected(store: EmbeddingStore) -> None:
+    with pytest.raises(ValueError, match="float32"):
+        store.write([1], torch.zeros(1, WIDTH, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"shape \[2, 5\]"):
+        store.write([1, 2], torch.zeros(2, WIDTH + 1))
+
+
+def test_validate_names_both_shapes(store: EmbeddingStore) -> None:
+    store.validate(ROWS, WIDTH)
+    with pytest.raises(ValueError, match=r"1000 rows x 5 floats but my tables needs 1000 rows x 6 floats"):
+        store.validate(ROWS, 6, what="my tables")
+
+
+def test_metadata_check(store: EmbeddingStore) -> None:
+    store.set_metadata(dim=4, optimizer="sgd")
+    store.check_metadata(dim=4, optimizer="sgd", seed=3)  # seed not recorded: not compared
+    with pytest.raises(ValueError, match="optimizer: store has 'sgd', expected 'adam'"):
+        store.check_metadata(dim=4, optimizer="adam")
+    with pytest.raises(ValueError, match="not plain JSON"):
+        store.set_metadata(bad=object())
+
+
+def test_closed_store_raises(store: EmbeddingStore) -> None:
+    store.close()
+    store.close()  # idempotent
+    with pytest.raises(RuntimeError, match="closed"):
+        store.read([0])
+
+
+def test_concurrent_reader_and_writer_on_disjoint_rows(store: EmbeddingStore) -> None:
+    """The executor thread writes some rows while the main thread reads others."""
+    read_ids = np.arange(0, ROWS, 2)
+    store.write(read_ids, torch.full((read_ids.size, WIDTH), 5.0))
+    write_ids = np.arange(1, ROWS, 2)
+    stop = threading.Event()
+
+    def writer() -> None:
+        v = 0.0
+        while not stop.is_set():
+            store.write(write_ids, torch.full((write_ids.size, WIDTH), v), check_unique=False)
+            v += 1.0
+
+    t = threading.Thread(target=writer)
+    t.start()
+    try:
+        for _ in range(200):
+            assert store.read(read_ids).eq(5.0).all()
+    finally:
+        stop.set()
+        t.join()
+
+
+# ---------------------------------------------------------------------------- memory store
+def test_memory_store_not_pinned_without_cuda() -> None:
+    s = MemoryStore(4, 2)
+    assert s.pinned == torch.cuda.is_available()
+    assert s.tensor().is_pinned() == s.pinned
+    assert not MemoryStore(4, 2, pin_memory=False).pinned
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only error")
+def test_memory_store_pinning_requires_cuda() -> None:
+    with pytest.raises(ValueError, match=r"pin_memory=True\) needs CUDA"):
+        MemoryStore(4, 2, pin_memory=True)
+
+
+@pytest.mark.parametrize("rows,width", [(0, 3), (3, 0), (-1, 2), (2.5, 2)])
+def test_memory_store_bad_shape(rows: int, width: int) -> None:
+    with pytest.raises(ValueError, match="positive integer"):
+        MemoryStore(rows, width)
+
+
+# ---------------------------------------------------------------------------- mmap store
+def test_mmap_persists_rows_and_metadata(tmp_path: Path) -> None:
+    path = tmp_path / "t.f32"
+    rows = torch.randn(ROWS, WIDTH)
+    with MmapStore(path, ROWS, WIDTH) as s:  # auto -> create
+        s.write_range(0, rows)
+        s.set_metadata(dim=3, optimizer="adagrad", initialized=True)
+    assert path.stat().st_size == ROWS * WIDTH * 4
+    side = json.loads(Path(str(path) + ".json").read_text())
+    assert side["format"] == "lightning-bagpipe-store" and side["version"] == 1 and side["dtype"] == "float32"
+    assert (side["num_rows"], side["width"]) == (ROWS, WIDTH)
+    assert side["metadata"] == {"dim": 3, "optimizer": "adagrad", "initialized": True}
+    assert torch.equal(torch.from_numpy(np.fromfile(path, dtype=np.float32)).view(ROWS, WIDTH), rows)
+
+    s2 = MmapStore(path)  # auto -> open; shape from the sidecar
+    assert (s2.num_rows, s2.width) == (ROWS, WIDTH)
+    assert s2.metadata == {"dim": 3, "optimizer": "adagrad", "initialized": True}
+    assert torch.equal(s2.read_range(0, ROWS), rows)
+    s2.close()
+    s3 = MmapStore(path, ROWS, WIDTH, mode="open")
+    assert torch.equal(s3.read([17]), rows[17:18])
+    s3.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.f32", "t.f32.json"]  # no temp files left
+
+
+def test_mmap_writes_visible_to_a_second_mapping(tmp_path: Path) -> None:
+    a = MmapStore(tmp_path / "s.f32", 10, 2)
+    b = MmapStore(tmp_path / "s.f32", mode="open")
+    a.write([3], torch.tensor([[1.5, 2.5]]))
+    assert torch.equal(b.read([3]), torch.tensor([[1.5, 2.5]]))
+    a.close()
+    b.close()
+
+
+def test_mmap_large_sparse_create_is_fast(tmp_path: Path) -> None:
+    n, w = 2**24, 4  # 256 MiB of rows
+    t0 = time.perf_counter()
+    s = MmapStore(tmp_path / "big.f32", n, w, mode="create")
+    elapsed = time.perf_counter() - t0
+    ids = np.array([0, 12_345_678, n - 1])
+    s.write(ids, torch.arange(12, dtype=torch.float32).view(3, w))
+    s.flush()
+    assert torch.equal(s.read(ids[::-1].copy()), torch.arange(12, dtype=torch.float32).view(3, w).flip(0))
+    assert s.read_range(n - 5, n - 1).eq(0).all()
+    st = (tmp_path / "big.f32").stat()
+    s.close()
+    assert st.st_size == n * w * 4
+    assert st.st_blocks * 512 < 8 * 2**20, "create must leave the file sparse"
+    assert elapsed < 2.0
+
+
+def test_mmap_open_mismatches_name_file_and_numbers(tmp_path: Path) -> None:
+    path = tmp_path / "m.f32"
+    MmapStore(path, 100, 4).close()
+    with pytest.raises(ValueError, match=r"m\.f32.*num_rows=100.*num_rows=101 was requested"):
+        MmapStore(path, 101, 4, mode="open")
+    with pytest.raises(ValueError, match=r"m\.f32.*width=4.*width=5 was requested"):
+        MmapStore(path, 100, 5)  # auto opens the existing file
+    with open(path, "r+b") as f:
+        f.truncate(100 * 4 * 4 - 12)
+    with pytest.raises(ValueError, match=r"m\.f32'\): file is truncated: it has 1588 bytes .* 1600 bytes"):
+        MmapStore(path, mode="open")
+
+
+def test_mmap_create_and_open_errors(tmp_path: Path) -> None:
+    path = tmp_path / "e.f32"
+    with pytest.raises(FileNotFoundError, match=r"e\.f32"):
+        MmapStore(path, mode="open")
+    with pytest.raises(ValueError, match="needs num_rows and width"):
+        MmapStore(path, 10)
+    MmapStore(path, 10, 2).close()
+    with pytest.raises(FileExistsError, match=r"e\.f32"):
+        MmapStore(path, 10, 2, mode="create")
+    with pytest.raises(ValueError, match="mode must be"):
+        MmapStore(path, mode="append")  # type: ignore[arg-type]
+    side = Path(str(path) + ".json")
+    side.write_text("{not json")
+    with pytest.raises(ValueError, match=r"e\.f32\.json is not valid JSON"):
+        MmapStore(path)
+    side.write_text(json.dumps({"format": "lightning-bagpipe-store", "version": 1, "dtype": "float64"}))
+    with pytest.raises(ValueError, match="dtype 'float64'"):
+        MmapStore(path)
+    side.unlink()
+    with pytest.raises(ValueError, match=r"sidecar .*e\.f32\.json is missing"):
+        MmapStore(path)
+
+
+# ---------------------------------------------------------------------------- initial weights
+TABLES = Tables([("a", 70_000), ("b", 3), ("c", 100_000), ("d", 1)])  # 170_004 rows: 3 chunks
+DIM, SEED = 4, 7
+
+
+@pytest.fixture(scope="module")
+def whole() -> torch.Tensor:
+    return initial_rows(TABLES, DIM, SEED, 0, TABLES.total_rows)
+
+
+def test_initial_rows_follow_the_documented_recipe(whole: torch.Tensor) -> None:
+    for k in range(3):
+        g = torch.Generator().manual_seed(SEED * 1_000_003 + k)
+        u = torch.rand(CHUNK_ROWS, DIM, generator=g)
+        lo, hi = k * CHUNK_ROWS, min((k + 1) * CHUNK_ROWS, TABLES.total_rows)
+        rows = np.arange(lo, hi)
+        table = np.searchsorted(TABLES.offsets, rows, side="right") - 1
+        bound = torch.tensor([np.float32(1 / math.sqrt(TABLES.sizes[j])) for j in range(len(TABLES))])
+        expected = (2 * u[: hi - lo] - 1) * bound[torch.from_numpy(table)].unsqueeze(1)
+        assert torch.equal(whole[lo:hi], expected)
+
+
+def test_initial_rows_subranges_equal_the_whole(whole: torch.Tensor) -> None:
+    cuts = [
+        (0, 1),
+        (65_535, 65_537),
+        (69_999, 70_004),
+        (131_000, 170_004),
+        (5, 5),
+        (1000, 140_000),
+        (170_003, 170_004),
+    ]
+    for lo, hi in cuts:
+        assert torch.equal(initial_rows(TABLES, DIM, SEED, lo, hi), whole[lo:hi]), (lo, hi)
+
+
+def test_initial_rows_bounds_per_table(whole: torch.Tensor) -> None:
+    for j, spec in enumerate(TABLES):
+        off, n = int(TABLES.offsets[j]), spec.num_embeddings
+        w = whole[off : off + n]
+        b = float(np.float32(1 / math.sqrt(n)))
+        assert w.abs().max() <= b, spec.name
+        if n > 1000:  # uniform: fills the interval, centred at 0
+            assert w.abs().max() > 0.99 * b
+            assert abs(float(w.mean())) < 0.01 * b
+            assert w.min() < 0 < w.max()
+
+
+def test_initial_rows_deterministic_and_seeded(whole: torch.Tensor) -> None:
+    assert torch.equal(initial_rows(TABLES, DIM, SEED, 0, 1000), whole[:1000])
+    other = initial_rows(TABLES, DIM, SEED + 1, 0, 1000)
+    assert not torch.equal(other, whole[:1000])
+    assert not torch.equal(whole[:CHUNK_ROWS], whole[CHUNK_ROWS : 2 * CHUNK_ROWS])  # chunks differ
+
+
+def test_initial_weights_of_one_table(whole: torch.Tensor) -> None:
+    assert torch.equal(initial_weights(TABLES, DIM, SEED, "c"), whole[70_003:170_003])
+    assert torch.equal(initial_weights(TABLES, DIM, SEED, 3), whole[170_003:])
+    with pytest.raises(KeyError, match="unknown feature 'z'"):
+        initial_weights(TABLES, DIM, SEED, "z")
+
+
+def test_initial_rows_bad_arguments() -> None:
+    with pytest.raises(ValueError, match=r"\[0, 170005\) is not within the 170004 fused rows"):
+        initial_rows(TABLES, DIM, SEED, 0, 170_005)
+    with pytest.raises(ValueError, match="seed"):
+        initial_rows(TABLES, DIM, -1, 0, 1)
+    with pytest.raises(ValueError, match="dim"):
+        initial_rows(TABLES, 0, SEED, 0, 1)
+
+
+@pytest.mark.parametrize("chunk_rows", [CHUNK_ROWS * 4, 1000])
+def test_initialize_store(tmp_path: Path, whole: torch.Tensor, chunk_rows: int) -> None:
+    state = torch.tensor([0.5, -2.0, 3.0])
+    s = MmapStore(tmp_path / "init.f32", TABLES.total_rows, DIM + 3)
+    initialize_store(s, TABLES, DIM, state, SEED, chunk_rows=chunk_rows)
+    t = s.tensor()
+    assert torch.equal(t[:, :DIM], whole)
+    assert torch.equal(t[:, DIM:], state.expand(TABLES.total_rows, 3))
+    assert s.metadata == {
+        "initialized": True,
+        "seed": SEED,
+        "dim": DIM,
+        "state_width": 3,
+        "tables_fingerprint": TABLES.fingerprint(),
+    }
+    s.close()
+    assert json.loads((tmp_path / "init.f32.json").read_text())["metadata"]["initialized"] is True
+
+
+def test_initialize_store_rejects_mismatch() -> None:
+    s = MemoryStore(TABLES.total_rows, DIM + 1, pin_memory=False)
+    with pytest.raises(ValueError, match=r"170004 rows x 5 floats but 4 tables with dim=4 and state width 2"):
+        initialize_store(s, TABLES, DIM, torch.zeros(2), SEED)
+    with pytest.raises(ValueError, match="state_init must be a 1-D float32"):
+        initialize_store(s, TABLES, DIM, torch.zeros(1, dtype=torch.float64), SEED)
+    assert "initialized" not in s.metadata
