@@ -206,6 +206,9 @@ class SparseFeatures:
         )
 
 
+_NO_ROWS = np.zeros(0, dtype=np.int64)
+
+
 @dataclass
 class StepPlan:
     """This rank's cache instructions for one training step (host-side numpy arrays).
@@ -215,7 +218,11 @@ class StepPlan:
     update it writes back ``writeback`` rows, which stay in their slots as clean copies. ``next_evict`` and
     ``next_fetch`` are the next step's pre-step instructions, so they can start while this step computes.
     Each pair is ``(fused ids, slots)``. ``ids``/``slots`` are the distinct rows this rank's
-    occurrences read and update during the step (host copies of :class:`CacheLookup`).
+    occurrences read (host copies of :class:`CacheLookup`). With several ranks (LRPP, see
+    :mod:`lightning_bagpipe.oracle.partition`) ``sync`` lists the replicated rows whose gradients are
+    all-reduced and that every rank updates, ``own`` the rows this rank alone updates, and ``foreign``
+    the rows another rank alone updates (this rank's copy goes stale and it no longer writes them back);
+    on one process every row of the step is ``own``.
     """
 
     key: tuple[int, int]
@@ -225,6 +232,9 @@ class StepPlan:
     writeback: tuple[np.ndarray, np.ndarray]
     ids: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     slots: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    sync: tuple[np.ndarray, np.ndarray] = field(default_factory=lambda: (_NO_ROWS, _NO_ROWS))
+    own: tuple[np.ndarray, np.ndarray] = field(default_factory=lambda: (_NO_ROWS, _NO_ROWS))
+    foreign: tuple[np.ndarray, np.ndarray] = field(default_factory=lambda: (_NO_ROWS, _NO_ROWS))
     next_key: tuple[int, int] | None = None
     next_fetch: tuple[np.ndarray, np.ndarray] | None = None
     next_evict: tuple[np.ndarray, np.ndarray] | None = None

@@ -19,6 +19,7 @@ import threading
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -26,10 +27,12 @@ import torch
 
 from lightning_bagpipe.data.batch import Batch, CacheLookup, StepPlan
 from lightning_bagpipe.oracle.lookahead import LookaheadOracle
+from lightning_bagpipe.oracle.partition import RankPartitioner, RankView, occurrence_ranks
 from lightning_bagpipe.oracle.plan import CachePlan
 from lightning_bagpipe.tables import Tables
 
 SourceFn = Callable[[], Iterable[Batch]]
+_EMPTY = np.zeros(0, dtype=np.int64)
 
 
 def rank_bounds(batch_size: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -240,9 +243,27 @@ class _OracleThread(threading.Thread):
     def _produce(self) -> None:
         ld = self.loader
         oracle = LookaheadOracle(ld.tables.total_rows, ld.lookahead, ld.cache_rows)
+        parts = RankPartitioner(ld.tables.total_rows, ld.rank, ld.world_size) if ld.world_size > 1 else None
         pending: deque[tuple[Batch, np.ndarray]] = deque()  # batches waiting for their plan
-        ready: deque[tuple[Batch, CachePlan]] = deque()  # planned, waiting for the next plan
+        ready: deque[_Planned] = deque()  # planned, waiting for the next step's plan
         step = self.skip
+
+        def planned(plan: CachePlan) -> _Planned:
+            batch = pending.popleft()[0]
+            if parts is None:
+                view = RankView(
+                    fetch=(plan.fetch_ids, plan.fetch_slots),
+                    evict=(plan.evict_ids, plan.evict_slots),
+                    writeback=(plan.writeback_ids, plan.writeback_slots),
+                    sync=(_EMPTY, _EMPTY),
+                    own=(plan.ids, plan.slots),
+                    foreign=(_EMPTY, _EMPTY),
+                )
+            else:
+                sp = batch.sparse
+                view = parts.view(plan, occurrence_ranks(sp.lengths.numpy(), sp.num_features, ld.world_size))
+            return _Planned(batch, plan, view)
+
         for i, batch in enumerate(ld._source_fn()):
             if self._stop_event.is_set():
                 return
@@ -252,21 +273,21 @@ class _OracleThread(threading.Thread):
             pending.append((batch, ids))
             plan = oracle.push(ids)
             if plan is not None:
-                ready.append((pending.popleft()[0], plan))
+                ready.append(planned(plan))
             while len(ready) >= 2:
-                if not self._emit(ready.popleft(), ready[0][1], step):
+                if not self._emit(ready.popleft(), ready[0], step):
                     return
                 step += 1
         for plan in oracle.finish():
-            ready.append((pending.popleft()[0], plan))
+            ready.append(planned(plan))
         while ready:
             cur = ready.popleft()
-            if not self._emit(cur, ready[0][1] if ready else None, step):
+            if not self._emit(cur, ready[0] if ready else None, step):
                 return
             step += 1
 
-    def _emit(self, cur: tuple[Batch, CachePlan], nxt: CachePlan | None, step: int) -> bool:
-        batch, plan = cur
+    def _emit(self, cur: _Planned, nxt: _Planned | None, step: int) -> bool:
+        batch, plan, view = cur.batch, cur.plan, cur.view
         ld = self.loader
         local, (start, stop) = ld._local(batch)
         if ld.world_size == 1:
@@ -281,17 +302,27 @@ class _OracleThread(threading.Thread):
         local.plan = StepPlan(
             key=(self.epoch, step),
             capacity=capacity,
-            fetch=(plan.fetch_ids, plan.fetch_slots),
-            evict=(plan.evict_ids, plan.evict_slots),
-            writeback=(plan.writeback_ids, plan.writeback_slots),
+            fetch=view.fetch,
+            evict=view.evict,
+            writeback=view.writeback,
             ids=ids,
             slots=slots,
+            sync=view.sync,
+            own=view.own,
+            foreign=view.foreign,
             next_key=None if nxt is None else (self.epoch, step + 1),
-            next_fetch=None if nxt is None else (nxt.fetch_ids, nxt.fetch_slots),
-            next_evict=None if nxt is None else (nxt.evict_ids, nxt.evict_slots),
+            next_fetch=None if nxt is None else nxt.view.fetch,
+            next_evict=None if nxt is None else nxt.view.evict,
             unique_ids=int(plan.ids.size),
             hits=int(plan.hits),
             clean_hits=int(plan.clean_hits),
             tables_fingerprint=ld.tables.fingerprint(),
         )
         return self._put(local)
+
+
+@dataclass
+class _Planned:
+    batch: Batch
+    plan: CachePlan
+    view: RankView

@@ -162,13 +162,12 @@ class CachedEmbedding(nn.Module):
 
     def _load_rows(self, ids: np.ndarray, slots: np.ndarray) -> None:
         """Store -> cache (runs on the executor thread)."""
-        need = int(slots.max()) + 1
-        cache = self._cache if self._cache is not None and self._cache.shape[0] >= need else None
-        if cache is None:
-            raise RuntimeError(
-                f"cache of {0 if self._cache is None else self._cache.shape[0]} rows < slot {need - 1}"
-            )
-        rows = self.store.read(ids)
+        rows = self.store.read(ids)  # (a collective call for a sharded store: even when empty)
+        if not ids.size:
+            return
+        cache = self._cache
+        if cache is None or cache.shape[0] <= int(slots.max()):
+            raise RuntimeError(f"slot {int(slots.max())} is outside the cache")
         cache.index_copy_(
             0, torch.from_numpy(slots).to(cache.device), rows.to(cache.device, non_blocking=True)
         )
@@ -179,19 +178,25 @@ class CachedEmbedding(nn.Module):
         rows = self._cache.index_select(0, torch.from_numpy(slots).to(self._cache.device))
         self.store.write(ids, rows.cpu(), check_unique=False)
 
-    def _apply_sparse_update(self, step: int) -> None:
-        """Apply the sparse optimizer to the cache rows this step's forward passes touched."""
+    def _take_grads(self) -> tuple[Tensor, Tensor] | None:
+        """The summed gradient of every cache slot this step's forward passes read, and forget them."""
         pending, self._pending = self._pending, []
         grads = [(s, r.grad) for s, r in pending if r.grad is not None]
-        if not grads or self._cache is None:
-            return
+        if not grads:
+            return None
         slots = torch.cat([s for s, _ in grads])
         grad = torch.cat([g for _, g in grads])
-        if len(grads) > 1:
+        if len(grads) > 1:  # the module was called more than once in the step
             slots, inv = torch.unique(slots, return_inverse=True)
             grad = torch.zeros(slots.numel(), self.dim, device=grad.device, dtype=grad.dtype).index_add_(
                 0, inv, grad
             )
+        return slots, grad
+
+    def _update_rows(self, slots: Tensor, grad: Tensor, step: int) -> None:
+        """Apply the sparse optimizer to cache rows ``slots`` (weights and state updated together)."""
+        if self._cache is None or slots.numel() == 0:
+            return
         rows = self._cache.index_select(0, slots)
         self.optimizer.update(rows, grad, step)
         self._cache.index_copy_(0, slots, rows)

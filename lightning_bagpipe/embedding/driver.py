@@ -19,9 +19,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor
 
 from lightning_bagpipe.data.batch import StepPlan
 from lightning_bagpipe.embedding.cached import CachedEmbedding
+from lightning_bagpipe.embedding.distributed import RankGroups
 from lightning_bagpipe.embedding.executor import IdSlots, RowExecutor, _Ticket
 
 
@@ -52,6 +56,9 @@ class TotalStats:
     rows_written_back: int = 0
     rows_evicted: int = 0
     wait_s: float = 0.0
+    sync_rows: int = 0
+    sync_bytes: int = 0
+    replicated_baseline_bytes: int = 0
 
     @property
     def hit_rate(self) -> float:
@@ -65,13 +72,22 @@ class TotalStats:
             "rows_written_back": self.rows_written_back,
             "rows_evicted": self.rows_evicted,
             "fetch_wait_ms_total": 1000.0 * self.wait_s,
+            "sync_bytes": self.sync_bytes,
+            "replicated_baseline_bytes": self.replicated_baseline_bytes,
         }
 
 
 class CacheDriver:
     """Drives the caches of ``modules`` (they share one plan stream) through one executor."""
 
-    def __init__(self, modules: Sequence[CachedEmbedding]) -> None:
+    def __init__(
+        self,
+        modules: Sequence[CachedEmbedding],
+        groups: RankGroups | None = None,
+        *,
+        prefetch: bool = True,
+        io_delay_s: float = 0.0,
+    ) -> None:
         if not modules:
             raise ValueError("no CachedEmbedding modules to drive")
         fps = {m.tables.fingerprint() for m in modules}
@@ -81,7 +97,11 @@ class CacheDriver:
                 f"found {len(fps)} different table configurations"
             )
         self.modules = list(modules)
+        self.groups = groups
+        self.prefetch = prefetch
+        self.io_delay_s = io_delay_s
         self.fingerprint = fps.pop()
+        self._updated = False
         self.executor: RowExecutor | None = None
         self.rows = 0
         self.slot_ids = np.zeros(0, dtype=np.int64)
@@ -112,10 +132,16 @@ class CacheDriver:
             ticket = self._submit_prestep(plan.evict, plan.fetch)
         waited = self.executor.wait(ticket)
         self._queued_key, self._queued_ticket = None, None
-        if plan.next_key is not None and plan.next_fetch is not None and plan.next_evict is not None:
+        if (
+            self.prefetch
+            and plan.next_key is not None
+            and plan.next_fetch is not None
+            and plan.next_evict is not None
+        ):
             self._queued_ticket = self._submit_prestep(plan.next_evict, plan.next_fetch)
             self._queued_key = plan.next_key
         self._current = plan
+        self._updated = False
         self.last = StepStats(
             unique_rows=plan.unique_ids,
             hits=plan.hits,
@@ -134,11 +160,66 @@ class CacheDriver:
         t.wait_s += waited
 
     def after_update(self, step: int) -> None:
-        """Apply the sparse optimizer to the rows touched since the last update."""
+        """Apply the sparse optimizer to the rows this step touched (once per step)."""
+        plan = self._current
+        if plan is None or self._updated:
+            return
+        self._updated = True
+        if self.groups is None:
+            for m in self.modules:
+                taken = m._take_grads()
+                if taken is not None:
+                    m._update_rows(*taken, step)
+            self.dirty[plan.slots] = True
+            return
+        self._sync_update(plan, step)
+
+    def _sync_update(self, plan: StepPlan, step: int) -> None:
+        """LRPP: all-reduce replicated rows' gradients in one collective, average them like DDP, update.
+
+        Every rank updates every replicated row (its copy stays identical to the others'); local rows are
+        updated by their one owner with its own gradient, averaged over the world size the same way.
+        """
+        assert self.groups is not None
+        world = self.groups.world_size
+        device = self.modules[0].cache_device
+        sync_ids, sync_slots_np = plan.sync
+        sync_slots = torch.from_numpy(sync_slots_np).to(device)
+        pos = torch.full((self.rows,), -1, dtype=torch.long, device=device)
+        pos[sync_slots] = torch.arange(sync_slots.numel(), device=device)
+        bufs: list[Tensor] = []
+        owns: list[tuple[Tensor, Tensor]] = []
         for m in self.modules:
-            m._apply_sparse_update(step)
-        if self._current is not None:
-            self.dirty[self._current.slots] = True
+            buf = torch.zeros(sync_slots.numel(), m.dim, device=device)
+            own = (torch.zeros(0, dtype=torch.long, device=device), torch.zeros(0, m.dim, device=device))
+            taken = m._take_grads()
+            if taken is not None:
+                slots, grad = taken
+                p = pos[slots]
+                shared = p >= 0
+                buf[p[shared]] = grad[shared]
+                own = (slots[~shared], grad[~shared])
+            bufs.append(buf)
+            owns.append(own)
+        flat = torch.cat([b.flatten() for b in bufs])
+        if flat.numel():
+            dist.all_reduce(flat, group=self.groups.grads)
+        flat /= world
+        self.total.sync_rows += int(sync_slots.numel())
+        self.total.sync_bytes += flat.numel() * flat.element_size()
+        self.total.replicated_baseline_bytes += plan.unique_ids * sum(m.dim for m in self.modules) * 4
+        offset = 0
+        for m, (own_slots, own_grad) in zip(self.modules, owns):
+            n = sync_slots.numel() * m.dim
+            synced = flat[offset : offset + n].view(-1, m.dim)
+            offset += n
+            m._update_rows(torch.cat([sync_slots, own_slots]), torch.cat([synced, own_grad / world]), step)
+        # dirty flags track the rows this rank must write back: replicated rows it is the writer of and its
+        # own local rows; a row another rank updated alone is that rank's to write now
+        mine = sync_ids % world == self.groups.rank
+        self.dirty[plan.foreign[1]] = False
+        self.dirty[sync_slots_np[mine]] = True
+        self.dirty[plan.own[1]] = True
 
     # ------------------------------------------------------------------ store consistency
     def sync_store(self, durable: bool = False) -> None:
@@ -149,10 +230,12 @@ class CacheDriver:
         self._submit_writeback()
         self.executor.drain()
         slots = np.flatnonzero(self.dirty)
-        if slots.size:
+        if slots.size or self.groups is not None:  # (sharded stores write collectively)
             ids = self.slot_ids[slots]
             for m in self.modules:
                 m._store_rows(ids, slots)
+        if self.groups is not None:
+            self.groups.barrier()  # every rank's rows are in the store before anyone reads it
         if durable:
             for m in self.modules:
                 m.store.flush()
@@ -177,7 +260,7 @@ class CacheDriver:
             m._activate(self.rows)
         self.slot_ids = np.full(self.rows, -1, dtype=np.int64)
         self.dirty = np.zeros(self.rows, dtype=bool)
-        self.executor = RowExecutor(self.modules)
+        self.executor = RowExecutor(self.modules, self.groups, self.io_delay_s)
 
     def _end_step(self) -> None:
         """Close the current step: its end-of-use rows become due for write-back."""
@@ -203,6 +286,7 @@ class CacheDriver:
         if need > self.rows:
             self._grow(need)
         self.dirty[evict[1]] = False
+        self.dirty[fetch[1]] = False
         self.slot_ids[fetch[1]] = fetch[0]
         return self.executor.submit_prestep(evict, fetch)
 

@@ -23,6 +23,7 @@ import torch
 
 if TYPE_CHECKING:
     from lightning_bagpipe.embedding.cached import CachedEmbedding
+    from lightning_bagpipe.embedding.distributed import RankGroups
 
 IdSlots = tuple[np.ndarray, np.ndarray]
 
@@ -41,8 +42,16 @@ class _Ticket:
 class RowExecutor:
     """Runs fetch (store -> cache) and write-back (cache -> store) jobs on one background thread."""
 
-    def __init__(self, modules: Sequence[CachedEmbedding], name: str = "bagpipe-executor") -> None:
+    def __init__(
+        self,
+        modules: Sequence[CachedEmbedding],
+        groups: RankGroups | None = None,
+        io_delay_s: float = 0.0,
+        name: str = "bagpipe-executor",
+    ) -> None:
         self.modules = list(modules)
+        self.groups = groups
+        self.io_delay_s = io_delay_s
         self._jobs: queue.Queue[tuple[Callable[[], None], _Ticket] | None] = queue.Queue()
         self._failed: BaseException | None = None
         self._cuda = any(m.cache_device.type == "cuda" for m in self.modules)
@@ -95,9 +104,13 @@ class RowExecutor:
         compute_event = self._compute_event() if evict_ids.size else None
 
         def job() -> None:
-            if evict_ids.size:
+            if evict_ids.size or self.groups is not None:
                 self._write_back(evict_ids, evict_slots, compute_event)
-            if fetch_ids.size:
+            if self.groups is not None:
+                # every rank's earlier write-backs are in the store before any rank fetches
+                self.groups.barrier()
+            if fetch_ids.size or self.groups is not None:
+                self._delay(fetch_ids)
                 for m in self.modules:
                     m._load_rows(fetch_ids, fetch_slots)
 
@@ -106,7 +119,7 @@ class RowExecutor:
     def submit_writeback(self, rows: IdSlots) -> _Ticket | None:
         """Write back rows after the step that last used them (they stay cached as clean copies)."""
         ids, slots = rows
-        if not ids.size:
+        if not ids.size and self.groups is None:
             return None
         compute_event = self._compute_event()
         return self._submit(lambda: self._write_back(ids, slots, compute_event))
@@ -114,8 +127,14 @@ class RowExecutor:
     def _write_back(self, ids: np.ndarray, slots: np.ndarray, compute_event: Any) -> None:
         if compute_event is not None:
             torch.cuda.current_stream().wait_event(compute_event)
+        self._delay(ids)
         for m in self.modules:
             m._store_rows(ids, slots)
+
+    def _delay(self, ids: np.ndarray) -> None:
+        """Opt-in emulated network latency per batch of rows moved (benchmarks on one machine)."""
+        if self.io_delay_s and ids.size:
+            time.sleep(self.io_delay_s)
 
     def _compute_event(self) -> Any:
         if not self._cuda:

@@ -4,21 +4,34 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
+import torch.distributed as dist
+from lightning.fabric.plugins import CheckpointIO
 from lightning.fabric.strategies.registry import _StrategyRegistry
+from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.plugins.io.wrapper import _WrappingCheckpointIO
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.nn import Module
 from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_bagpipe.data.batch import Batch, StepPlan
 from lightning_bagpipe.embedding.cached import CachedEmbedding
+from lightning_bagpipe.embedding.distributed import RankGroups, ShardedStore, share_store
 from lightning_bagpipe.embedding.driver import CacheDriver, TotalStats
+from lightning_bagpipe.embedding.store import EmbeddingStore
+from lightning_bagpipe.strategies.checkpointing import (
+    AtomicCheckpointIO,
+    add_bagpipe_section,
+    read_checkpoint,
+    restore_rng_states,
+    verify_bagpipe_section,
+)
 
 log = logging.getLogger(__name__)
 
@@ -39,12 +52,27 @@ class BagpipeStrategy(DDPStrategy):
 
     strategy_name = "bagpipe"
 
-    def __init__(self, *, log_stats: bool = True, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *,
+        store: Literal["auto", "shared", "sharded"] = "auto",
+        prefetch: bool = True,
+        io_delay_ms: float = 0.0,
+        log_stats: bool = True,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
+        if store not in ("auto", "shared", "sharded"):
+            raise ValueError(f"store must be 'auto', 'shared' or 'sharded', got {store!r}")
+        self.store_mode = store
+        self.prefetch = prefetch
+        self.io_delay_ms = float(io_delay_ms)
         self.log_stats = log_stats
+        self._store_restore: list[tuple[CachedEmbedding, EmbeddingStore, Callable[[], None]]] = []
         self._driver: CacheDriver | None = None
         self._failed = False
         self.cache_stats: TotalStats | None = None
+        self._resume_section: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ registration
     @classmethod
@@ -68,11 +96,6 @@ class BagpipeStrategy(DDPStrategy):
 
     @override
     def setup(self, trainer: pl.Trainer) -> None:
-        if self.world_size > 1:
-            raise NotImplementedError(
-                f"strategy='bagpipe' runs on one process for now (got world_size={self.world_size}); "
-                "use devices=1 and num_nodes=1"
-            )
         if trainer.state.fn == TrainerFn.FITTING and trainer.accumulate_grad_batches != 1:
             raise ValueError(
                 "strategy='bagpipe' does not support accumulate_grad_batches > 1: a cached row must be "
@@ -83,11 +106,56 @@ class BagpipeStrategy(DDPStrategy):
         assert self.lightning_module is not None
         modules = [m for m in self.lightning_module.modules() if isinstance(m, CachedEmbedding)]
         if trainer.state.fn == TrainerFn.FITTING and modules:
-            self._driver = CacheDriver(modules)
+            groups = self._distribute(modules) if self.world_size > 1 else None
+            self._driver = CacheDriver(
+                modules, groups, prefetch=self.prefetch, io_delay_s=self.io_delay_ms / 1e3
+            )
             self.cache_stats = self._driver.total
             callbacks: list[Callback] = trainer.callbacks  # type: ignore[attr-defined]
             if self.log_stats and not any(isinstance(c, _CacheStatsLogger) for c in callbacks):
                 callbacks.append(_CacheStatsLogger())
+
+    def _distribute(self, modules: list[CachedEmbedding]) -> RankGroups:
+        """Process groups of the cache, config checks across ranks, and one store view for all ranks."""
+        backend = "nccl" if modules[0].cache_device.type == "cuda" else "gloo"
+        groups = RankGroups(
+            rank=self.global_rank,
+            world_size=self.world_size,
+            grads=dist.new_group(backend=backend, timeout=self._timeout),
+            store=dist.new_group(backend="gloo", timeout=self._timeout),
+        )
+        mode = (
+            self.store_mode if self.store_mode != "auto" else ("sharded" if self.num_nodes > 1 else "shared")
+        )
+        mine = [
+            (m.tables.fingerprint(), m.dim, m.optimizer.name, m.store.num_rows, m.store.width)
+            for m in modules
+        ]
+        every = groups.all_gather_object(mine)
+        for r, theirs in enumerate(every):
+            if theirs != mine:
+                raise ValueError(
+                    f"rank {r} has CachedEmbedding configs {theirs} but rank {self.global_rank} has {mine} "
+                    "(tables fingerprint, dim, optimizer, rows, width): every rank must build the same model"
+                )
+        named = {id(m): n for n, m in self.lightning_module.named_modules()}  # type: ignore[union-attr]
+        self._store_restore = []
+        for m in modules:
+            original = m.store
+            if mode == "sharded":
+                m.store = ShardedStore(original, groups)
+                end: Callable[[], None] = m.store.gather_to_local
+            else:
+                m.store, end = share_store(original, groups, named.get(id(m), "embedding"))
+            self._store_restore.append((m, original, end))
+        rank_zero_info(f"bagpipe: {self.world_size} ranks, {mode} store, LRPP cache sync")
+        return groups
+
+    def _undistribute(self) -> None:
+        restore, self._store_restore = self._store_restore, []
+        for m, original, end in restore:
+            end()
+            m.store = original
 
     @override
     def configure_ddp(self) -> None:
@@ -108,6 +176,7 @@ class BagpipeStrategy(DDPStrategy):
             # at the end of a step), so flushing leaves the store consistent with the last good step.
             try:
                 driver.close(flush=True)
+                self._undistribute()
             except Exception as err:
                 if not self._failed:
                     raise
@@ -168,6 +237,58 @@ class BagpipeStrategy(DDPStrategy):
         if self._driver is not None:
             self._driver.sync_store(durable=True)
         super().on_train_end()
+
+    # ------------------------------------------------------------------ checkpoints and resume
+    @property
+    @override
+    def checkpoint_io(self) -> CheckpointIO:
+        """Atomic saves by default (temporary name, fsync, rename); a user's CheckpointIO is kept."""
+        if self._checkpoint_io is None:
+            self._checkpoint_io = AtomicCheckpointIO()
+        elif (
+            isinstance(self._checkpoint_io, _WrappingCheckpointIO)
+            and self._checkpoint_io.checkpoint_io is None
+        ):
+            self._checkpoint_io.checkpoint_io = AtomicCheckpointIO()
+        return self._checkpoint_io
+
+    @checkpoint_io.setter
+    def checkpoint_io(self, io: CheckpointIO | None) -> None:
+        self._checkpoint_io = io
+
+    def _cached_modules(self) -> dict[str, CachedEmbedding]:
+        if self.lightning_module is None:
+            return {}
+        return {n: m for n, m in self.lightning_module.named_modules() if isinstance(m, CachedEmbedding)}
+
+    @override
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Any | None = None
+    ) -> None:
+        add_bagpipe_section(checkpoint, self._cached_modules())
+        super().save_checkpoint(checkpoint, filepath, storage_options)
+
+    @override
+    def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> dict[str, Any]:
+        checkpoint = read_checkpoint(self.checkpoint_io, checkpoint_path, weights_only)
+        self._resume_section = verify_bagpipe_section(checkpoint, checkpoint_path, self._cached_modules())
+        return checkpoint
+
+    @override
+    def on_train_start(self) -> None:
+        if self._driver is not None and self._driver.groups is not None:
+            trainer = self.lightning_module.trainer  # type: ignore[union-attr]
+            n = trainer.num_training_batches
+            counts = self._driver.groups.all_gather_object(None if n == float("inf") else int(n))
+            if len(set(counts)) > 1:
+                raise ValueError(
+                    f"the ranks' training sources yield different numbers of batches {counts}; every rank "
+                    "must read the same global stream"
+                )
+        section, self._resume_section = self._resume_section, None
+        if section is not None:
+            restore_rng_states(section)
+        super().on_train_start()
 
     @override
     def lightning_module_state_dict(self) -> dict[str, Any]:

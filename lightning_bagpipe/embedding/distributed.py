@@ -1,0 +1,201 @@
+"""Stores and communication for several processes (LRPP).
+
+* :class:`RankGroups`: this rank, the world size and two process groups of their own: ``grads`` (the
+  main thread's per-step all-reduce of replicated rows' gradients) and ``store`` (the executor thread's
+  per-step barrier and the sharded store's all-to-alls). Each group is used by one thread only, in the
+  same order on every rank, as gloo requires.
+* :func:`share_store`: one store for all ranks of a node: a memory-mapped file (the module's own
+  ``MmapStore`` file, or a new one in ``/dev/shm`` filled by rank 0 from its in-RAM store).
+* :class:`ShardedStore`: rows split into ``world_size`` contiguous ranges, rank ``r`` authoritative for
+  range ``r``; reads and writes are collective all-to-alls with variable splits (works on gloo and NCCL).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from lightning_bagpipe.embedding.store import EmbeddingStore, MmapStore
+
+
+@dataclass
+class RankGroups:
+    """Who we are among the ranks, and the process groups the cache uses."""
+
+    rank: int
+    world_size: int
+    grads: Any
+    store: Any
+
+    def barrier(self) -> None:
+        dist.barrier(group=self.store)
+
+    def broadcast_object(self, obj: Any, src: int = 0) -> Any:
+        box = [obj]
+        dist.broadcast_object_list(box, src=src, group=self.store)
+        return box[0]
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj, group=self.store)
+        return out
+
+
+def _shm_root() -> str:
+    return "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+
+
+def share_store(
+    store: EmbeddingStore, groups: RankGroups, name: str
+) -> tuple[EmbeddingStore, Callable[[], None]]:
+    """One store for every rank of the node; returns it and a function that ends the sharing.
+
+    An ``MmapStore`` is already shared: every rank maps the same file. An in-RAM store is copied by rank 0
+    into a new file in ``/dev/shm`` that the others then map; ending the sharing copies the trained rows
+    back into each rank's own in-RAM store and removes the file.
+    """
+    if isinstance(store, MmapStore):
+        store.flush()
+        groups.barrier()
+        return store, lambda: None
+    path = None
+    if groups.rank == 0:
+        folder = os.path.join(_shm_root(), f"lightning-bagpipe-{uuid.uuid4().hex[:12]}")
+        os.makedirs(folder)
+        path = os.path.join(folder, f"{name or 'embedding'}.rows")
+        shared = MmapStore(path, num_rows=store.num_rows, width=store.width, mode="create")
+        shared.write_range(0, store.tensor())
+        shared.set_metadata(**store.metadata)
+        shared.flush()
+    path = groups.broadcast_object(path)
+    if groups.rank != 0:
+        shared = MmapStore(path, mode="open")
+    groups.barrier()
+
+    def end() -> None:
+        shared.flush()
+        store.write_range(0, shared.tensor())
+        groups.barrier()
+        shared.close()
+        if groups.rank == 0:
+            shutil.rmtree(os.path.dirname(path), ignore_errors=True)
+
+    return shared, end
+
+
+class ShardedStore(EmbeddingStore):
+    """Rows sharded across ranks; every read and write is a collective call on ``groups.store``.
+
+    Rank ``r`` is authoritative for rows ``[bounds[r], bounds[r+1])`` of its ``local`` store (the other
+    rows of ``local`` are ignored while sharded).
+    """
+
+    def __init__(self, local: EmbeddingStore, groups: RankGroups) -> None:
+        super().__init__(local.num_rows, local.width)
+        self.local = local
+        self.groups = groups
+        self.metadata = local.metadata
+        self._table = local.tensor()
+        w = groups.world_size
+        self.bounds = (np.arange(w + 1, dtype=np.int64) * self.num_rows) // w
+        self.bytes_sent = 0
+
+    def describe(self) -> str:
+        return f"ShardedStore(rank {self.groups.rank} of {self.groups.world_size})"
+
+    def set_metadata(self, **kv: Any) -> None:
+        self.local.set_metadata(**kv)
+
+    def read(self, ids: Any) -> Tensor:
+        ids_np = _as_ids(ids)
+        order, send_counts, recv_counts = self._route(ids_np)
+        req = self._exchange(torch.from_numpy(ids_np[order]), send_counts, recv_counts)
+        rows = self.local.read(req.numpy()) if req.numel() else torch.zeros(0, self.width)
+        got = self._exchange(rows, recv_counts, send_counts)
+        out = torch.empty(ids_np.size, self.width)
+        out[torch.from_numpy(order)] = got
+        return out
+
+    def read_into(self, ids: Any, out: Tensor) -> None:
+        out.copy_(self.read(ids))
+
+    def write(self, ids: Any, rows: Tensor, check_unique: bool = False) -> None:
+        ids_np = _as_ids(ids)
+        order, send_counts, recv_counts = self._route(ids_np)
+        t_order = torch.from_numpy(order)
+        got_ids = self._exchange(torch.from_numpy(ids_np[order]), send_counts, recv_counts)
+        got_rows = self._exchange(rows.detach().cpu().to(torch.float32)[t_order], send_counts, recv_counts)
+        if got_ids.numel():
+            self.local.write(got_ids.numpy(), got_rows, check_unique=False)
+
+    def read_range(self, start: int, stop: int) -> Tensor:
+        return self.read(np.arange(start, stop, dtype=np.int64))
+
+    def write_range(self, start: int, rows: Tensor) -> None:
+        self.write(np.arange(start, start + rows.shape[0], dtype=np.int64), rows)
+
+    def tensor(self) -> Tensor:
+        """The whole table, gathered from every shard (collective)."""
+        self.gather_to_local()
+        return self.local.tensor()
+
+    def gather_to_local(self) -> None:
+        """Every rank's ``local`` store receives every shard (collective; used when sharding ends)."""
+        lo, hi = int(self.bounds[self.groups.rank]), int(self.bounds[self.groups.rank + 1])
+        mine = self.local.read_range(lo, hi).contiguous()
+        parts = [
+            torch.empty(int(self.bounds[r + 1] - self.bounds[r]), self.width)
+            for r in range(len(self.bounds) - 1)
+        ]
+        dist.all_gather(parts, mine, group=self.groups.store)
+        for r, part in enumerate(parts):
+            if r != self.groups.rank and part.numel():
+                self.local.write_range(int(self.bounds[r]), part)
+
+    def flush(self) -> None:
+        self.local.flush()
+
+    def close(self) -> None:
+        """Ends nothing: the local store belongs to the module."""
+
+    # routing ----------------------------------------------------------------------------------
+    def _route(self, ids: np.ndarray) -> tuple[np.ndarray, Tensor, Tensor]:
+        owner = np.searchsorted(self.bounds, ids, side="right") - 1
+        order = np.argsort(owner, kind="stable")
+        send = torch.from_numpy(np.bincount(owner, minlength=self.groups.world_size).astype(np.int64))
+        recv = torch.empty_like(send)
+        dist.all_to_all_single(recv, send, group=self.groups.store)
+        return order, send, recv
+
+    def _exchange(self, data: Tensor, send_counts: Tensor, recv_counts: Tensor) -> Tensor:
+        out = torch.empty((int(recv_counts.sum()), *data.shape[1:]), dtype=data.dtype)
+        dist.all_to_all_single(
+            out,
+            data.contiguous(),
+            output_split_sizes=recv_counts.tolist(),
+            input_split_sizes=send_counts.tolist(),
+            group=self.groups.store,
+        )
+        per_item = data[0].numel() if data.dim() > 1 and len(data) else 1
+        to_others = int(send_counts.sum()) - int(send_counts[self.groups.rank])
+        self.bytes_sent += to_others * per_item * data.element_size()
+        return out
+
+
+def _as_ids(ids: Any) -> np.ndarray:
+    if isinstance(ids, Tensor):
+        ids = ids.detach().cpu().numpy()
+    return np.asarray(ids, dtype=np.int64)
+
+
+__all__ = ["RankGroups", "ShardedStore", "share_store"]

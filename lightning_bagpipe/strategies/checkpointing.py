@@ -1,0 +1,446 @@
+"""Checkpoints of ``strategy="bagpipe"``: atomic saves, a ``"bagpipe"`` section, load-time checks, RNG states.
+
+What a bagpipe checkpoint holds beyond Lightning's usual contents (dense weights, optimizer states, loop
+progress, the loader's position in the global batch stream):
+
+* every table row with its sparse-optimizer state, as ``state_dict["<module>.rows"]`` (the strategy flushes
+  dirty cache rows before the state dict is taken, so these are the newest values);
+* ``checkpoint["bagpipe"]`` (:func:`add_bagpipe_section`): a format version, per
+  :class:`~lightning_bagpipe.CachedEmbedding` its table configuration, optimizer and a CRC-32 of its rows,
+  and the RNG states of torch (CPU and CUDA), numpy's global generator and python's ``random``, which
+  Lightning does not save but an exact resume needs.
+
+Everything is tensors and plain Python values, so checkpoints load with ``torch.load(weights_only=True)``.
+
+On load (:func:`read_checkpoint`, :func:`verify_bagpipe_section`) an unreadable file, a checkpoint that was
+not written by this strategy, a table configuration that differs from the model's, or rows whose checksum
+does not match are each a ``ValueError`` naming the file and what is wrong. :func:`restore_rng_states` puts
+the saved generators back when training resumes.
+
+:class:`AtomicCheckpointIO` writes through a temporary file in the target directory, ``fsync``\\ s it and
+renames it over the target, so a crash or ``kill -9`` during a save leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+import random
+import secrets
+import socket
+import zlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from fsspec.implementations.local import LocalFileSystem
+from lightning.fabric.plugins import CheckpointIO, TorchCheckpointIO
+from lightning.fabric.utilities.cloud_io import get_filesystem
+from lightning.fabric.utilities.types import _PATH
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
+from typing_extensions import override
+
+from lightning_bagpipe.__about__ import __version__
+from lightning_bagpipe.embedding.cached import CachedEmbedding
+
+__all__ = [
+    "FORMAT",
+    "SECTION",
+    "VERSION",
+    "AtomicCheckpointIO",
+    "add_bagpipe_section",
+    "atomic_torch_save",
+    "capture_rng_states",
+    "read_checkpoint",
+    "restore_rng_states",
+    "rows_checksum",
+    "verify_bagpipe_section",
+]
+
+#: Key of the bagpipe section in a checkpoint dict.
+SECTION = "bagpipe"
+#: ``format`` field of the section.
+FORMAT = "lightning-bagpipe-checkpoint"
+#: ``version`` field of the section; bumped on incompatible changes. This library reads versions <= VERSION.
+VERSION = 1
+
+_TMP_SUFFIX = ".tmp"
+_ZIP_MAGIC = b"PK\x03\x04"
+
+
+# ---------------------------------------------------------------------------------------------- atomic save
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """A :class:`~lightning.fabric.plugins.TorchCheckpointIO` whose local saves are atomic and copy-free.
+
+    A local save streams ``torch.save`` straight into a temporary file next to the target, flushes and
+    ``fsync``\\ s it, ``os.replace``\\ s it onto the target name and ``fsync``\\ s the directory (see
+    :func:`atomic_torch_save`). Unlike Lightning's own save it never builds the whole checkpoint in an
+    in-RAM buffer first, so saving a memory-mapped table does not need a second full copy in RAM.
+
+    A local load memory-maps the file (``torch.load(mmap=True)``), so restoring the tables copies them from
+    the page cache into the store instead of first reading the whole checkpoint into RAM.
+
+    Remote paths (``s3://`` and other fsspec protocols) fall back to :class:`TorchCheckpointIO`
+    (Lightning's transactional save, a plain load).
+    """
+
+    @override
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None
+    ) -> None:
+        if storage_options is not None:
+            raise TypeError(
+                f"{type(self).__name__}.save_checkpoint does not take storage_options "
+                f"(got {storage_options!r}); write a custom CheckpointIO to use them"
+            )
+        if not isinstance(get_filesystem(path), LocalFileSystem):
+            super().save_checkpoint(checkpoint, path)
+            return
+        atomic_torch_save(checkpoint, path)
+
+    @override
+    def load_checkpoint(
+        self, path: _PATH, map_location: Any | None = None, weights_only: bool | None = None
+    ) -> dict[str, Any]:
+        if isinstance(get_filesystem(path), LocalFileSystem) and _looks_like_torch_zip(path):
+            local = LocalFileSystem._strip_protocol(os.fspath(path))
+            return torch.load(local, map_location=map_location, weights_only=weights_only, mmap=True)
+        return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+
+
+def atomic_torch_save(obj: Any, path: _PATH) -> None:
+    """``torch.save(obj)`` to ``path`` so that ``path`` always holds either the old or the new file.
+
+    Writes ``.<name>.<host>.<pid>.<random>.tmp`` in the target directory (created if missing), flushes and
+    fsyncs it, renames it onto ``path`` and fsyncs the directory. If the save raises, the temporary file is
+    removed and ``path`` is untouched. Temporary files left by a killed process of this host (for the same
+    target) are removed first.
+    """
+    target = Path(LocalFileSystem._strip_protocol(os.fspath(path))).expanduser()
+    directory = target.parent
+    directory.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(target)
+    unique = f"{socket.gethostname()}.{os.getpid()}.{secrets.token_hex(4)}"
+    tmp = directory / f".{target.name}.{unique}{_TMP_SUFFIX}"
+    try:
+        with open(tmp, "xb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    _fsync_dir(directory)
+
+
+def _remove_stale_temporaries(target: Path) -> None:
+    """Delete temporaries of ``target`` written by processes of this host that no longer run."""
+    prefix, host = f".{target.name}.", socket.gethostname()
+    for p in target.parent.glob(f".{target.name}.*{_TMP_SUFFIX}"):
+        middle = p.name[len(prefix) : -len(_TMP_SUFFIX)]
+        parts = middle.rsplit(".", 2)
+        if len(parts) != 3 or parts[0] != host or not parts[1].isdigit():
+            continue
+        if not _pid_alive(int(parts[1])):
+            with contextlib.suppress(OSError):
+                p.unlink()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists but belongs to someone else
+        return True
+    return True
+
+
+def _fsync_dir(directory: Path) -> None:
+    """fsync a directory so the rename inside it survives a power loss (best effort on odd filesystems)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------------------------------------- section
+def rows_checksum(rows: Tensor) -> int:
+    """CRC-32 of the bytes of ``rows`` (native byte order); no copy of a contiguous CPU tensor is made."""
+    t = rows.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    t = t.contiguous()
+    return zlib.crc32(t.reshape(-1).view(torch.uint8).numpy().data)
+
+
+def _rows_key(name: str) -> str:
+    return f"{name}.rows" if name else "rows"
+
+
+def _module_entry(name: str, module: CachedEmbedding, state_dict: dict[str, Any]) -> dict[str, Any]:
+    key = _rows_key(name)
+    rows = state_dict.get(key)
+    if not isinstance(rows, Tensor):
+        raise ValueError(
+            f"bagpipe checkpoint: state_dict has no tensor {key!r} for CachedEmbedding {name!r}; "
+            "the tables would not be saved (was it removed in on_save_checkpoint?)"
+        )
+    return {
+        "tables": module.tables.to_list(),
+        "tables_fingerprint": module.tables.fingerprint(),
+        "total_rows": int(module.tables.total_rows),
+        "dim": int(module.dim),
+        "state_width": int(module.width - module.dim),
+        "optimizer": module.optimizer.name,
+        "optimizer_hparams": _plain(module.optimizer.hparams()),
+        "rows_key": key,
+        "rows_shape": [int(s) for s in rows.shape],
+        "rows_dtype": str(rows.dtype).removeprefix("torch."),
+        "rows_crc32": rows_checksum(rows),
+    }
+
+
+def add_bagpipe_section(checkpoint: dict[str, Any], modules: dict[str, CachedEmbedding]) -> None:
+    """Write ``checkpoint["bagpipe"]``: format, version, per-module table config and row checksum, RNG states.
+
+    ``modules`` maps module names (as in ``named_modules()``) to the model's CachedEmbedding modules; their
+    rows must already be in ``checkpoint["state_dict"]`` (the checksum is taken over exactly those tensors).
+    """
+    state_dict = checkpoint.get("state_dict") or {}
+    checkpoint[SECTION] = {
+        "format": FORMAT,
+        "version": VERSION,
+        "library_version": __version__,
+        "modules": {name: _module_entry(name, m, state_dict) for name, m in modules.items()},
+        "rng": capture_rng_states(),
+    }
+
+
+def _plain(value: Any) -> Any:
+    """``value`` with tuples turned into lists (plain types for weights-only loading and comparison)."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+# ---------------------------------------------------------------------------------------------- reading
+def read_checkpoint(io: CheckpointIO, path: _PATH, weights_only: bool | None) -> dict[str, Any]:
+    """Load the checkpoint at ``path`` through ``io``; ValueError naming the file if it cannot be one.
+
+    A missing file stays a ``FileNotFoundError`` and an unreadable one a ``PermissionError``. Anything else
+    that stops the load (an empty, truncated or corrupted file, a file that is not a torch checkpoint, a
+    directory, objects a weights-only load refuses) becomes a ``ValueError`` that says which.
+    """
+    try:
+        checkpoint = io.load_checkpoint(path, weights_only=weights_only)
+    except (FileNotFoundError, PermissionError):
+        raise
+    except Exception as err:
+        raise ValueError(f"cannot load checkpoint {os.fspath(path)}: {_diagnose(path, err)}") from err
+    if not isinstance(checkpoint, dict):
+        raise ValueError(
+            f"checkpoint {os.fspath(path)} is not a Lightning checkpoint: it holds a "
+            f"{type(checkpoint).__name__}, not a dict"
+        )
+    return checkpoint
+
+
+def _diagnose(path: _PATH, err: Exception) -> str:
+    text = str(err).strip()
+    detail = f"{type(err).__name__}: {text.splitlines()[0] if text else '(no message)'}"
+    if isinstance(err, pickle.UnpicklingError) and "weights only load failed" in str(err).lower():
+        if not _looks_like_torch_zip(path):
+            return f"the file is not a torch checkpoint ({detail})"
+        return (
+            "it holds objects other than tensors and plain Python values, which a weights-only load refuses; "
+            "load it with weights_only=False only if you trust its source"
+        )
+    if not isinstance(get_filesystem(path), LocalFileSystem):
+        return f"it could not be read as a torch checkpoint ({detail})"
+    p = Path(LocalFileSystem._strip_protocol(os.fspath(path)))
+    if p.is_dir():
+        return "it is a directory, not a checkpoint file (directory checkpoints come with multi-process runs)"
+    try:
+        size = p.stat().st_size
+    except OSError:
+        return detail
+    if size == 0:
+        return "the file is empty"
+    if not _looks_like_torch_zip(path):
+        return f"the file is not a torch checkpoint (a torch checkpoint is a zip archive) ({detail})"
+    return f"the file is truncated or corrupted ({detail})"
+
+
+def _looks_like_torch_zip(path: _PATH) -> bool:
+    try:
+        with open(LocalFileSystem._strip_protocol(os.fspath(path)), "rb") as f:
+            return f.read(len(_ZIP_MAGIC)) == _ZIP_MAGIC
+    except OSError:
+        return False
+
+
+# ---------------------------------------------------------------------------------------------- checks
+def verify_bagpipe_section(
+    checkpoint: dict[str, Any], path: _PATH, modules: dict[str, CachedEmbedding]
+) -> dict[str, Any] | None:
+    """Check that ``checkpoint`` (from ``path``) is a bagpipe checkpoint of ``modules``; return the section.
+
+    Raises ValueError when the section is missing ("not a bagpipe checkpoint") or of an unknown format or
+    version, when the checkpoint's CachedEmbedding modules or their tables, ``dim`` or optimizer differ from
+    the model's, and when a module's saved rows do not match their checksum. Different sparse-optimizer
+    hyper-parameters (e.g. a new learning rate) are allowed and only warned about.
+    """
+    where = os.fspath(path)
+    section = checkpoint.get(SECTION)
+    if section is None:
+        raise ValueError(
+            f"{where} is not a bagpipe checkpoint: it has no {SECTION!r} section (it was not saved with "
+            "strategy='bagpipe'). To train from its weights, load them with "
+            "YourModel.load_from_checkpoint(...) and call fit without ckpt_path"
+        )
+    if not isinstance(section, dict) or section.get("format") != FORMAT:
+        raise ValueError(f"{where}: the {SECTION!r} section is not a {FORMAT} section")
+    version = section.get("version")
+    if not isinstance(version, int) or version < 1 or version > VERSION:
+        raise ValueError(
+            f"{where}: bagpipe checkpoint format version {version!r} is not supported (this "
+            f"lightning-bagpipe {__version__} reads versions 1..{VERSION}; the file was written by "
+            f"{section.get('library_version', 'an unknown version')})"
+        )
+    saved: dict[str, Any] = section.get("modules") or {}
+    missing, extra = sorted(set(modules) - set(saved)), sorted(set(saved) - set(modules))
+    if missing or extra:
+        raise ValueError(
+            f"{where}: the checkpoint's CachedEmbedding modules {sorted(saved)} do not match the model's "
+            f"{sorted(modules)} (not in the checkpoint: {missing}; not in the model: {extra})"
+        )
+    state_dict = checkpoint.get("state_dict") or {}
+    for name, module in modules.items():
+        _verify_module(where, name, saved[name], module, state_dict)
+    return section
+
+
+def _verify_module(
+    where: str, name: str, entry: dict[str, Any], module: CachedEmbedding, state_dict: dict[str, Any]
+) -> None:
+    label = f"CachedEmbedding {name!r}"
+    diffs = []
+    model_tables = module.tables.to_list()
+    saved_tables = [[str(t[0]), int(t[1])] for t in entry.get("tables", [])]
+    if saved_tables != model_tables:
+        diffs.append(_describe_table_difference(saved_tables, model_tables))
+    for key, have in (
+        ("dim", module.dim),
+        ("optimizer", module.optimizer.name),
+        ("state_width", module.width - module.dim),
+    ):
+        if entry.get(key) != have:
+            diffs.append(f"{key}: checkpoint {entry.get(key)!r}, model {have!r}")
+    if diffs:
+        raise ValueError(f"{where} was saved for another configuration of {label}: " + "; ".join(diffs))
+
+    key = entry.get("rows_key", _rows_key(name))
+    rows = state_dict.get(key)
+    if not isinstance(rows, Tensor):
+        raise ValueError(f"{where}: the state_dict has no table rows {key!r} for {label}")
+    if [int(s) for s in rows.shape] != list(entry.get("rows_shape", [])):
+        raise ValueError(
+            f"{where}: table rows {key!r} of {label} have shape {list(rows.shape)}, but the checkpoint "
+            f"recorded {entry.get('rows_shape')}"
+        )
+    crc = rows_checksum(rows)
+    if crc != entry.get("rows_crc32"):
+        raise ValueError(
+            f"{where}: the table rows of {label} ({key!r}) are corrupted: CRC-32 {crc:#010x} does not match "
+            f"the saved {int(entry.get('rows_crc32', -1)) & 0xFFFFFFFF:#010x}"
+        )
+    saved_h, have_h = entry.get("optimizer_hparams") or {}, _plain(module.optimizer.hparams())
+    changed = {k: (saved_h.get(k), v) for k, v in have_h.items() if saved_h.get(k) != v}
+    if changed:
+        text = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items())
+        rank_zero_warn(f"bagpipe: resuming {label} with other sparse-optimizer hyper-parameters ({text})")
+
+
+def _describe_table_difference(saved: list[list[Any]], model: list[list[Any]]) -> str:
+    def fmt(t: list[Any]) -> str:
+        return f"{t[0]}:{t[1]} rows"
+
+    if len(saved) != len(model):
+        head = f"tables: checkpoint has {len(saved)} tables, model has {len(model)}"
+    else:
+        head = "tables differ"
+    for i, (a, b) in enumerate(zip(saved, model)):
+        if a != b:
+            return f"{head}; table {i} is {fmt(a)} in the checkpoint, {fmt(b)} in the model"
+    return head
+
+
+# ---------------------------------------------------------------------------------------------- RNG
+def capture_rng_states() -> dict[str, Any]:
+    """RNG states of torch (CPU and each CUDA device), numpy (global) and ``random``, as plain values."""
+    np_state = np.random.get_state(legacy=True)
+    assert isinstance(np_state, tuple)  # legacy=True always gives the MT19937 tuple
+    kind, keys, pos, has_gauss, cached = np_state
+    py_version, py_state, py_gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": list(torch.cuda.get_rng_state_all()) if torch.cuda.is_available() else [],
+        "numpy": {
+            "kind": str(kind),
+            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
+        "python": {
+            "version": int(py_version),
+            "state": torch.tensor(py_state, dtype=torch.int64),
+            "gauss_next": py_gauss,
+        },
+    }
+
+
+def restore_rng_states(section: dict[str, Any]) -> None:
+    """Set the generators saved by :func:`capture_rng_states` (``section["rng"]``) back.
+
+    CUDA states are restored for the devices present (a warning if the count differs from the saved one).
+    """
+    rng = section.get("rng")
+    if not rng:
+        return
+    torch.set_rng_state(rng["torch"])
+    cuda = list(rng.get("cuda") or [])
+    if cuda and torch.cuda.is_available():
+        n = torch.cuda.device_count()
+        if n != len(cuda):
+            rank_zero_warn(
+                f"bagpipe: the checkpoint has RNG states of {len(cuda)} CUDA devices, this process sees {n}; "
+                f"restoring the first {min(n, len(cuda))}"
+            )
+        torch.cuda.set_rng_state_all(cuda[:n])
+    npy = rng["numpy"]
+    np.random.set_state(
+        (
+            npy["kind"],
+            npy["keys"].numpy().astype(np.uint32),
+            int(npy["pos"]),
+            int(npy["has_gauss"]),
+            float(npy["cached_gaussian"]),
+        )
+    )
+    py = rng["python"]
+    random.setstate((int(py["version"]), tuple(int(v) for v in py["state"].tolist()), py["gauss_next"]))

@@ -1,0 +1,105 @@
+"""Train TinyModel with strategy="bagpipe" on 1..N CPU processes and save each rank's result.
+
+Run by tests/test_multiprocess.py in a subprocess (Lightning's popen launcher re-runs this script for
+the other ranks). Each rank writes ``OUT/rank{r}.pt`` with its final tables, dense head and cache stats.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+import lightning.pytorch as pl  # noqa: E402
+import torch  # noqa: E402
+
+import lightning_bagpipe as lb  # noqa: E402
+from tests.helpers import ListDataModule, TinyModel, random_batches, small_tables  # noqa: E402
+
+OPTIMIZERS = {
+    "sgd": lambda: lb.optim.SGD(lr=0.1),
+    "adagrad": lambda: lb.optim.Adagrad(lr=0.1),
+    "rowwise_adagrad": lambda: lb.optim.RowWiseAdagrad(lr=0.1),
+    "adam": lambda: lb.optim.Adam(lr=0.01),
+}
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--devices", type=int, default=2)
+    p.add_argument("--lookahead", type=int, default=4)
+    p.add_argument("--store", default="shared")
+    p.add_argument("--multi-hot", type=int, default=1)
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--capacity", type=int, default=0, help="0: two steps' rows + 4 (forces evictions)")
+    p.add_argument("--optimizer", default="adagrad", choices=sorted(OPTIMIZERS))
+    p.add_argument("--mismatch-rank1", action="store_true", help="rank 1 builds other tables (error test)")
+    p.add_argument("--short-rank1", action="store_true", help="rank 1's source has fewer batches")
+    p.add_argument("--fail-rank1-at", type=int, default=-1, help="rank 1 raises in this training step")
+    return p.parse_args(argv)
+
+
+class _FailOnRank1(TinyModel):
+    fail_at = -1
+
+    def training_step(self, batch, batch_idx):
+        if self.trainer.global_rank == 1 and batch_idx == self.fail_at:
+            raise RuntimeError(f"rank 1 fails on purpose at step {batch_idx}")
+        return super().training_step(batch, batch_idx)
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Train; return (and with --out, save) this rank's final tables, dense head and cache stats."""
+    rank = int(os.environ.get("LOCAL_RANK", "0"))
+    sizes = (60, 45, 35) if not (args.mismatch_rank1 and rank == 1) else (60, 45, 36)
+    tables = small_tables(sizes)
+    batches = random_batches(tables, args.steps, args.batch, multi_hot=args.multi_hot, seed=11)
+    if args.short_rank1 and rank == 1:
+        batches = batches[:-2]
+    capacity = (
+        args.capacity
+        or max(
+            len(set(a.sparse.fused_ids(tables)) | set(b.sparse.fused_ids(tables)))
+            for a, b in itertools.pairwise(batches)
+        )
+        + 4
+    )
+    pl.seed_everything(0, verbose=False)
+    model = _FailOnRank1(tables, OPTIMIZERS[args.optimizer]())
+    model.fail_at = args.fail_rank1_at
+    strategy = lb.BagpipeStrategy(store=args.store, timeout=timedelta(seconds=60))
+    trainer = pl.Trainer(
+        strategy=strategy if args.devices > 1 else "bagpipe",
+        accelerator="cpu",
+        devices=args.devices,
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    dm = ListDataModule(tables, batches, lookahead=args.lookahead, cache_rows=capacity)
+    trainer.fit(model, datamodule=dm)
+    stats = trainer.strategy.cache_stats
+    result = {
+        "rows": model.emb.store.tensor().clone(),
+        "head": {k: v.clone() for k, v in model.head.state_dict().items()},
+        "steps": trainer.global_step,
+        "stats": stats.as_dict() if stats is not None else {},
+    }
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        torch.save(result, args.out / f"rank{trainer.global_rank}.pt")
+    return result
+
+
+if __name__ == "__main__":
+    run(parse())

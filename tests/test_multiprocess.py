@@ -1,0 +1,98 @@
+"""Two CPU processes (gloo) train exactly what one process trains on the same global batches.
+
+Each case runs tests/scripts/mp_train.py in its own session with a timeout (Lightning's popen launcher
+re-runs the script for rank 1); on timeout or failure the whole process group is killed, so nothing is
+left behind. The one-process reference runs the same script's ``run`` in this process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).resolve().parent / "scripts" / "mp_train.py"
+sys.path.insert(0, str(SCRIPT.parent))
+import mp_train  # noqa: E402
+
+TIMEOUT_S = 150
+
+
+def _launch(args: list[str], out: Path | None) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, str(SCRIPT), "--devices", "2", *args]
+    if out is not None:
+        cmd += ["--out", str(out)]
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT", "NODE_RANK")
+    }
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, env=env
+    )
+    try:
+        stdout, _ = proc.communicate(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, _ = proc.communicate()
+        pytest.fail(f"2-process run did not finish within {TIMEOUT_S}s:\n{stdout[-3000:]}")
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # whatever the outcome, no process survives the run
+            os.killpg(proc.pid, signal.SIGKILL)
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, "")
+
+
+@pytest.mark.parametrize("multi_hot", [1, 3], ids=["one_hot", "multi_hot"])
+@pytest.mark.parametrize("store", ["shared", "sharded"])
+@pytest.mark.parametrize("lookahead", [1, 8])
+def test_two_processes_equal_one(tmp_path: Path, lookahead: int, store: str, multi_hot: int) -> None:
+    opt = "adam" if multi_hot > 1 else "rowwise_adagrad"
+    args = [
+        "--lookahead",
+        str(lookahead),
+        "--store",
+        store,
+        "--multi-hot",
+        str(multi_hot),
+        "--optimizer",
+        opt,
+    ]
+    done = _launch(args, tmp_path)
+    assert done.returncode == 0, done.stdout[-4000:]
+    ref = mp_train.run(mp_train.parse([*args, "--devices", "1"]))
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    for r, got in enumerate(ranks):
+        assert got["steps"] == ref["steps"] == 30
+        diff = (got["rows"] - ref["rows"]).abs().max()
+        assert diff <= 1e-5, f"rank {r}: tables and optimizer state differ by {diff}"
+        for k, v in ref["head"].items():
+            assert torch.allclose(got["head"][k], v, atol=1e-5, rtol=0), k
+    stats = ranks[0]["stats"]
+    # the cache worked under pressure and only part of the touched rows needed a gradient exchange
+    assert stats["rows_fetched"] > 0 and stats["sync_bytes"] < stats["replicated_baseline_bytes"]
+    if lookahead == 8:
+        assert ranks[0]["stats"]["rows_evicted"] + ranks[1]["stats"]["rows_evicted"] > 0
+
+
+def test_mismatched_tables_across_ranks_fail_fast_on_every_rank() -> None:
+    done = _launch(["--mismatch-rank1"], None)
+    assert done.returncode != 0
+    assert "every rank must build the same model" in done.stdout
+
+
+def test_sources_of_different_length_fail_fast() -> None:
+    done = _launch(["--short-rank1"], None)
+    assert done.returncode != 0
+    assert "different numbers of batches" in done.stdout
+
+
+def test_an_exception_on_one_rank_ends_the_run_on_all_ranks() -> None:
+    done = _launch(["--fail-rank1-at", "5"], None)
+    assert done.returncode != 0
+    assert "rank 1 fails on purpose at step 5" in done.stdout
