@@ -1,0 +1,194 @@
+"""CriteoDataModule: a ready-made :class:`BagpipeDataModule` for synthetic data, Criteo TSV or Parquet.
+
+``source`` picks the data:
+
+* ``"synthetic"``: :class:`~lightning_bagpipe.data.synthetic.SyntheticCriteo` (validation uses the
+  ``"val"`` split: other samples of the same planted model);
+* a ``.parquet`` file, or a folder holding ``.parquet`` files:
+  :class:`~lightning_bagpipe.data.parquet.CriteoParquet`;
+* any other file or folder: raw Criteo TSV through :class:`~lightning_bagpipe.data.criteo_tsv.CriteoTSV`,
+  with ``hashing="modulo"`` (``table_sizes``) or ``hashing="vocab"`` (a :class:`Vocabulary` built from
+  the training files with ``vocab_threshold``, or loaded from ``vocab_path``).
+
+``val_path`` (files only) is read the same way and must map to the same tables (TSV validation files
+use the training hashing/vocabulary). The sources are built once, in ``__init__``, because the tables
+must be known before training starts; every epoch re-iterates them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Literal
+
+from lightning_bagpipe.data.batch import Batch
+from lightning_bagpipe.data.criteo_tsv import CriteoTSV, Hashing, ModuloHashing, Vocabulary
+from lightning_bagpipe.data.datamodule import BagpipeDataModule
+from lightning_bagpipe.data.parquet import CriteoParquet
+from lightning_bagpipe.data.synthetic import DEFAULT_ZIPF, SyntheticCriteo
+
+Source = SyntheticCriteo | CriteoTSV | CriteoParquet
+
+
+def detect_kind(path: str | os.PathLike[str]) -> Literal["parquet", "tsv"]:
+    """``"parquet"`` for a ``.parquet`` file or a folder with ``.parquet`` files, else ``"tsv"``."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"data source {str(p)!r} does not exist")
+    if p.is_file():
+        return "parquet" if p.name.endswith(".parquet") else "tsv"
+    return "parquet" if any(c.name.endswith(".parquet") for c in p.iterdir() if c.is_file()) else "tsv"
+
+
+class CriteoDataModule(BagpipeDataModule):
+    """Train on synthetic Criteo-shaped data, Criteo TSV files or Parquet (see the module docstring).
+
+    Args:
+        source: ``"synthetic"`` or a path (kind detected by :func:`detect_kind`).
+        val_path: validation data for file sources (``None``: no validation). Synthetic sources validate
+            on ``val_batches`` batches of the ``"val"`` split (``0``: no validation).
+        batch_size, lookahead, cache_rows, queue_batches: as in :class:`BagpipeDataModule`.
+        scale, num_batches, val_batches, zipf, multi_hot, seed: the synthetic generator's options.
+        hashing, table_sizes, vocab_threshold, vocab_path: TSV hash-to-row mapping (modulo with
+            ``table_sizes``, default Criteo Kaggle's; or a vocabulary built with ``vocab_threshold`` or
+            loaded from ``vocab_path``).
+        labeled, skip_bad_lines: TSV parsing options.
+        drop_last: drop each pass's last partial batch (file sources).
+    """
+
+    def __init__(
+        self,
+        source: str | os.PathLike[str] = "synthetic",
+        *,
+        val_path: str | os.PathLike[str] | None = None,
+        batch_size: int = 4096,
+        lookahead: int = 64,
+        cache_rows: int | None = None,
+        queue_batches: int = 4,
+        scale: float = 1.0,
+        num_batches: int | None = 1000,
+        val_batches: int = 10,
+        zipf: float | Sequence[float] = DEFAULT_ZIPF,
+        multi_hot: int = 1,
+        seed: int = 0,
+        hashing: Literal["modulo", "vocab"] = "modulo",
+        table_sizes: int | Sequence[int] | None = None,
+        vocab_threshold: int = 1,
+        vocab_path: str | os.PathLike[str] | None = None,
+        labeled: bool | None = None,
+        skip_bad_lines: bool = False,
+        drop_last: bool = False,
+    ) -> None:
+        self.kind = "synthetic" if str(source) == "synthetic" else detect_kind(source)
+        self._train: Source
+        self._val: Source | None = None
+        if self.kind == "synthetic":
+            if val_path is not None:
+                raise ValueError("val_path is for file sources; synthetic data validates on its 'val' split")
+            self._train = SyntheticCriteo(
+                batch_size, num_batches, scale=scale, zipf=zipf, multi_hot=multi_hot, seed=seed, split="train"
+            )
+            if val_batches:
+                self._val = SyntheticCriteo(
+                    batch_size,
+                    val_batches,
+                    scale=scale,
+                    zipf=zipf,
+                    multi_hot=multi_hot,
+                    seed=seed,
+                    split="val",
+                )
+        else:
+            options = (hashing, table_sizes, vocab_threshold, vocab_path, labeled, skip_bad_lines)
+            self._train = self._file_source(source, batch_size, *options, drop_last=drop_last)
+            if val_path is not None:
+                self._val = self._file_source(val_path, batch_size, *options, drop_last=False)
+                if self._val.tables != self._train.tables:
+                    raise ValueError(
+                        f"validation data {str(val_path)!r} has {self._val.tables}, training data has "
+                        f"{self._train.tables}; they must share tables"
+                    )
+        super().__init__(
+            self._train.tables,
+            batch_size=batch_size,
+            lookahead=lookahead,
+            cache_rows=cache_rows,
+            queue_batches=queue_batches,
+        )
+
+    def _file_source(
+        self,
+        path: str | os.PathLike[str],
+        batch_size: int,
+        hashing: str,
+        table_sizes: int | Sequence[int] | None,
+        vocab_threshold: int,
+        vocab_path: str | os.PathLike[str] | None,
+        labeled: bool | None,
+        skip_bad_lines: bool,
+        drop_last: bool,
+    ) -> CriteoTSV | CriteoParquet:
+        if detect_kind(path) == "parquet":
+            return CriteoParquet(path, batch_size, drop_last=drop_last)
+        return CriteoTSV(
+            path,
+            batch_size,
+            hashing=self._hashing(
+                path, hashing, table_sizes, vocab_threshold, vocab_path, labeled, skip_bad_lines
+            ),
+            labeled=labeled,
+            skip_bad_lines=skip_bad_lines,
+            drop_last=drop_last,
+        )
+
+    def _hashing(
+        self,
+        path: str | os.PathLike[str],
+        mode: str,
+        table_sizes: int | Sequence[int] | None,
+        vocab_threshold: int,
+        vocab_path: str | os.PathLike[str] | None,
+        labeled: bool | None,
+        skip_bad_lines: bool,
+    ) -> Hashing:
+        """The TSV hashing, built once and shared by training and validation files."""
+        existing: Hashing | None = getattr(self, "_tsv_hashing", None)
+        if existing is not None:
+            return existing
+        hashing: Hashing
+        if mode == "modulo":
+            if vocab_path is not None:
+                raise ValueError("vocab_path needs hashing='vocab'")
+            hashing = ModuloHashing() if table_sizes is None else ModuloHashing(table_sizes)
+        elif mode == "vocab":
+            if table_sizes is not None:
+                raise ValueError("table_sizes applies to hashing='modulo' only")
+            if vocab_path is not None:
+                hashing = Vocabulary.load(vocab_path)
+            else:
+                hashing = Vocabulary.build(
+                    path, vocab_threshold, labeled=labeled, skip_bad_lines=skip_bad_lines
+                )
+        else:
+            raise ValueError(f"hashing must be 'modulo' or 'vocab', got {mode!r}")
+        self._tsv_hashing = hashing
+        return hashing
+
+    @property
+    def train_data(self) -> Source:
+        """The training source object (e.g. to read ``stats`` of a TSV pass)."""
+        return self._train
+
+    @property
+    def val_data(self) -> Source | None:
+        return self._val
+
+    def train_source(self) -> Iterable[Batch]:
+        return self._train
+
+    def val_source(self) -> Iterable[Batch] | None:
+        return self._val
+
+
+__all__ = ["CriteoDataModule", "detect_kind"]
