@@ -138,9 +138,6 @@ class BagpipeLoader(_LoaderBase):
         self._resume_from = 0
         self._threads: weakref.WeakSet[_OracleThread] = weakref.WeakSet()
 
-    def __len__(self) -> int:
-        return super().__len__() - self._resume_from
-
     # -------------------------------------------------------------- state (exact resume)
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "batches_yielded": self.yielded}
@@ -151,18 +148,23 @@ class BagpipeLoader(_LoaderBase):
 
     # -------------------------------------------------------------- iteration
     def __iter__(self) -> Iterator[Batch]:
+        # Creating the iterator starts the epoch (and uses up a pending resume position), as Lightning
+        # expects; the oracle thread itself only starts when the first batch is asked for, so Lightning's
+        # probing ``iter()`` costs nothing.
         self.close()
         skip, self._resume_from = self._resume_from, 0
-        if skip == 0 and self.yielded:
+        if skip and skip >= self._known_length():
+            skip = 0  # resumed after the last batch of an epoch: the next epoch starts from scratch
             self.epoch += 1
-        epoch = self.epoch
+        elif skip == 0 and self.yielded:
+            self.epoch += 1
         self.yielded = skip
+        return self._run_epoch(self.epoch, skip)
+
+    def _run_epoch(self, epoch: int, skip: int) -> Iterator[Batch]:
         thread = _OracleThread(self, epoch, skip)
         self._threads.add(thread)
         thread.start()
-        return self._consume(thread)
-
-    def _consume(self, thread: _OracleThread) -> Iterator[Batch]:
         try:
             while True:
                 item = thread.get()
@@ -172,6 +174,12 @@ class BagpipeLoader(_LoaderBase):
                 yield item
         finally:
             thread.stop()
+
+    def _known_length(self) -> float:
+        try:
+            return super().__len__()
+        except TypeError:
+            return float("inf")
 
     def close(self) -> None:
         """Stop every background thread of this loader (idempotent)."""

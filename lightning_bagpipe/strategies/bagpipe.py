@@ -170,6 +170,7 @@ class BagpipeStrategy(DDPStrategy):
 
     @override
     def teardown(self) -> None:
+        self._resume_section = None
         driver, self._driver = self._driver, None
         if driver is not None:
             # After a failure the cache holds only completed steps' updates (the sparse update is applied
@@ -271,7 +272,10 @@ class BagpipeStrategy(DDPStrategy):
     @override
     def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> dict[str, Any]:
         checkpoint = read_checkpoint(self.checkpoint_io, checkpoint_path, weights_only)
-        self._resume_section = verify_bagpipe_section(checkpoint, checkpoint_path, self._cached_modules())
+        section = verify_bagpipe_section(checkpoint, checkpoint_path, self._cached_modules())
+        trainer = self.lightning_module.trainer if self.lightning_module is not None else None
+        if trainer is not None and trainer.state.fn == TrainerFn.FITTING:
+            self._resume_section = section  # RNG states are restored when training starts
         return checkpoint
 
     @override

@@ -35,9 +35,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 from lightning.fabric.plugins import CheckpointIO, TorchCheckpointIO
-from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
@@ -96,19 +96,25 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 f"{type(self).__name__}.save_checkpoint does not take storage_options "
                 f"(got {storage_options!r}); write a custom CheckpointIO to use them"
             )
-        if not isinstance(get_filesystem(path), LocalFileSystem):
+        if _local_path(path) is None:
             super().save_checkpoint(checkpoint, path)
             return
         atomic_torch_save(checkpoint, path)
 
     @override
     def load_checkpoint(
-        self, path: _PATH, map_location: Any | None = None, weights_only: bool | None = None
+        self, path: _PATH, map_location: Any | None = "cpu", weights_only: bool | None = None
     ) -> dict[str, Any]:
-        if isinstance(get_filesystem(path), LocalFileSystem) and _looks_like_torch_zip(path):
-            local = LocalFileSystem._strip_protocol(os.fspath(path))
+        local = _local_path(path)
+        if local is not None and _looks_like_torch_zip(local):
             return torch.load(local, map_location=map_location, weights_only=weights_only, mmap=True)
         return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+
+
+def _local_path(path: _PATH) -> str | None:
+    """``path`` as a local file name (``file://`` stripped), or None for a remote fsspec URL."""
+    fs, local = url_to_fs(os.fspath(path))
+    return local if isinstance(fs, LocalFileSystem) else None
 
 
 def atomic_torch_save(obj: Any, path: _PATH) -> None:
@@ -119,7 +125,10 @@ def atomic_torch_save(obj: Any, path: _PATH) -> None:
     removed and ``path`` is untouched. Temporary files left by a killed process of this host (for the same
     target) are removed first.
     """
-    target = Path(LocalFileSystem._strip_protocol(os.fspath(path))).expanduser()
+    local = _local_path(path)
+    if local is None:
+        raise ValueError(f"atomic_torch_save writes local files only, got {os.fspath(path)}")
+    target = Path(local)
     directory = target.parent
     directory.mkdir(parents=True, exist_ok=True)
     _remove_stale_temporaries(target)
@@ -269,9 +278,10 @@ def _diagnose(path: _PATH, err: Exception) -> str:
             "it holds objects other than tensors and plain Python values, which a weights-only load refuses; "
             "load it with weights_only=False only if you trust its source"
         )
-    if not isinstance(get_filesystem(path), LocalFileSystem):
+    local = _local_path(path)
+    if local is None:
         return f"it could not be read as a torch checkpoint ({detail})"
-    p = Path(LocalFileSystem._strip_protocol(os.fspath(path)))
+    p = Path(local)
     if p.is_dir():
         return "it is a directory, not a checkpoint file (directory checkpoints come with multi-process runs)"
     try:
@@ -286,8 +296,12 @@ def _diagnose(path: _PATH, err: Exception) -> str:
 
 
 def _looks_like_torch_zip(path: _PATH) -> bool:
+    """Whether local file ``path`` starts like a zip archive (torch's checkpoint format since 1.6)."""
+    local = _local_path(path)
+    if local is None:
+        return False
     try:
-        with open(LocalFileSystem._strip_protocol(os.fspath(path)), "rb") as f:
+        with open(local, "rb") as f:
             return f.read(len(_ZIP_MAGIC)) == _ZIP_MAGIC
     except OSError:
         return False
