@@ -16,6 +16,7 @@ from typing import Any
 
 BENCH_SUITES = {
     "oracle": "lightning_bagpipe.bench.oracle",
+    "distributed": "lightning_bagpipe.bench.distributed",
 }
 COMMANDS = {
     "convert": ("lightning_bagpipe.data.convert", "stream a Criteo TSV file or folder into Parquet"),

@@ -151,16 +151,16 @@ class ShardedStore(EmbeddingStore):
 
     def gather_to_local(self) -> None:
         """Every rank's ``local`` store receives every shard (collective; used when sharding ends)."""
-        lo, hi = int(self.bounds[self.groups.rank]), int(self.bounds[self.groups.rank + 1])
-        mine = self.local.read_range(lo, hi).contiguous()
-        parts = [
-            torch.empty(int(self.bounds[r + 1] - self.bounds[r]), self.width)
-            for r in range(len(self.bounds) - 1)
-        ]
+        sizes = (self.bounds[1:] - self.bounds[:-1]).tolist()
+        longest = max(sizes)
+        lo = int(self.bounds[self.groups.rank])
+        mine = torch.zeros(longest, self.width)  # gloo's all_gather needs equal sizes: pad
+        mine[: sizes[self.groups.rank]] = self.local.read_range(lo, lo + sizes[self.groups.rank])
+        parts = [torch.empty(longest, self.width) for _ in sizes]
         dist.all_gather(parts, mine, group=self.groups.store)
         for r, part in enumerate(parts):
-            if r != self.groups.rank and part.numel():
-                self.local.write_range(int(self.bounds[r]), part)
+            if r != self.groups.rank and sizes[r]:
+                self.local.write_range(int(self.bounds[r]), part[: sizes[r]])
 
     def flush(self) -> None:
         self.local.flush()

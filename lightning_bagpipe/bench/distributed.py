@@ -1,0 +1,204 @@
+"""Two-process benchmark: lookahead prefetch vs synchronous fetch, and LRPP's communication volume.
+
+``lightning-bagpipe bench distributed --json PATH`` trains DeepFM on synthetic Criteo-shaped data with
+``Trainer(strategy=BagpipeStrategy(store="sharded"), devices=2)`` (gloo, CPU) several times in one
+invocation, each run a fresh pair of processes on the same data:
+
+* **prefetch**: the oracle's plan with lookahead ``--lookahead``; step t+1's rows are fetched while step t
+  computes;
+* **sync_fetch**: no lookahead (``L=1``) and no prefetch: each step fetches its own rows at its start and
+  waits for them (what a cache without an oracle does);
+
+each without and with an opt-in emulated network delay (``--delay-ms`` per fetch and per write-back
+batch, as if the sharded store were remote). Contenders are interleaved and repeated; medians are
+reported. Also reported from the prefetch run: bytes all-reduced per step for the embedding sync against
+the full-replication baseline (every row any rank touched, all-reduced every step).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+CONTENDERS = {"prefetch": True, "sync_fetch": False}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--batch-size", type=int, default=1024, help="global batch (split over 2 ranks)")
+    parser.add_argument("--steps", type=int, default=30, help="training steps per run")
+    parser.add_argument("--warmup", type=int, default=8, help="steps excluded from the timing")
+    parser.add_argument("--scale", type=float, default=0.01, help="Criteo Kaggle cardinalities times this")
+    parser.add_argument("--lookahead", type=int, default=16, help="lookahead of the prefetch contender")
+    parser.add_argument("--cache-rows", type=int, default=200_000, help="cache slots per rank")
+    parser.add_argument(
+        "--delay-ms", type=float, default=20.0, help="emulated store latency per batch of rows"
+    )
+    parser.add_argument("--embedding-dim", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=1, help="runs per contender (medians reported)")
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds before a run is killed")
+    parser.add_argument("--worker", type=str, default=None, help=argparse.SUPPRESS)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    runs: dict[str, list[dict[str, Any]]] = {}
+    for _ in range(args.repeats):
+        for delay in (0.0, args.delay_ms):
+            for name, prefetch in CONTENDERS.items():
+                cfg = {
+                    "batch_size": args.batch_size,
+                    "steps": args.steps,
+                    "warmup": args.warmup,
+                    "scale": args.scale,
+                    "lookahead": args.lookahead if prefetch else 1,
+                    "prefetch": prefetch,
+                    "cache_rows": args.cache_rows,
+                    "delay_ms": delay,
+                    "embedding_dim": args.embedding_dim,
+                }
+                runs.setdefault(f"{name}@{delay:g}ms", []).append(_launch(cfg, args.timeout))
+    figures = {key: _median(rs) for key, rs in runs.items()}
+    ratios = {
+        f"prefetch_over_sync_fetch@{d:g}ms": figures[f"prefetch@{d:g}ms"]["samples_per_second"]
+        / figures[f"sync_fetch@{d:g}ms"]["samples_per_second"]
+        for d in (0.0, args.delay_ms)
+    }
+    p = figures[f"prefetch@{0.0:g}ms"]
+    ratios["sync_bytes_over_full_replication"] = (
+        p["sync_bytes_per_step"] / p["replicated_baseline_bytes_per_step"]
+    )
+    return {
+        "suite": "distributed",
+        "config": {
+            k: v for k, v in vars(args).items() if k not in ("worker", "json", "_run", "command", "suite")
+        },
+        "world_size": 2,
+        "store": "sharded",
+        "contenders": figures,
+        "ratios": ratios,
+        "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
+    }
+
+
+def _median(rs: list[dict[str, Any]]) -> dict[str, Any]:
+    keys = [k for k, v in rs[0].items() if isinstance(v, (int, float))]
+    return {k: statistics.median(r[k] for r in rs) for k in keys}
+
+
+def _launch(cfg: dict[str, Any], timeout: float) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "result.json"
+        cmd = [
+            sys.executable,
+            "-m",
+            "lightning_bagpipe.bench.distributed",
+            "--worker",
+            json.dumps(cfg | {"out": str(out)}),
+        ]
+        env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
+        done = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=timeout, env=env, start_new_session=True
+        )
+        if done.returncode != 0 or not out.exists():
+            errors = [ln for ln in done.stderr.splitlines() if "Error" in ln or "error" in ln]
+            raise RuntimeError(
+                f"benchmark run {cfg} failed (exit {done.returncode}):\n"
+                + "\n".join(errors[-10:] or [done.stderr[-3000:]])
+            )
+        return json.loads(out.read_text())  # type: ignore[no-any-return]
+
+
+def _worker(cfg: dict[str, Any]) -> None:
+    """One 2-process training run (this process is rank 0; Lightning re-runs it as rank 1)."""
+    import warnings
+    from datetime import timedelta
+
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import Callback
+
+    from lightning_bagpipe.data.criteo import CriteoDataModule
+    from lightning_bagpipe.models.deepfm import DeepFM
+    from lightning_bagpipe.strategies.bagpipe import BagpipeStrategy
+
+    warnings.filterwarnings("ignore")
+    pl.seed_everything(0, verbose=False)
+
+    class Clock(Callback):
+        def __init__(self) -> None:
+            self.t0 = 0.0
+            self.t1 = 0.0
+            self.samples = 0
+
+        def on_train_batch_end(
+            self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, idx: int
+        ) -> None:
+            if trainer.global_step == cfg["warmup"]:
+                self.t0 = time.perf_counter()
+            elif trainer.global_step > cfg["warmup"]:
+                self.samples += cfg["batch_size"]
+                self.t1 = time.perf_counter()
+
+    dm = CriteoDataModule(
+        "synthetic",
+        batch_size=cfg["batch_size"],
+        lookahead=cfg["lookahead"],
+        cache_rows=cfg["cache_rows"],
+        scale=cfg["scale"],
+        num_batches=cfg["steps"],
+        val_batches=0,
+    )
+    model = DeepFM(dm.tables, embedding_dim=cfg["embedding_dim"], hidden=(64, 32))
+    clock = Clock()
+    strategy = BagpipeStrategy(
+        store="sharded",
+        prefetch=cfg["prefetch"],
+        io_delay_ms=cfg["delay_ms"],
+        log_stats=False,
+        timeout=timedelta(seconds=120),
+    )
+    trainer = pl.Trainer(
+        strategy=strategy,
+        accelerator="cpu",
+        devices=2,
+        max_steps=cfg["steps"],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        callbacks=[clock],
+    )
+    trainer.fit(model, datamodule=dm)
+    stats = trainer.strategy.cache_stats
+    if trainer.global_rank == 0 and stats is not None:
+        steps = max(1, stats.steps)
+        Path(cfg["out"]).write_text(
+            json.dumps(
+                {
+                    "samples_per_second": clock.samples / max(1e-9, clock.t1 - clock.t0),
+                    "hit_rate": stats.hit_rate,
+                    "rows_fetched_per_step": stats.rows_fetched / steps,
+                    "fetch_wait_ms_per_step": 1000.0 * stats.wait_s / steps,
+                    "sync_bytes_per_step": stats.sync_bytes / steps,
+                    "replicated_baseline_bytes_per_step": stats.replicated_baseline_bytes / steps,
+                }
+            )
+        )
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    a = p.parse_args()
+    if a.worker is None:
+        print(json.dumps(run(a), indent=2))
+    else:
+        _worker(json.loads(a.worker))

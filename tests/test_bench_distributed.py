@@ -1,0 +1,39 @@
+"""Smoke test: the distributed benchmark suite runs its contenders and writes valid JSON."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from lightning_bagpipe.cli import main
+
+
+def test_bench_distributed_writes_json(tmp_path: Path) -> None:
+    out = tmp_path / "dist.json"
+    code = main(
+        [
+            "bench",
+            "distributed",
+            "--steps",
+            "5",
+            "--warmup",
+            "2",
+            "--batch-size",
+            "256",
+            "--scale",
+            "0.002",
+            "--cache-rows",
+            "20000",
+            "--delay-ms",
+            "5",
+            "--json",
+            str(out),
+        ]
+    )
+    assert code == 0
+    result = json.loads(out.read_text())
+    assert set(result["contenders"]) == {"prefetch@0ms", "prefetch@5ms", "sync_fetch@0ms", "sync_fetch@5ms"}
+    for figures in result["contenders"].values():
+        assert figures["samples_per_second"] > 0
+        assert 0 < figures["sync_bytes_per_step"] <= figures["replicated_baseline_bytes_per_step"]
+    assert result["ratios"]["sync_bytes_over_full_replication"] <= 1.0
