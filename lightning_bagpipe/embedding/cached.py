@@ -80,6 +80,7 @@ class CachedEmbedding(nn.Module):
         self.register_buffer("_offsets", torch.as_tensor(self.tables.offsets), persistent=False)
         self.register_buffer("_sizes", torch.as_tensor(self.tables.sizes), persistent=False)
         self._cache: Tensor | None = None
+        self._pinned: Tensor | None = None
         self._active = False
         self._pending: list[tuple[Tensor, Tensor]] = []
         self._warned_inactive = False
@@ -159,18 +160,33 @@ class CachedEmbedding(nn.Module):
         self._active = False
         self._pending.clear()
         self._cache = None
+        self._pinned = None
 
     def _load_rows(self, ids: np.ndarray, slots: np.ndarray) -> None:
         """Store -> cache (runs on the executor thread)."""
-        rows = self.store.read(ids)  # (a collective call for a sharded store: even when empty)
+        cache = self._cache
+        if cache is not None and cache.device.type == "cuda" and ids.size:
+            rows = self._staging(ids.size)  # pinned, so the host-to-device copy runs asynchronously
+            self.store.read_into(ids, rows)
+        else:
+            rows = self.store.read(ids)  # (a collective call for a sharded store: even when empty)
         if not ids.size:
             return
-        cache = self._cache
         if cache is None or cache.shape[0] <= int(slots.max()):
             raise RuntimeError(f"slot {int(slots.max())} is outside the cache")
         cache.index_copy_(
             0, torch.from_numpy(slots).to(cache.device), rows.to(cache.device, non_blocking=True)
         )
+        if cache.device.type == "cuda":
+            torch.cuda.current_stream().synchronize()  # the staging buffer is reused by the next job
+
+    def _staging(self, rows: int) -> Tensor:
+        """A pinned host buffer of at least ``rows`` rows (grown on demand, reused between jobs)."""
+        buf = self._pinned
+        if buf is None or buf.shape[0] < rows:
+            buf = torch.empty(max(rows, 2 * (0 if buf is None else buf.shape[0])), self.width).pin_memory()
+            self._pinned = buf
+        return buf[:rows]
 
     def _store_rows(self, ids: np.ndarray, slots: np.ndarray) -> None:
         """Cache -> store (runs on the executor thread)."""
