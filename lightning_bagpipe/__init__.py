@@ -7,7 +7,7 @@ import warnings
 
 from lightning.pytorch.strategies import StrategyRegistry
 
-from lightning_bagpipe import optim
+from lightning_bagpipe import models, optim
 from lightning_bagpipe.__about__ import __version__
 from lightning_bagpipe.data import BagpipeDataModule, Batch, SparseFeatures
 from lightning_bagpipe.embedding import CachedEmbedding, MemoryStore, MmapStore
@@ -30,5 +30,6 @@ __all__ = [
     "TableSpec",
     "Tables",
     "__version__",
+    "models",
     "optim",
 ]

@@ -17,9 +17,14 @@ from typing import Any
 BENCH_SUITES = {
     "oracle": "lightning_bagpipe.bench.oracle",
     "distributed": "lightning_bagpipe.bench.distributed",
+    "train": "lightning_bagpipe.bench.train",
+    "cache": "lightning_bagpipe.bench.cache",
+    "scale": "lightning_bagpipe.bench.scale",
 }
 COMMANDS = {
     "convert": ("lightning_bagpipe.data.convert", "stream a Criteo TSV file or folder into Parquet"),
+    "train": ("lightning_bagpipe.models.train", "train DeepFM or DLRM (what examples/*.py run)"),
+    "trace": ("lightning_bagpipe.trace", "access skew and the cache size your data needs (oracle vs LRU/LFU)"),
 }
 
 

@@ -57,17 +57,18 @@ def _shm_root() -> str:
 
 def share_store(
     store: EmbeddingStore, groups: RankGroups, name: str
-) -> tuple[EmbeddingStore, Callable[[], None]]:
+) -> tuple[EmbeddingStore, Callable[[bool], None]]:
     """One store for every rank of the node; returns it and a function that ends the sharing.
 
     An ``MmapStore`` is already shared: every rank maps the same file. An in-RAM store is copied by rank 0
     into a new file in ``/dev/shm`` that the others then map; ending the sharing copies the trained rows
-    back into each rank's own in-RAM store and removes the file.
+    back into each rank's own in-RAM store and removes the file (``end(collective=False)`` after a failure
+    on another rank: no barrier).
     """
     if isinstance(store, MmapStore):
         store.flush()
         groups.barrier()
-        return store, lambda: None
+        return store, lambda collective: None
     path = None
     if groups.rank == 0:
         folder = os.path.join(_shm_root(), f"lightning-bagpipe-{uuid.uuid4().hex[:12]}")
@@ -82,15 +83,31 @@ def share_store(
         shared = MmapStore(path, mode="open")
     groups.barrier()
 
-    def end() -> None:
+    def end(collective: bool = True) -> None:
         shared.flush()
         store.write_range(0, shared.tensor())
-        groups.barrier()
+        if collective:
+            groups.barrier()
         shared.close()
         if groups.rank == 0:
             shutil.rmtree(os.path.dirname(path), ignore_errors=True)
 
     return shared, end
+
+
+def shard_store(store: EmbeddingStore, groups: RankGroups) -> tuple[EmbeddingStore, Callable[[bool], None]]:
+    """Rows of ``store`` sharded across ranks; returns the sharded view and a function ending it.
+
+    Ending gathers every shard into each rank's own store; ``end(collective=False)`` (after a failure on
+    another rank) skips that, leaving each rank's store current for its own shard only.
+    """
+    sharded = ShardedStore(store, groups)
+
+    def end(collective: bool = True) -> None:
+        if collective:
+            sharded.gather_to_local()
+
+    return sharded, end
 
 
 class ShardedStore(EmbeddingStore):
@@ -198,4 +215,4 @@ def _as_ids(ids: Any) -> np.ndarray:
     return np.asarray(ids, dtype=np.int64)
 
 
-__all__ = ["RankGroups", "ShardedStore", "share_store"]
+__all__ = ["RankGroups", "ShardedStore", "shard_store", "share_store"]

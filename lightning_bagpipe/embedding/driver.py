@@ -241,14 +241,17 @@ class CacheDriver:
                 m.store.flush()
 
     def close(self, flush: bool = True) -> None:
-        """Stop the executor; with ``flush``, first bring the store up to date."""
+        """Stop the executor; with ``flush``, first bring the store up to date.
+
+        Without ``flush`` on several ranks nothing waits for the other ranks (they may be gone).
+        """
         if self.executor is None:
             return
         try:
             if flush:
                 self.sync_store(durable=True)
         finally:
-            self.executor.close()
+            self.executor.close(wait=flush or self.groups is None)
             self.executor = None
             for m in self.modules:
                 m._deactivate()

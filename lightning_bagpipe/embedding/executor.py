@@ -166,8 +166,13 @@ class RowExecutor:
             if self._cuda:
                 torch.cuda.synchronize()
 
-    def close(self) -> None:
-        """Finish queued jobs and stop the thread (idempotent)."""
+    def close(self, wait: bool = True) -> None:
+        """Finish queued jobs and stop the thread (idempotent).
+
+        ``wait=False`` (after a failure on several ranks) does not join: the thread may be blocked in a
+        collective with a rank that is gone; it is a daemon and ends with the process.
+        """
         if self._thread.is_alive():
             self._jobs.put(None)
-            self._thread.join()
+            if wait:
+                self._thread.join()

@@ -22,15 +22,21 @@ from typing_extensions import override
 
 from lightning_bagpipe.data.batch import Batch, StepPlan
 from lightning_bagpipe.embedding.cached import CachedEmbedding
-from lightning_bagpipe.embedding.distributed import RankGroups, ShardedStore, share_store
+from lightning_bagpipe.embedding.distributed import RankGroups, shard_store, share_store
 from lightning_bagpipe.embedding.driver import CacheDriver, TotalStats
 from lightning_bagpipe.embedding.store import EmbeddingStore
 from lightning_bagpipe.strategies.checkpointing import (
     AtomicCheckpointIO,
     add_bagpipe_section,
-    read_checkpoint,
     restore_rng_states,
-    verify_bagpipe_section,
+)
+from lightning_bagpipe.strategies.sharded_checkpoint import (
+    Comm,
+    LocalComm,
+    WorldComm,
+    load_bagpipe_checkpoint,
+    rows_left_out,
+    save_sharded_checkpoint,
 )
 
 log = logging.getLogger(__name__)
@@ -68,7 +74,7 @@ class BagpipeStrategy(DDPStrategy):
         self.prefetch = prefetch
         self.io_delay_ms = float(io_delay_ms)
         self.log_stats = log_stats
-        self._store_restore: list[tuple[CachedEmbedding, EmbeddingStore, Callable[[], None]]] = []
+        self._store_restore: list[tuple[CachedEmbedding, EmbeddingStore, Callable[[bool], None]]] = []
         self._driver: CacheDriver | None = None
         self._failed = False
         self.cache_stats: TotalStats | None = None
@@ -101,7 +107,11 @@ class BagpipeStrategy(DDPStrategy):
                 "strategy='bagpipe' does not support accumulate_grad_batches > 1: a cached row must be "
                 "updated before it is written back; use a larger batch instead"
             )
-        super().setup(trainer)
+        if self.world_size == 1:
+            # one process: the plain Strategy set-up (no DDP wrapper, no collectives, no process group)
+            super(DDPStrategy, self).setup(trainer)
+        else:
+            super().setup(trainer)
         self._failed = False
         assert self.lightning_module is not None
         modules = [m for m in self.lightning_module.modules() if isinstance(m, CachedEmbedding)]
@@ -143,25 +153,35 @@ class BagpipeStrategy(DDPStrategy):
         for m in modules:
             original = m.store
             if mode == "sharded":
-                m.store = ShardedStore(original, groups)
-                end: Callable[[], None] = m.store.gather_to_local
+                m.store, end = shard_store(original, groups)
             else:
                 m.store, end = share_store(original, groups, named.get(id(m), "embedding"))
             self._store_restore.append((m, original, end))
         rank_zero_info(f"bagpipe: {self.world_size} ranks, {mode} store, LRPP cache sync")
         return groups
 
-    def _undistribute(self) -> None:
+    def _undistribute(self, collective: bool = True) -> None:
+        """Give each module its own store back (filled with the trained rows unless a rank failed)."""
         restore, self._store_restore = self._store_restore, []
         for m, original, end in restore:
-            end()
+            end(collective)
             m.store = original
 
     @override
-    def configure_ddp(self) -> None:
+    def setup_environment(self) -> None:
+        if self.num_nodes * self.num_processes <= 1:
+            # one process: no rendezvous (it would bind MASTER_PORT for nothing and clash with children)
+            super(DDPStrategy, self).setup_environment()
+            self.set_world_ranks()
+            return
+        super().setup_environment()
+
+    @override
+    @override
+    def _setup_model(self, model: Module) -> Module:  # type: ignore[override]
         if self.world_size == 1:
-            return  # one process: nothing to all-reduce, keep the plain module
-        super().configure_ddp()
+            return model  # one process: nothing to all-reduce, keep the plain module
+        return super()._setup_model(model)
 
     @override
     def on_exception(self, exception: BaseException) -> None:
@@ -176,8 +196,10 @@ class BagpipeStrategy(DDPStrategy):
             # After a failure the cache holds only completed steps' updates (the sparse update is applied
             # at the end of a step), so flushing leaves the store consistent with the last good step.
             try:
-                driver.close(flush=True)
-                self._undistribute()
+                # with several ranks, a failure elsewhere may have left peers gone: no collectives then
+                alone = driver.groups is None
+                driver.close(flush=alone or not self._failed)
+                self._undistribute(collective=alone or not self._failed)
             except Exception as err:
                 if not self._failed:
                     raise
@@ -262,17 +284,36 @@ class BagpipeStrategy(DDPStrategy):
             return {}
         return {n: m for n, m in self.lightning_module.named_modules() if isinstance(m, CachedEmbedding)}
 
+    def _checkpoint_comm(self) -> Comm:
+        """The ranks a checkpoint is saved and loaded by (torch.distributed's default group)."""
+        if self.world_size > 1 and dist.is_available() and dist.is_initialized():
+            return WorldComm(self.global_rank, self.world_size)
+        return LocalComm()
+
     @override
     def save_checkpoint(
         self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Any | None = None
     ) -> None:
-        add_bagpipe_section(checkpoint, self._cached_modules())
-        super().save_checkpoint(checkpoint, filepath, storage_options)
+        # one process: one file through checkpoint_io; several: a directory, each rank writing its shard
+        if self.world_size == 1:
+            add_bagpipe_section(checkpoint, self._cached_modules())
+            super().save_checkpoint(checkpoint, filepath, storage_options)
+            return
+        if not isinstance(self.checkpoint_io, AtomicCheckpointIO):
+            rank_zero_warn(
+                f"bagpipe: multi-process checkpoints are directories written by every rank; the "
+                f"{type(self.checkpoint_io).__name__} plugin is not used for them"
+            )
+        save_sharded_checkpoint(
+            checkpoint, filepath, self._cached_modules(), self._checkpoint_comm(), storage_options
+        )
 
     @override
     def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> dict[str, Any]:
-        checkpoint = read_checkpoint(self.checkpoint_io, checkpoint_path, weights_only)
-        section = verify_bagpipe_section(checkpoint, checkpoint_path, self._cached_modules())
+        # a file or a directory, from any number of processes (the rows are re-sharded on load)
+        checkpoint, section = load_bagpipe_checkpoint(
+            self.checkpoint_io, checkpoint_path, weights_only, self._cached_modules(), self._checkpoint_comm()
+        )
         trainer = self.lightning_module.trainer if self.lightning_module is not None else None
         if trainer is not None and trainer.state.fn == TrainerFn.FITTING:
             self._resume_section = section  # RNG states are restored when training starts
@@ -280,6 +321,13 @@ class BagpipeStrategy(DDPStrategy):
 
     @override
     def on_train_start(self) -> None:
+        if self._driver is not None:
+            idle = [m for m in self._driver.modules if not m.training]
+            if idle:
+                rank_zero_warn(
+                    f"{len(idle)} CachedEmbedding module(s) are in eval mode at the start of training: their "
+                    "rows are read from the store and not trained. Call model.train() before fit."
+                )
         if self._driver is not None and self._driver.groups is not None:
             trainer = self.lightning_module.trainer  # type: ignore[union-attr]
             n = trainer.num_training_batches
@@ -299,7 +347,10 @@ class BagpipeStrategy(DDPStrategy):
         # the first call of a checkpoint save: flush so the saved tables hold every update
         if self._driver is not None:
             self._driver.sync_store(durable=True)
-        return super().lightning_module_state_dict()
+        if self.world_size == 1:
+            return super().lightning_module_state_dict()
+        with rows_left_out(self._cached_modules().values()):  # each rank saves its own shard instead
+            return super().lightning_module_state_dict()
 
 
 def _find_plan(batch: Any) -> StepPlan | None:

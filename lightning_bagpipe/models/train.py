@@ -1,0 +1,499 @@
+"""Train DeepFM or DLRM with ``strategy="bagpipe"`` from the command line (the example scripts' engine).
+
+``examples/deepfm.py`` and ``examples/dlrm.py`` are ``main(model=...)`` of this module. Following the
+``lightning-bagpipe`` sub-command convention it also offers ``add_arguments(parser)`` and ``run(args)``,
+so the package CLI can expose it as ``lightning-bagpipe train --model deepfm ...``.
+
+One run: build a :class:`~lightning_bagpipe.data.criteo.CriteoDataModule` (synthetic data by default, or a
+Criteo TSV file/folder, or Parquet), build the model, ``Trainer(strategy="bagpipe").fit``, make sure the
+final model was validated, then print (and optionally write as JSON) validation AUC and log loss, the
+planted model's AUC on synthetic data, training throughput and the cache figures the strategy kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from lightning_bagpipe.data.criteo import CriteoDataModule
+from lightning_bagpipe.data.synthetic import DEFAULT_ZIPF, SyntheticCriteo
+from lightning_bagpipe.models.common import DEFAULT_DENSE_LR, DEFAULT_SPARSE_LR, DENSE_OPTIMIZERS, ClickModel
+from lightning_bagpipe.models.deepfm import DEFAULT_HIDDEN, DeepFM
+from lightning_bagpipe.models.dlrm import DLRM
+from lightning_bagpipe.optim.sparse import SparseOptimizer, from_hparams
+from lightning_bagpipe.strategies.bagpipe import BagpipeStrategy
+
+__all__ = ["MODELS", "ThroughputMeter", "add_arguments", "build_datamodule", "build_model", "main", "run"]
+
+MODELS = ("deepfm", "dlrm")
+SPARSE_OPTIMIZERS = ("rowwise_adagrad", "adagrad", "adam", "sgd")
+
+
+def _widths(text: str) -> list[int]:
+    """Parse ``"128,64"`` into ``[128, 64]`` (argparse type)."""
+    try:
+        out = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated layer widths like 128,64, got {text!r}"
+        ) from None
+    if any(w < 1 for w in out):
+        raise argparse.ArgumentTypeError(f"layer widths must be positive, got {text!r}")
+    return out
+
+
+def _positive(kind: type) -> Any:
+    def parse(text: str) -> Any:
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
+        if not (v > 0 and math.isfinite(v)):
+            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}")
+        return v
+
+    parse.__name__ = f"positive {kind.__name__}"
+    return parse
+
+
+def add_arguments(parser: argparse.ArgumentParser, model: str | None = None) -> None:
+    """Add every flag of a training run to ``parser``.
+
+    With ``model`` (``"deepfm"`` or ``"dlrm"``) only that model's architecture flags are added; without it,
+    a ``--model`` flag chooses and both models' flags are present.
+    """
+    pos_int, pos_float = _positive(int), _positive(float)
+    if model is None:
+        parser.add_argument(
+            "--model", choices=MODELS, default="deepfm", help="model to train (default: deepfm)"
+        )
+    elif model not in MODELS:
+        raise ValueError(f"model must be one of {list(MODELS)}, got {model!r}")
+
+    data = parser.add_argument_group("data")
+    add = data.add_argument
+    add(
+        "--data",
+        default="synthetic",
+        metavar="SOURCE",
+        help="'synthetic' (default: Criteo-shaped data with a planted model), a Criteo TSV file or folder "
+        "(optionally gzip), or a Parquet file or folder (see docs/data.md)",
+    )
+    add("--val-data", metavar="PATH", help="validation TSV/Parquet for file sources (default: no validation)")
+    add(
+        "--batch-size",
+        type=pos_int,
+        default=2048,
+        help="global batch size, samples per step (default: %(default)s)",
+    )
+    add(
+        "--scale",
+        type=pos_float,
+        default=0.01,
+        help="synthetic: multiplies Criteo Kaggle's table sizes, 33.8M rows in all (default: %(default)s)",
+    )
+    add(
+        "--train-batches",
+        type=pos_int,
+        help="synthetic: batches per training epoch (default: --max-steps, i.e. one epoch)",
+    )
+    add(
+        "--val-batches",
+        type=int,
+        default=10,
+        help="synthetic: validation batches, 0 for none (default: %(default)s)",
+    )
+    add(
+        "--zipf",
+        type=float,
+        default=DEFAULT_ZIPF,
+        help="synthetic: Zipf exponent of ids (default: %(default)s)",
+    )
+    add(
+        "--multi-hot",
+        type=pos_int,
+        default=1,
+        help="synthetic: largest bag size, 1 = one-hot (default: %(default)s)",
+    )
+    add(
+        "--hashing",
+        choices=("modulo", "vocab"),
+        default="modulo",
+        help="TSV: map hashed categoricals to rows by modulo table sizes, or by a vocabulary built in one "
+        "pass over the training files (default: %(default)s)",
+    )
+    add(
+        "--table-size",
+        type=pos_int,
+        help="TSV with --hashing modulo: one row count for every table (default: Criteo Kaggle's sizes)",
+    )
+    add(
+        "--vocab-threshold",
+        type=pos_int,
+        default=1,
+        help="TSV with --hashing vocab: values seen fewer times share one row (default: %(default)s)",
+    )
+    add("--vocab-path", metavar="PATH", help="TSV with --hashing vocab: load this saved vocabulary")
+    add(
+        "--skip-bad-lines", action="store_true", help="TSV: skip malformed lines (counted) instead of failing"
+    )
+
+    cache = parser.add_argument_group("cache and store")
+    add = cache.add_argument
+    add(
+        "--lookahead",
+        type=pos_int,
+        default=64,
+        help="batches the oracle looks ahead, L (default: %(default)s)",
+    )
+    add("--cache-rows", type=pos_int, help="cache capacity in rows (default: grow to what the plan needs)")
+    add(
+        "--store",
+        choices=("memory", "mmap"),
+        default="memory",
+        help="where the full tables live: host RAM, or a memory-mapped file for tables larger than RAM "
+        "(default: %(default)s)",
+    )
+    add(
+        "--store-path",
+        type=Path,
+        metavar="PATH",
+        help="file of the mmap store (default: ROOT_DIR/tables.f32); an existing file is an error unless "
+        "--overwrite-store",
+    )
+    add("--overwrite-store", action="store_true", help="replace an existing mmap store file")
+
+    arch = parser.add_argument_group("model")
+    add = arch.add_argument
+    add("--embedding-dim", type=pos_int, default=16, help="embedding width (default: %(default)s)")
+    if model in (None, "deepfm"):
+        add(
+            "--hidden",
+            type=_widths,
+            default=",".join(map(str, DEFAULT_HIDDEN)),
+            help="DeepFM: hidden widths of the deep MLP, e.g. 400,400,400 (default: %(default)s)",
+        )
+    if model in (None, "dlrm"):
+        add(
+            "--bottom",
+            type=_widths,
+            help="DLRM: bottom MLP widths, ending at --embedding-dim (default: 64,EMBEDDING_DIM)",
+        )
+        add(
+            "--top",
+            type=_widths,
+            default="64,1",
+            help="DLRM: top MLP widths, ending at 1 (default: %(default)s)",
+        )
+    add(
+        "--sparse-optimizer",
+        choices=SPARSE_OPTIMIZERS,
+        default="rowwise_adagrad",
+        help="embedding optimizer (default: %(default)s)",
+    )
+    add(
+        "--sparse-lr",
+        type=pos_float,
+        default=DEFAULT_SPARSE_LR,
+        help="embedding learning rate (default: %(default)s)",
+    )
+    add(
+        "--dense-optimizer",
+        choices=DENSE_OPTIMIZERS,
+        default="adam",
+        help="MLP optimizer (default: %(default)s)",
+    )
+    add(
+        "--dense-lr",
+        type=pos_float,
+        default=DEFAULT_DENSE_LR,
+        help="MLP learning rate (default: %(default)s)",
+    )
+    add("--seed", type=int, default=0, help="seeds data, tables and dense weights (default: %(default)s)")
+
+    run_g = parser.add_argument_group("trainer and output")
+    add = run_g.add_argument
+    add(
+        "--devices",
+        type=pos_int,
+        default=1,
+        help="devices (processes); each trains a slice of every global batch (default: 1)",
+    )
+    add(
+        "--accelerator",
+        default="auto",
+        help="Lightning accelerator: auto, cpu, gpu, ... (default: %(default)s)",
+    )
+    add("--max-steps", type=pos_int, default=1000, help="optimizer steps to train (default: %(default)s)")
+    add("--max-epochs", type=pos_int, help="also stop after this many epochs (default: no epoch limit)")
+    add("--root-dir", type=Path, metavar="PATH", help="logs and checkpoints go here (default: runs/MODEL)")
+    add("--no-logger", action="store_true", help="disable Lightning's default logger (TensorBoard, else CSV)")
+    add("--no-checkpoint", action="store_true", help="do not save a checkpoint (with the full tables)")
+    add("--no-progress-bar", action="store_true", help="hide Lightning's progress bar")
+    add("--threads", type=pos_int, help="torch CPU threads (default: torch's choice)")
+    add(
+        "--metrics-json",
+        type=Path,
+        metavar="PATH",
+        help="write the final figures as JSON: val AUC and log loss, true AUC, samples/s, hit rate, rows "
+        "fetched, ...",
+    )
+    parser.set_defaults(_fixed_model=model)
+
+
+def _model_name(args: argparse.Namespace) -> str:
+    return str(getattr(args, "model", None) or args._fixed_model)
+
+
+def build_datamodule(args: argparse.Namespace) -> CriteoDataModule:
+    """The CriteoDataModule the flags describe."""
+    synthetic = str(args.data) == "synthetic"
+    if synthetic and args.val_data is not None:
+        raise ValueError("--val-data is for file sources; synthetic data validates on its own 'val' split")
+    tsv_flags = {
+        "--hashing vocab": args.hashing != "modulo",
+        "--table-size": args.table_size is not None,
+        "--vocab-path": args.vocab_path is not None,
+        "--skip-bad-lines": args.skip_bad_lines,
+    }
+    if synthetic and any(tsv_flags.values()):
+        given = [k for k, v in tsv_flags.items() if v]
+        raise ValueError(f"{', '.join(given)}: TSV options, but --data is synthetic")
+    if not synthetic and args.train_batches is not None:
+        raise ValueError(
+            "--train-batches sets the length of synthetic data; a file source has its own length"
+        )
+    if args.val_batches < 0:
+        raise ValueError(f"--val-batches must be >= 0, got {args.val_batches}")
+    return CriteoDataModule(
+        args.data,
+        val_path=args.val_data,
+        batch_size=args.batch_size,
+        lookahead=args.lookahead,
+        cache_rows=args.cache_rows,
+        scale=args.scale,
+        num_batches=args.train_batches or args.max_steps,
+        val_batches=args.val_batches,
+        zipf=args.zipf,
+        multi_hot=args.multi_hot,
+        seed=args.seed,
+        hashing=args.hashing,
+        table_sizes=args.table_size,
+        vocab_threshold=args.vocab_threshold,
+        vocab_path=args.vocab_path,
+        skip_bad_lines=args.skip_bad_lines,
+    )
+
+
+def _store_arg(args: argparse.Namespace, root: Path) -> str | None:
+    if args.store == "memory":
+        if args.store_path is not None:
+            raise ValueError("--store-path needs --store mmap")
+        return None
+    path = Path(args.store_path) if args.store_path is not None else root / "tables.f32"
+    sidecar = Path(str(path) + ".json")
+    if int(os.environ.get("LOCAL_RANK", "0")) > 0:
+        # a rank Lightning's launcher started (it re-runs this script): rank 0 created the file already
+        return str(path)
+    if path.exists():
+        if not args.overwrite_store:
+            raise FileExistsError(
+                f"store file {path} exists (from an earlier run?); pass --overwrite-store to replace it or "
+                "--store-path to use another file"
+            )
+        if not sidecar.exists():
+            raise FileExistsError(
+                f"{path} exists but is not a lightning-bagpipe store ({sidecar} is missing)"
+            )
+        path.unlink()
+        sidecar.unlink()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return str(path)
+
+
+def build_model(
+    args: argparse.Namespace, datamodule: CriteoDataModule, store: str | None = None
+) -> ClickModel:
+    """The model the flags describe, over the datamodule's tables."""
+    opt: SparseOptimizer = from_hparams({"name": args.sparse_optimizer}, lr=args.sparse_lr)
+    common: dict[str, Any] = {
+        "embedding_dim": args.embedding_dim,
+        "sparse_optimizer": opt,
+        "dense_optimizer": args.dense_optimizer,
+        "dense_lr": args.dense_lr,
+        "store": store,
+        "seed": args.seed,
+    }
+    if _model_name(args) == "deepfm":
+        return DeepFM(datamodule.tables, hidden=args.hidden, **common)
+    bottom = args.bottom if args.bottom is not None else [64, args.embedding_dim]
+    return DLRM(datamodule.tables, bottom=bottom, top=args.top, **common)
+
+
+class ThroughputMeter(Callback):
+    """Training samples per second (global: local batch times ranks) over a fit, excluding validation.
+
+    Also remembers the ``global_step`` of the last (non-sanity) validation, so a caller can tell whether
+    the final model was validated.
+    """
+
+    def __init__(self) -> None:
+        self.samples = 0
+        self.train_seconds = 0.0
+        self.last_val_step: int | None = None
+        self._start: float | None = None
+        self._val_start: float | None = None
+        self._val_seconds = 0.0
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._start = time.perf_counter()
+        self._val_seconds = 0.0
+        self.samples = 0
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        # every rank trains an equal slice of the global batch: count global samples
+        self.samples += int(getattr(batch, "batch_size", 0)) * trainer.world_size
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._val_start = time.perf_counter()
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._val_start is not None and self._start is not None:
+            self._val_seconds += time.perf_counter() - self._val_start
+        self._val_start = None
+        if not trainer.sanity_checking:
+            self.last_val_step = trainer.global_step
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._start is not None:
+            self.train_seconds = time.perf_counter() - self._start - self._val_seconds
+
+    @property
+    def samples_per_second(self) -> float:
+        return self.samples / self.train_seconds if self.train_seconds > 0 else 0.0
+
+
+def _metric(trainer: pl.Trainer, name: str) -> float | None:
+    value = trainer.callback_metrics.get(name)
+    return None if value is None else float(value)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Train as the flags say; return (and print, and with ``--metrics-json`` write) the final figures."""
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*", category=FutureWarning)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    name = _model_name(args)
+    root = Path(args.root_dir) if args.root_dir is not None else Path("runs") / name
+    pl.seed_everything(args.seed, verbose=False)
+    dm = build_datamodule(args)
+    model = build_model(args, dm, _store_arg(args, root))
+    meter = ThroughputMeter()
+    trainer = pl.Trainer(
+        strategy="bagpipe",
+        accelerator=args.accelerator,
+        devices=args.devices,
+        max_steps=args.max_steps,
+        max_epochs=args.max_epochs if args.max_epochs is not None else -1,
+        default_root_dir=root,
+        logger=not args.no_logger,
+        enable_checkpointing=not args.no_checkpoint,
+        enable_progress_bar=not args.no_progress_bar,
+        callbacks=[meter],
+        num_sanity_val_steps=0,
+        log_every_n_steps=min(50, args.max_steps),
+    )
+    trainer.fit(model, dm)
+    has_val = dm.val_data is not None
+    if has_val and meter.last_val_step != trainer.global_step:
+        trainer.validate(model, datamodule=dm, verbose=False)  # the fit stopped between validations
+    strategy = trainer.strategy
+    stats = (
+        strategy.cache_stats.as_dict()
+        if isinstance(strategy, BagpipeStrategy) and strategy.cache_stats
+        else {}
+    )
+    true_auc = None
+    if trainer.is_global_zero and isinstance(dm.val_data, SyntheticCriteo):
+        true_auc = dm.val_data.true_auc(len(dm.val_data))  # the planted model's AUC on the same samples
+    result: dict[str, Any] = {
+        "model": name,
+        "data": str(args.data),
+        "steps": trainer.global_step,
+        "batch_size": args.batch_size,
+        "world_size": trainer.world_size,
+        "lookahead": args.lookahead,
+        "cache_rows": args.cache_rows,
+        "table_rows": dm.tables.total_rows,
+        "val_auc": _metric(trainer, "val_auc") if has_val else None,
+        "val_logloss": _metric(trainer, "val_logloss") if has_val else None,
+        "true_auc": true_auc,
+        "train_seconds": meter.train_seconds,
+        "samples_per_second": meter.samples_per_second,
+        "hit_rate": stats.get("hit_rate"),
+        "rows_fetched": stats.get("rows_fetched"),
+        "rows_written_back": stats.get("rows_written_back"),
+        "rows_evicted": stats.get("rows_evicted"),
+        "fetch_wait_ms_total": stats.get("fetch_wait_ms_total"),
+    }
+    if trainer.is_global_zero:
+        print(_summary(result))
+        if args.metrics_json is not None:
+            path = Path(args.metrics_json)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def _fmt(value: Any, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def _summary(r: dict[str, Any]) -> str:
+    lines = [
+        f"{r['model']} on {r['data']}: {r['steps']} steps of {r['batch_size']} samples, "
+        f"{r['table_rows']:,} table rows",
+        f"  validation AUC      {_fmt(r['val_auc'], '.4f')}  (true model's AUC {_fmt(r['true_auc'], '.4f')})",
+        f"  validation log loss {_fmt(r['val_logloss'], '.4f')}",
+        f"  throughput          {_fmt(r['samples_per_second'], ',.0f')} samples/s "
+        f"({r['train_seconds']:.1f} s of training)",
+        f"  cache{' of rank 0' if r['world_size'] > 1 else ''} (L={r['lookahead']}, "
+        f"rows={r['cache_rows'] or 'as needed'}): hit rate "
+        f"{_fmt(r['hit_rate'], '.2%')}, rows fetched {_fmt(r['rows_fetched'], ',')}, written back "
+        f"{_fmt(r['rows_written_back'], ',')}, evicted {_fmt(r['rows_evicted'], ',')}",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None, *, model: str | None = None) -> int:
+    """Parse ``argv`` (default ``sys.argv[1:]``) and run; ``model`` fixes the model (the example scripts)."""
+    title = {"deepfm": "DeepFM", "dlrm": "DLRM", None: "DeepFM or DLRM"}[model]
+    parser = argparse.ArgumentParser(
+        description=f"Train {title} with lightning-bagpipe's lookahead embedding cache (strategy='bagpipe'). "
+        "With no arguments: synthetic Criteo-shaped data, a few minutes on a laptop CPU.",
+    )
+    add_arguments(parser, model)
+    args = parser.parse_args(argv)
+    try:
+        run(args)
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,216 @@
+"""The example scripts: a tiny real run of each in a subprocess, plus their flags and error messages."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_bagpipe.data.criteo_shape import scaled_cardinalities
+from lightning_bagpipe.data.parquet import write_parquet
+from lightning_bagpipe.data.synthetic import SyntheticCriteo
+from lightning_bagpipe.models import DLRM, DeepFM
+from lightning_bagpipe.models.train import add_arguments, main
+from lightning_bagpipe.tables import Tables
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+TINY = [
+    "--scale",
+    "0.001",
+    "--batch-size",
+    "256",
+    "--max-steps",
+    "40",
+    "--val-batches",
+    "4",
+    "--lookahead",
+    "8",
+]
+TIMEOUT_S = 180
+
+
+def _child_env() -> dict[str, str]:
+    """This environment minus the torch.distributed rendezvous variables.
+
+    An earlier in-process fit under strategy="bagpipe" leaves ``MASTER_PORT`` set (and the port bound);
+    a child inheriting it would fail to bind the same port.
+    """
+    skip = {"MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK"}
+    return {k: v for k, v in os.environ.items() if k not in skip}
+
+
+def _run_example(script: str, tmp_path: Path, *extra: str) -> tuple[dict, str]:
+    metrics = tmp_path / "metrics.json"
+    cmd = [
+        sys.executable,
+        str(EXAMPLES / script),
+        *TINY,
+        "--no-progress-bar",
+        "--root-dir",
+        str(tmp_path / "run"),
+    ]
+    proc = subprocess.run(
+        [*cmd, "--metrics-json", str(metrics), *extra],
+        cwd=tmp_path,
+        env=_child_env(),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+    )
+    assert proc.returncode == 0, f"{script} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return json.loads(metrics.read_text()), proc.stdout
+
+
+def _check_metrics(m: dict, model: str) -> None:
+    assert m["model"] == model and m["data"] == "synthetic"
+    assert m["steps"] == 40 and m["batch_size"] == 256 and m["lookahead"] == 8
+    assert m["table_rows"] == 33785  # Criteo Kaggle's 26 tables at scale 0.001
+    assert 0.55 < m["val_auc"] <= 1.0  # learned something in 40 steps
+    assert 0.0 < m["val_logloss"] < 2.0
+    assert 0.75 < m["true_auc"] < 1.0
+    assert m["val_auc"] < m["true_auc"]  # the planted model is the ceiling
+    assert m["samples_per_second"] > 0 and m["train_seconds"] > 0
+    assert 0.0 < m["hit_rate"] < 1.0
+    assert m["rows_fetched"] > 0 and m["rows_written_back"] > 0
+
+
+def test_deepfm_example_tiny_run(tmp_path: Path) -> None:
+    m, out = _run_example("deepfm.py", tmp_path)
+    _check_metrics(m, "deepfm")
+    assert "validation AUC" in out and "true model's AUC" in out and "hit rate" in out
+    # Lightning's logger and checkpointing work as usual
+    version = tmp_path / "run" / "lightning_logs" / "version_0"
+    with open(version / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert any(r.get("val_auc") for r in rows) and any(r.get("train_loss_epoch") for r in rows)
+    [ckpt] = list((version / "checkpoints").glob("*.ckpt"))
+    model = DeepFM.load_from_checkpoint(ckpt)
+    assert len(model.hparams["tables"]) == 26 and model.embedding.tables.total_rows == 33785
+    assert not torch.equal(model.embedding.store.tensor()[:, :16], torch.zeros(33785, 16))
+
+
+def test_dlrm_example_in_process_with_mmap_store(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The DLRM script's engine, run in-process (saves a second interpreter start-up) on an mmap store."""
+    store = tmp_path / "tables.f32"
+    metrics = tmp_path / "m.json"
+    argv = [*TINY, "--no-progress-bar", "--no-checkpoint", "--no-logger", "--root-dir", str(tmp_path / "run")]
+    argv += ["--store", "mmap", "--store-path", str(store), "--metrics-json", str(metrics)]
+    assert main(argv, model="dlrm") == 0
+    m = json.loads(metrics.read_text())
+    _check_metrics(m, "dlrm")
+    assert "validation AUC" in capsys.readouterr().out
+    assert store.exists() and Path(f"{store}.json").exists()
+    # the file holds the trained tables: a model reopening it starts from them, not from the initial rows
+    tables = Tables.from_sizes(scaled_cardinalities(0.001))
+    reopened = DLRM(tables, store=str(store)).embedding.store.tensor()
+    fresh = DLRM(tables).embedding.store.tensor()
+    assert reopened.shape == fresh.shape
+    changed = int((reopened[:, :16] != fresh[:, :16]).any(1).sum())
+    assert 0 < changed <= m["rows_written_back"]
+    # a second run refuses to clobber the store unless told to
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv, model="dlrm")
+    assert exit_info.value.code == 2
+    assert "--overwrite-store" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("model", ["deepfm", "dlrm", None])
+def test_every_flag_is_documented(model: str | None, capsys: pytest.CaptureFixture[str]) -> None:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser, model)
+    flags = {s for a in parser._actions for s in a.option_strings}
+    for needed in (
+        "--data",
+        "--val-data",
+        "--batch-size",
+        "--lookahead",
+        "--cache-rows",
+        "--store",
+        "--store-path",
+        "--devices",
+        "--max-steps",
+        "--metrics-json",
+    ):
+        assert needed in flags
+    assert ("--hidden" in flags) == (model in ("deepfm", None))
+    assert ("--bottom" in flags) == (model in ("dlrm", None))
+    undocumented = [a.option_strings for a in parser._actions if not (a.help or "").strip()]
+    assert not undocumented
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"], model=model)
+    assert exit_info.value.code == 0
+    assert "--metrics-json" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--store-path", "x.f32"], "--store-path needs --store mmap"),
+        (["--hidden", "64,0"], "layer widths must be positive"),
+        (["--batch-size", "0"], "expected a positive int"),
+        (["--data", "/nonexistent/criteo"], "does not exist"),
+        (["--val-data", "v.tsv"], "--val-data is for file sources"),
+        (["--table-size", "100"], "--table-size: TSV options, but --data is synthetic"),
+    ],
+)
+def test_bad_flags_are_clear_errors(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, "--max-steps", "1", "--no-logger", "--no-checkpoint"], model="deepfm")
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def _write_tsv(path: Path, source: SyntheticCriteo) -> None:
+    """Criteo's raw format from synthetic batches: label, 13 integer counts, 26 hex hashes (the ids)."""
+    lines = []
+    for batch in source:
+        assert batch.dense is not None and batch.labels is not None
+        b = batch.batch_size
+        counts = torch.expm1(batch.dense).round().long().tolist()
+        ids = batch.sparse.values.view(26, b).t().tolist()
+        for label, dense, cats in zip(batch.labels.long().tolist(), counts, ids):
+            lines.append("\t".join([str(label), *map(str, dense), *(f"{c + 1:08x}" for c in cats)]))
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _synthetic(split: str, batches: int) -> SyntheticCriteo:
+    return SyntheticCriteo(256, batches, scale=0.001, seed=1, split=split)
+
+
+@pytest.mark.parametrize("kind", ["tsv", "parquet"])
+def test_example_trains_from_files(kind: str, tmp_path: Path) -> None:
+    train, val = tmp_path / f"train.{kind}", tmp_path / f"val.{kind}"
+    if kind == "tsv":
+        _write_tsv(train, _synthetic("train", 60))
+        _write_tsv(val, _synthetic("val", 4))
+        extra = ["--table-size", "5000"]
+    else:
+        write_parquet(_synthetic("train", 60), train, _synthetic("train", 0).tables)
+        write_parquet(_synthetic("val", 4), val, _synthetic("train", 0).tables)
+        extra = []
+    metrics = tmp_path / "m.json"
+    argv = ["--data", str(train), "--val-data", str(val), "--batch-size", "256", "--max-steps", "60"]
+    argv += [
+        "--lookahead",
+        "4",
+        "--no-progress-bar",
+        "--no-checkpoint",
+        "--no-logger",
+        "--metrics-json",
+        str(metrics),
+    ]
+    assert main([*argv, *extra], model="deepfm") == 0
+    m = json.loads(metrics.read_text())
+    assert m["data"] == str(train) and m["steps"] == 60 and m["true_auc"] is None
+    assert m["table_rows"] == (26 * 5000 if kind == "tsv" else 33785)
+    assert 0.55 < m["val_auc"] < 1.0 and 0.0 < m["val_logloss"] < 2.0
+    assert m["rows_fetched"] > 0
