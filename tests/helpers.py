@@ -26,6 +26,7 @@ def random_batches(
     num_dense: int = 3,
     zipf: float = 1.2,
     seed: int = 0,
+    weighted: bool = False,
 ) -> list[lb.Batch]:
     """Skewed random global batches; bags of 1..multi_hot ids (one-hot when multi_hot == 1)."""
     rng = np.random.default_rng(seed)
@@ -37,8 +38,10 @@ def random_batches(
             n = int(lengths[f].sum())
             ranks = rng.zipf(zipf, size=n) - 1
             values.append(np.minimum(ranks, t.num_embeddings - 1))
+        ids = np.concatenate(values)
+        weights = rng.uniform(0.1, 2.0, size=ids.size).astype(np.float32) if weighted else None
         sparse = lb.SparseFeatures.from_lengths(
-            tables.names, torch.from_numpy(np.concatenate(values)), torch.from_numpy(lengths.reshape(-1))
+            tables.names, torch.from_numpy(ids), torch.from_numpy(lengths.reshape(-1)), weights
         )
         dense = torch.from_numpy(rng.standard_normal((batch_size, num_dense)).astype(np.float32))
         labels = torch.from_numpy((rng.random(batch_size) < 0.3).astype(np.float32))

@@ -28,9 +28,9 @@ DENSE_LR = 0.05
 
 
 class TinyModel(pl.LightningModule):
-    def __init__(self, tables: lb.Tables, optimizer: lb.optim.SparseOptimizer) -> None:
+    def __init__(self, tables: lb.Tables, optimizer: lb.optim.SparseOptimizer, pooling: str = "sum") -> None:
         super().__init__()
-        self.emb = lb.CachedEmbedding(tables, dim=DIM, optimizer=optimizer, seed=7)
+        self.emb = lb.CachedEmbedding(tables, dim=DIM, optimizer=optimizer, seed=7, pooling=pooling)
         self.head = nn.Linear(len(tables) * DIM + 3, 1)
 
     def forward(self, batch: lb.Batch) -> torch.Tensor:
@@ -88,11 +88,10 @@ def train_reference(model: TinyModel, batches: list[lb.Batch], name: str, hp: di
         key_of = torch.repeat_interleave(torch.arange(len(tables)), sp.lengths.view(len(tables), -1).sum(1))
         ids = sp.values + offsets[key_of]
         leaf = table.clone().requires_grad_()
-        e = (
-            F.embedding_bag(ids, leaf, sp.offsets[:-1], mode="sum")
-            .view(len(tables), BATCH, DIM)
-            .transpose(0, 1)
+        pooled = F.embedding_bag(
+            ids, leaf, sp.offsets[:-1], mode=model.emb.pooling, per_sample_weights=sp.weights
         )
+        e = pooled.view(len(tables), BATCH, DIM).transpose(0, 1)
         loss = F.binary_cross_entropy_with_logits(
             head(torch.cat([e.flatten(1), batch.dense], 1)).squeeze(1), batch.labels
         )
@@ -165,3 +164,29 @@ def test_bagpipe_equals_uncached_training(opt_name: str, lookahead: int, multi_h
     # the run must actually have exercised the cache: every table row cannot fit
     assert capacity < tables.total_rows
     assert not math.isnan(float(trained.sum()))
+
+
+@pytest.mark.parametrize("opt_name", ["sgd", "adagrad"])
+@pytest.mark.parametrize("pooling", ["weighted_sum", "mean"])
+def test_weighted_and_mean_pooled_bags_train_exactly(opt_name: str, pooling: str) -> None:
+    tables = small_tables((60, 45, 35))
+    batches = random_batches(tables, 30, BATCH, multi_hot=3, seed=5, weighted=pooling == "weighted_sum")
+    make_opt, hp = OPTIMIZERS[opt_name]
+    torch.manual_seed(0)
+    model = TinyModel(tables, make_opt(), pooling="sum" if pooling == "weighted_sum" else "mean")
+    ref_table, ref_state, ref_head = train_reference(model, batches, opt_name, hp)
+    dm = ListDataModule(tables, batches, lookahead=4, cache_rows=110)
+    pl.Trainer(
+        strategy="bagpipe",
+        accelerator="cpu",
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    ).fit(model, datamodule=dm)
+    trained = model.emb.store.tensor()
+    assert torch.allclose(trained[:, :DIM], ref_table, atol=1e-6, rtol=0)
+    assert torch.allclose(trained[:, DIM:], ref_state, atol=1e-6, rtol=0)
+    for p, q in zip(model.head.parameters(), ref_head.parameters()):
+        assert torch.allclose(p, q, atol=1e-6, rtol=0)
