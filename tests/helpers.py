@@ -81,6 +81,7 @@ class TinyModel(pl.LightningModule):
         num_dense: int = 3,
         dense_lr: float = 0.05,
         store: object = None,
+        pooling: str = "sum",
     ) -> None:
         super().__init__()
         self.emb = lb.CachedEmbedding(
@@ -89,6 +90,7 @@ class TinyModel(pl.LightningModule):
             optimizer=optimizer or lb.optim.SGD(lr=0.1),
             seed=7,
             store=store,  # type: ignore[arg-type]
+            pooling=pooling,  # type: ignore[arg-type]
         )
         self.head = nn.Linear(len(tables) * dim + num_dense, 1)
         self.dense_lr = dense_lr

@@ -16,32 +16,14 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 import lightning_bagpipe as lb
-from tests.helpers import ListDataModule, random_batches, small_tables
+from tests.helpers import ListDataModule, TinyModel, random_batches, small_tables
 
 STEPS = 50
 BATCH = 16
 DIM = 4
 DENSE_LR = 0.05
-
-
-class TinyModel(pl.LightningModule):
-    def __init__(self, tables: lb.Tables, optimizer: lb.optim.SparseOptimizer, pooling: str = "sum") -> None:
-        super().__init__()
-        self.emb = lb.CachedEmbedding(tables, dim=DIM, optimizer=optimizer, seed=7, pooling=pooling)
-        self.head = nn.Linear(len(tables) * DIM + 3, 1)
-
-    def forward(self, batch: lb.Batch) -> torch.Tensor:
-        e = self.emb(batch.sparse).flatten(1)
-        return self.head(torch.cat([e, batch.dense], 1)).squeeze(1)
-
-    def training_step(self, batch: lb.Batch, batch_idx: int) -> torch.Tensor:
-        return F.binary_cross_entropy_with_logits(self(batch), batch.labels)
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.head.parameters(), lr=DENSE_LR)
 
 
 # ---------------------------------------------------------------------- plain reference math
@@ -129,7 +111,7 @@ def test_bagpipe_equals_uncached_training(opt_name: str, lookahead: int, multi_h
     capacity = max_pair + 4
     make_opt, hp = OPTIMIZERS[opt_name]
     torch.manual_seed(0)
-    model = TinyModel(tables, make_opt())
+    model = TinyModel(tables, make_opt(), dense_lr=DENSE_LR)
     ref_table, ref_state, ref_head = train_reference(model, batches, opt_name, hp)
 
     dm = ListDataModule(tables, batches, lookahead=lookahead, cache_rows=capacity)
@@ -173,7 +155,9 @@ def test_weighted_and_mean_pooled_bags_train_exactly(opt_name: str, pooling: str
     batches = random_batches(tables, 30, BATCH, multi_hot=3, seed=5, weighted=pooling == "weighted_sum")
     make_opt, hp = OPTIMIZERS[opt_name]
     torch.manual_seed(0)
-    model = TinyModel(tables, make_opt(), pooling="sum" if pooling == "weighted_sum" else "mean")
+    model = TinyModel(
+        tables, make_opt(), dense_lr=DENSE_LR, pooling="sum" if pooling == "weighted_sum" else "mean"
+    )
     ref_table, ref_state, ref_head = train_reference(model, batches, opt_name, hp)
     dm = ListDataModule(tables, batches, lookahead=4, cache_rows=110)
     pl.Trainer(
