@@ -52,6 +52,12 @@ class BagpipeDataModule(pl.LightningDataModule):
         self.queue_batches = int(queue_batches)
         self._train_loader: BagpipeLoader | None = None
         self._pending_state: dict[str, Any] | None = None
+        for stage in ("val", "test", "predict"):
+            if getattr(type(self), f"{stage}_source") is getattr(BagpipeDataModule, f"{stage}_source"):
+                # No source: show Lightning the stock (not overridden) hook, so it sees no such loader
+                # instead of warning about an empty one.
+                stock = getattr(pl.LightningDataModule, f"{stage}_dataloader")
+                setattr(self, f"{stage}_dataloader", stock.__get__(self))
 
     # ------------------------------------------------------------------ what users override
     def train_source(self) -> Iterable[Batch]:
