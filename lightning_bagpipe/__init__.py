@@ -12,6 +12,7 @@ from lightning_bagpipe.__about__ import __version__
 from lightning_bagpipe.data import BagpipeDataModule, Batch, SparseFeatures
 from lightning_bagpipe.embedding import CachedEmbedding, MemoryStore, MmapStore
 from lightning_bagpipe.strategies import BagpipeStrategy
+from lightning_bagpipe.strategies.sharded_checkpoint import load_checkpoint_for_inference
 from lightning_bagpipe.tables import Tables, TableSpec
 
 BagpipeStrategy.register_strategies(StrategyRegistry)
@@ -29,6 +30,7 @@ __all__ = [
     "SparseFeatures",
     "TableSpec",
     "Tables",
+    "load_checkpoint_for_inference",
     "__version__",
     "models",
     "optim",

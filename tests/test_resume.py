@@ -349,7 +349,7 @@ def test_checkpoints_saved_on_validation_and_save_last_resume_exactly(
     assert [n.split("-")[0] for n in names if n.startswith("step=")] == ["step=4", "step=8"]
     assert "last.ckpt" in names
     last = torch.load(tmp_path / "last.ckpt", weights_only=True)
-    assert last["global_step"] == 8 and last["bagpipe"]["version"] == ckio.VERSION  # the latest save
+    assert last["global_step"] == 8 and last["bagpipe"]["version"] == ckio.FILE_VERSION  # the latest save
     for path in (next(tmp_path.glob("step=8-*.ckpt")), tmp_path / "last.ckpt"):
         dm2 = ListDataModule(sc.tables, sc.train, val, lookahead=sc.lookahead, cache_rows=sc.cache_rows)
         run = _fit(

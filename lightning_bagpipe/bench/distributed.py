@@ -112,7 +112,8 @@ def _launch(cfg: dict[str, Any], timeout: float) -> dict[str, Any]:
                 f"benchmark run {cfg} failed (exit {done.returncode}):\n"
                 + "\n".join(errors[-10:] or [done.stderr[-3000:]])
             )
-        return json.loads(out.read_text())  # type: ignore[no-any-return]
+        result: dict[str, Any] = json.loads(out.read_text())
+        return result
 
 
 def _worker(cfg: dict[str, Any]) -> None:
@@ -177,7 +178,7 @@ def _worker(cfg: dict[str, Any]) -> None:
         callbacks=[clock],
     )
     trainer.fit(model, datamodule=dm)
-    stats = trainer.strategy.cache_stats
+    stats = strategy.cache_stats
     if trainer.global_rank == 0 and stats is not None:
         steps = max(1, stats.steps)
         Path(cfg["out"]).write_text(

@@ -52,8 +52,12 @@ class BagpipeStrategy(DDPStrategy):
     back after their last use, and flushes the cache to the store before validation, before checkpoints
     and at the end of fit.
 
-    On one process no ``DistributedDataParallel`` wrapper is used. Several processes (``devices > 1``)
-    are not supported yet and raise a clear error.
+    On one process no process group and no ``DistributedDataParallel`` wrapper are used. With several
+    processes (``devices > 1``, ``num_nodes > 1``) the cache is logically replicated and physically
+    partitioned (see ``docs/architecture.md``): ``store="shared"`` (one mapping per node, the default on one
+    node) or ``store="sharded"`` (rows sharded over all-to-all, the default on several nodes).
+    ``prefetch=False`` fetches each step's rows at its start (a baseline for benchmarks) and
+    ``io_delay_ms`` emulates a remote store.
     """
 
     strategy_name = "bagpipe"

@@ -12,6 +12,10 @@ progress, the loader's position in the global batch stream):
 
 Everything is tensors and plain Python values, so checkpoints load with ``torch.load(weights_only=True)``.
 
+This module covers the single-file checkpoints of one process. With several processes the strategy saves
+a directory instead (one table shard per rank, a manifest): see
+:mod:`lightning_bagpipe.strategies.sharded_checkpoint`, which reuses the section and checks defined here.
+
 On load (:func:`read_checkpoint`, :func:`verify_bagpipe_section`) an unreadable file, a checkpoint that was
 not written by this strategy, a table configuration that differs from the model's, or rows whose checksum
 does not match are each a ``ValueError`` naming the file and what is wrong. :func:`restore_rng_states` puts
@@ -28,6 +32,7 @@ import os
 import pickle
 import random
 import secrets
+import shutil
 import socket
 import zlib
 from pathlib import Path
@@ -47,8 +52,10 @@ from lightning_bagpipe.__about__ import __version__
 from lightning_bagpipe.embedding.cached import CachedEmbedding
 
 __all__ = [
+    "FILE_VERSION",
     "FORMAT",
     "SECTION",
+    "SHARDED_VERSION",
     "VERSION",
     "AtomicCheckpointIO",
     "add_bagpipe_section",
@@ -64,8 +71,13 @@ __all__ = [
 SECTION = "bagpipe"
 #: ``format`` field of the section.
 FORMAT = "lightning-bagpipe-checkpoint"
-#: ``version`` field of the section; bumped on incompatible changes. This library reads versions <= VERSION.
-VERSION = 1
+#: The newest section version this library reads (it reads versions 1..VERSION).
+VERSION = 2
+#: Version written into single-file checkpoints (the rows are ``state_dict["<module>.rows"]``).
+FILE_VERSION = 1
+#: Version written into the ``checkpoint.pt`` of directory checkpoints (``layout: "sharded"``; the rows are
+#: per-rank shard files listed in the directory's manifest).
+SHARDED_VERSION = 2
 
 _TMP_SUFFIX = ".tmp"
 _ZIP_MAGIC = b"PK\x03\x04"
@@ -148,7 +160,7 @@ def atomic_torch_save(obj: Any, path: _PATH) -> None:
 
 
 def _remove_stale_temporaries(target: Path) -> None:
-    """Delete temporaries of ``target`` written by processes of this host that no longer run."""
+    """Delete temporaries (files or directories) of ``target`` written by dead processes of this host."""
     prefix, host = f".{target.name}.", socket.gethostname()
     for p in target.parent.glob(f".{target.name}.*{_TMP_SUFFIX}"):
         middle = p.name[len(prefix) : -len(_TMP_SUFFIX)]
@@ -156,8 +168,11 @@ def _remove_stale_temporaries(target: Path) -> None:
         if len(parts) != 3 or parts[0] != host or not parts[1].isdigit():
             continue
         if not _pid_alive(int(parts[1])):
-            with contextlib.suppress(OSError):
-                p.unlink()
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    p.unlink()
 
 
 def _pid_alive(pid: int) -> bool:
@@ -198,6 +213,22 @@ def _rows_key(name: str) -> str:
     return f"{name}.rows" if name else "rows"
 
 
+def _module_config(name: str, module: CachedEmbedding) -> dict[str, Any]:
+    """What must match between a checkpoint and a model: tables, dim, optimizer (and its state width)."""
+    return {
+        "tables": module.tables.to_list(),
+        "tables_fingerprint": module.tables.fingerprint(),
+        "total_rows": int(module.tables.total_rows),
+        "dim": int(module.dim),
+        "state_width": int(module.width - module.dim),
+        "optimizer": module.optimizer.name,
+        "optimizer_hparams": _plain(module.optimizer.hparams()),
+        "rows_key": _rows_key(name),
+        "rows_shape": [int(module.tables.total_rows), int(module.width)],
+        "rows_dtype": "float32",
+    }
+
+
 def _module_entry(name: str, module: CachedEmbedding, state_dict: dict[str, Any]) -> dict[str, Any]:
     key = _rows_key(name)
     rows = state_dict.get(key)
@@ -207,32 +238,34 @@ def _module_entry(name: str, module: CachedEmbedding, state_dict: dict[str, Any]
             "the tables would not be saved (was it removed in on_save_checkpoint?)"
         )
     return {
-        "tables": module.tables.to_list(),
-        "tables_fingerprint": module.tables.fingerprint(),
-        "total_rows": int(module.tables.total_rows),
-        "dim": int(module.dim),
-        "state_width": int(module.width - module.dim),
-        "optimizer": module.optimizer.name,
-        "optimizer_hparams": _plain(module.optimizer.hparams()),
-        "rows_key": key,
+        **_module_config(name, module),
         "rows_shape": [int(s) for s in rows.shape],
         "rows_dtype": str(rows.dtype).removeprefix("torch."),
         "rows_crc32": rows_checksum(rows),
     }
 
 
-def add_bagpipe_section(checkpoint: dict[str, Any], modules: dict[str, CachedEmbedding]) -> None:
+def add_bagpipe_section(
+    checkpoint: dict[str, Any], modules: dict[str, CachedEmbedding], *, rows_in_state_dict: bool = True
+) -> None:
     """Write ``checkpoint["bagpipe"]``: format, version, per-module table config and row checksum, RNG states.
 
     ``modules`` maps module names (as in ``named_modules()``) to the model's CachedEmbedding modules; their
     rows must already be in ``checkpoint["state_dict"]`` (the checksum is taken over exactly those tensors).
+    With ``rows_in_state_dict=False`` (directory checkpoints, whose rows are shard files checksummed by the
+    manifest) only the configuration is recorded.
     """
     state_dict = checkpoint.get("state_dict") or {}
+    entries = {
+        name: _module_entry(name, m, state_dict) if rows_in_state_dict else _module_config(name, m)
+        for name, m in modules.items()
+    }
     checkpoint[SECTION] = {
         "format": FORMAT,
-        "version": VERSION,
+        "version": FILE_VERSION,
         "library_version": __version__,
-        "modules": {name: _module_entry(name, m, state_dict) for name, m in modules.items()},
+        "world_size": 1,
+        "modules": entries,
         "rng": capture_rng_states(),
     }
 
@@ -309,7 +342,11 @@ def _looks_like_torch_zip(path: _PATH) -> bool:
 
 # ---------------------------------------------------------------------------------------------- checks
 def verify_bagpipe_section(
-    checkpoint: dict[str, Any], path: _PATH, modules: dict[str, CachedEmbedding]
+    checkpoint: dict[str, Any],
+    path: _PATH,
+    modules: dict[str, CachedEmbedding],
+    *,
+    layout: str = "file",
 ) -> dict[str, Any] | None:
     """Check that ``checkpoint`` (from ``path``) is a bagpipe checkpoint of ``modules``; return the section.
 
@@ -317,6 +354,10 @@ def verify_bagpipe_section(
     version, when the checkpoint's CachedEmbedding modules or their tables, ``dim`` or optimizer differ from
     the model's, and when a module's saved rows do not match their checksum. Different sparse-optimizer
     hyper-parameters (e.g. a new learning rate) are allowed and only warned about.
+
+    ``layout`` is where the caller found the checkpoint: ``"file"`` (the rows are in the state dict and are
+    checked here) or ``"sharded"`` (the ``checkpoint.pt`` of a directory; the rows are shard files that the
+    manifest checks). A section of the other layout is a ValueError saying which path to pass instead.
     """
     where = os.fspath(path)
     section = checkpoint.get(SECTION)
@@ -335,6 +376,14 @@ def verify_bagpipe_section(
             f"lightning-bagpipe {__version__} reads versions 1..{VERSION}; the file was written by "
             f"{section.get('library_version', 'an unknown version')})"
         )
+    found = section.get("layout", "file")
+    if found != layout:
+        if found == "sharded":
+            raise ValueError(
+                f"{where} is the metadata file of a multi-process (directory) bagpipe checkpoint, without "
+                f"the table rows; pass the directory {os.path.dirname(where) or '.'} instead"
+            )
+        raise ValueError(f"{where}: expected a {layout!r} bagpipe section, found layout {found!r}")
     saved: dict[str, Any] = section.get("modules") or {}
     missing, extra = sorted(set(modules) - set(saved)), sorted(set(saved) - set(modules))
     if missing or extra:
@@ -344,13 +393,14 @@ def verify_bagpipe_section(
         )
     state_dict = checkpoint.get("state_dict") or {}
     for name, module in modules.items():
-        _verify_module(where, name, saved[name], module, state_dict)
+        _verify_module(where, name, saved[name], module, state_dict if layout == "file" else None)
     return section
 
 
 def _verify_module(
-    where: str, name: str, entry: dict[str, Any], module: CachedEmbedding, state_dict: dict[str, Any]
+    where: str, name: str, entry: dict[str, Any], module: CachedEmbedding, state_dict: dict[str, Any] | None
 ) -> None:
+    """Config of one module; its rows' shape and CRC too when ``state_dict`` (a file checkpoint) is given."""
     label = f"CachedEmbedding {name!r}"
     diffs = []
     model_tables = module.tables.to_list()
@@ -366,6 +416,9 @@ def _verify_module(
             diffs.append(f"{key}: checkpoint {entry.get(key)!r}, model {have!r}")
     if diffs:
         raise ValueError(f"{where} was saved for another configuration of {label}: " + "; ".join(diffs))
+    _warn_changed_hparams(label, entry, module)
+    if state_dict is None:
+        return
 
     key = entry.get("rows_key", _rows_key(name))
     rows = state_dict.get(key)
@@ -382,6 +435,9 @@ def _verify_module(
             f"{where}: the table rows of {label} ({key!r}) are corrupted: CRC-32 {crc:#010x} does not match "
             f"the saved {int(entry.get('rows_crc32', -1)) & 0xFFFFFFFF:#010x}"
         )
+
+
+def _warn_changed_hparams(label: str, entry: dict[str, Any], module: CachedEmbedding) -> None:
     saved_h, have_h = entry.get("optimizer_hparams") or {}, _plain(module.optimizer.hparams())
     changed = {k: (saved_h.get(k), v) for k, v in have_h.items() if saved_h.get(k) != v}
     if changed:

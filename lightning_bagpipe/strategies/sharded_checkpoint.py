@@ -1,0 +1,708 @@
+"""Multi-process bagpipe checkpoints: a directory holding one table shard per rank, and a manifest.
+
+With several processes, ``strategy="bagpipe"`` saves a checkpoint as a **directory** (named like the file
+Lightning asked for, e.g. ``ckpts/step=100.ckpt/``). No rank gathers the tables: each rank writes the rows
+it is authoritative for.
+
+``manifest.json``
+    Written last, by rank 0. Format and version, the world size, per CachedEmbedding the shard files and
+    their row ranges, and for *every* file of the directory its size in bytes and CRC-32.
+``checkpoint.pt``
+    Rank 0's Lightning checkpoint (dense weights, optimizer states, loops, loader position, callbacks)
+    *without* the ``<module>.rows`` tensors, and a ``"bagpipe"`` section of layout ``"sharded"`` (format
+    version 2) with each module's table configuration. Loads with ``torch.load(weights_only=True)``, and
+    with ``Model.load_from_checkpoint(..., strict=False)`` (tables left at their initial values).
+``<module>.rows.<r>-of-<W>.npy``
+    Rows ``[r*N//W, (r+1)*N//W)`` of the module's store (weights and sparse-optimizer state), a plain
+    float32 ``.npy`` array, written by rank ``r``: for ``store="sharded"`` the rank's own shard (read from
+    ``ShardedStore.local``), for ``store="shared"`` the same range of the one shared file.
+``rank.<r>-of-<W>.pt``
+    Rank ``r``'s RNG states (torch, CUDA, numpy, ``random``), written by rank ``r``.
+
+A save is atomic at the directory level: rank 0 creates a temporary directory next to the target and
+broadcasts its name; every rank writes and fsyncs its files there; the ranks exchange what they wrote (or
+the error that stopped them); rank 0 writes ``checkpoint.pt`` and the manifest, fsyncs the directory and
+swaps it into place (``renameat2(RENAME_EXCHANGE)`` when the filesystem has it, else two renames), then
+tells every rank the outcome. A crash or ``kill -9`` at any point leaves the previous checkpoint intact.
+
+Loading (:func:`load_bagpipe_checkpoint`) checks the manifest, every file's size and CRC-32 and the table
+configuration, then copies *all* rows into each rank's store, so a checkpoint resumes on any number of
+processes (the rows are re-sharded by whatever store the run uses). Per-rank RNG states are restored only
+when the world size is the one that saved them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import io
+import json
+import os
+import secrets
+import shutil
+import socket
+import types
+import warnings
+import zlib
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+import torch.distributed as dist
+from lightning.fabric.plugins import CheckpointIO
+from lightning.fabric.utilities.types import _PATH
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor, nn
+
+from lightning_bagpipe.__about__ import __version__
+from lightning_bagpipe.embedding.cached import CachedEmbedding
+from lightning_bagpipe.embedding.distributed import ShardedStore
+from lightning_bagpipe.embedding.store import EmbeddingStore
+from lightning_bagpipe.strategies.checkpointing import (
+    SECTION,
+    SHARDED_VERSION,
+    AtomicCheckpointIO,
+    _fsync_dir,
+    _local_path,
+    _pid_alive,
+    _remove_stale_temporaries,
+    _rows_key,
+    add_bagpipe_section,
+    capture_rng_states,
+    read_checkpoint,
+    verify_bagpipe_section,
+)
+
+__all__ = [
+    "MANIFEST",
+    "MANIFEST_FORMAT",
+    "MANIFEST_VERSION",
+    "META",
+    "Comm",
+    "LocalComm",
+    "WorldComm",
+    "is_sharded_checkpoint",
+    "load_bagpipe_checkpoint",
+    "load_checkpoint_for_inference",
+    "read_sharded_checkpoint",
+    "row_bounds",
+    "rows_left_out",
+    "save_sharded_checkpoint",
+]
+
+#: Name of the manifest inside a directory checkpoint.
+MANIFEST = "manifest.json"
+#: Name of rank 0's Lightning checkpoint (without table rows) inside a directory checkpoint.
+META = "checkpoint.pt"
+#: ``format`` field of the manifest.
+MANIFEST_FORMAT = "lightning-bagpipe-sharded-checkpoint"
+#: ``version`` field of the manifest; this library reads versions <= MANIFEST_VERSION.
+MANIFEST_VERSION = 1
+
+_TMP_SUFFIX = ".tmp"
+_OLD_SUFFIX = ".old"
+_CHUNK = 16 << 20
+
+M = TypeVar("M", bound=pl.LightningModule)
+
+
+# ---------------------------------------------------------------------------------------------- ranks
+class Comm(Protocol):
+    """What a directory save needs from the ranks: who we are, broadcast, all-gather (picklable objects)."""
+
+    rank: int
+    world_size: int
+
+    def broadcast(self, obj: Any, src: int = 0) -> Any: ...
+
+    def all_gather(self, obj: Any) -> list[Any]: ...
+
+
+class LocalComm:
+    """One process: the collectives are identities (for ``world_size == 1`` and for tests)."""
+
+    rank = 0
+    world_size = 1
+
+    def broadcast(self, obj: Any, src: int = 0) -> Any:
+        return obj
+
+    def all_gather(self, obj: Any) -> list[Any]:
+        return [obj]
+
+
+class WorldComm:
+    """The ranks of torch.distributed's default group (called from the main thread only, like Lightning)."""
+
+    def __init__(self, rank: int, world_size: int) -> None:
+        self.rank = rank
+        self.world_size = world_size
+
+    def broadcast(self, obj: Any, src: int = 0) -> Any:
+        box = [obj]
+        dist.broadcast_object_list(box, src=src)
+        return box[0]
+
+    def all_gather(self, obj: Any) -> list[Any]:
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+
+def _agree(comm: Comm, error: BaseException | None, what: str) -> None:
+    """Every rank raises if any rank failed (so no rank walks on into a collective and hangs)."""
+    text = None if error is None else f"{type(error).__name__}: {error}"
+    outcomes = comm.all_gather(text)
+    if error is not None:
+        raise error
+    for r, message in enumerate(outcomes):
+        if message is not None:
+            raise RuntimeError(f"{what} failed on rank {r}: {message}")
+
+
+def row_bounds(num_rows: int, world_size: int) -> np.ndarray:
+    """Rank ``r`` holds rows ``[b[r], b[r+1])``: the same contiguous split as :class:`ShardedStore`."""
+    return (np.arange(world_size + 1, dtype=np.int64) * int(num_rows)) // int(world_size)
+
+
+# ---------------------------------------------------------------------------------------------- state dict
+@contextlib.contextmanager
+def rows_left_out(modules: Iterable[CachedEmbedding]) -> Iterator[None]:
+    """While active, ``state_dict()`` leaves the ``<module>.rows`` tensors of ``modules`` out.
+
+    A directory checkpoint saves the rows as per-rank shards, so the state dict must not hold them: for a
+    sharded store, building ``<module>.rows`` would gather every shard onto every rank.
+    """
+    patched: list[CachedEmbedding] = []
+    try:
+        for m in modules:
+            m.__dict__["_save_to_state_dict"] = types.MethodType(nn.Module._save_to_state_dict, m)
+            patched.append(m)
+        yield
+    finally:
+        for m in patched:
+            m.__dict__.pop("_save_to_state_dict", None)
+
+
+def _authoritative_rows(module: CachedEmbedding, rank: int, world_size: int) -> tuple[int, int, Tensor]:
+    """Rows ``[lo, hi)`` this rank saves, as a zero-copy view of the store that holds them here."""
+    store = module.store
+    bounds = row_bounds(store.num_rows, world_size)
+    if isinstance(store, ShardedStore):
+        if store.groups.world_size != world_size or not np.array_equal(store.bounds, bounds):
+            raise RuntimeError(
+                f"the sharded store of {module!r} splits rows over {store.groups.world_size} ranks, "
+                f"the checkpoint over {world_size}"
+            )
+        source: EmbeddingStore = store.local  # rank r is authoritative for its range of its local store
+    else:
+        source = store  # an unshared store of a finished run, or the one file all ranks share
+    lo, hi = int(bounds[rank]), int(bounds[rank + 1])
+    table = source.tensor()
+    return lo, hi, table[lo:hi].contiguous()
+
+
+# ---------------------------------------------------------------------------------------------- save
+def _shard_name(module: str, rank: int, world_size: int) -> str:
+    return f"{_rows_key(module)}.{rank:05d}-of-{world_size:05d}.npy"
+
+
+def _rank_name(rank: int, world_size: int) -> str:
+    return f"rank.{rank:05d}-of-{world_size:05d}.pt"
+
+
+def _write_npy(path: Path, rows: Tensor) -> dict[str, int]:
+    """Write ``rows`` as a float32 ``.npy`` file straight from its memory; fsync; return bytes and CRC-32."""
+    arr = rows.detach().cpu().numpy()
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, np.lib.format.header_data_from_array_1_0(arr))
+    head = header.getvalue()
+    data = memoryview(arr.reshape(-1).view(np.uint8))  # type: ignore[arg-type]
+    with open(path, "xb") as f:
+        f.write(head)
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return {"bytes": len(head) + data.nbytes, "crc32": zlib.crc32(data, zlib.crc32(head))}
+
+
+def _write_torch(path: Path, obj: Any) -> dict[str, int]:
+    """``torch.save`` to a new file, fsync it, and return its size and CRC-32 (read back)."""
+    with open(path, "xb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    return _file_facts(path)
+
+
+def _file_facts(path: Path) -> dict[str, int]:
+    crc, size = 0, 0
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            crc = zlib.crc32(chunk, crc)
+            size += len(chunk)
+    return {"bytes": size, "crc32": crc}
+
+
+def _write_rank_files(
+    tmp: Path, modules: dict[str, CachedEmbedding], rank: int, world_size: int
+) -> dict[str, Any]:
+    """This rank's shards and RNG file; returns the manifest entries for them."""
+    files: dict[str, dict[str, int]] = {}
+    shards: dict[str, dict[str, Any]] = {}
+    for name, m in modules.items():
+        lo, hi, rows = _authoritative_rows(m, rank, world_size)
+        fname = _shard_name(name, rank, world_size)
+        files[fname] = {**_write_npy(tmp / fname, rows), "rank": rank}
+        shards[name] = {"file": fname, "rank": rank, "rows": [lo, hi]}
+    fname = _rank_name(rank, world_size)
+    files[fname] = {
+        **_write_torch(tmp / fname, {"rank": rank, "world_size": world_size, "rng": capture_rng_states()}),
+        "rank": rank,
+    }
+    return {"files": files, "shards": shards}
+
+
+def save_sharded_checkpoint(
+    checkpoint: dict[str, Any],
+    path: _PATH,
+    modules: dict[str, CachedEmbedding],
+    comm: Comm,
+    storage_options: Any | None = None,
+) -> None:
+    """Save ``checkpoint`` (identical dense parts on every rank) as a directory; collective on ``comm``.
+
+    ``checkpoint["state_dict"]`` must not hold the ``<module>.rows`` tensors (see :func:`rows_left_out`);
+    each rank writes its row range of every module in ``modules``. Every rank returns once the directory
+    is in place, or raises if any rank failed (then nothing at ``path`` has changed).
+    """
+    if storage_options is not None:
+        raise TypeError(
+            f"multi-process bagpipe checkpoints do not take storage_options (got {storage_options!r})"
+        )
+    target = comm.broadcast(os.fspath(path) if comm.rank == 0 else None)  # rank 0's name wins
+    error: BaseException | None = None
+    tmp: Path | None = None
+    if comm.rank == 0:
+        try:
+            tmp = _make_temporary_dir(target)
+        except Exception as err:
+            error = err
+    _agree(comm, error, f"creating the directory of checkpoint {target}")
+    tmp = Path(comm.broadcast(str(tmp) if comm.rank == 0 else None))
+
+    mine: dict[str, Any] | None = None
+    try:
+        mine = _write_rank_files(tmp, modules, comm.rank, comm.world_size)
+    except Exception as err:
+        error = err
+    parts = comm.all_gather(mine)
+    try:
+        _agree(comm, error, f"writing the table shards of checkpoint {target}")
+    except BaseException:
+        if comm.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+    outcome: str | None = None
+    if comm.rank == 0:
+        try:
+            _finish(tmp, Path(target), checkpoint, modules, parts, comm.world_size)
+        except BaseException as err:
+            shutil.rmtree(tmp, ignore_errors=True)
+            outcome = f"{type(err).__name__}: {err}"
+            comm.broadcast(outcome)
+            raise
+    outcome = comm.broadcast(outcome)
+    if outcome is not None:
+        raise RuntimeError(f"rank 0 could not complete checkpoint {target}: {outcome}")
+
+
+def _make_temporary_dir(target: str) -> Path:
+    local = _local_path(target)
+    if local is None:
+        raise ValueError(
+            f"multi-process bagpipe checkpoints are directories on a filesystem every rank can reach; "
+            f"{target} is a remote URL"
+        )
+    dest = Path(local)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(dest)
+    _remove_stale_old_copies(dest)
+    unique = f"{socket.gethostname()}.{os.getpid()}.{secrets.token_hex(4)}"
+    tmp = dest.parent / f".{dest.name}.{unique}{_TMP_SUFFIX}"
+    tmp.mkdir()
+    return tmp
+
+
+def _finish(
+    tmp: Path,
+    target: Path,
+    checkpoint: dict[str, Any],
+    modules: dict[str, CachedEmbedding],
+    parts: list[dict[str, Any]],
+    world_size: int,
+) -> None:
+    """Rank 0: write checkpoint.pt and the manifest, fsync, swap the directory into place."""
+    add_bagpipe_section(checkpoint, modules, rows_in_state_dict=False)
+    section = checkpoint[SECTION]
+    section.pop("rng", None)  # each rank's generators are in its own rank file
+    section.update(version=SHARDED_VERSION, layout="sharded", world_size=world_size)
+    leaked = [e["rows_key"] for e in section["modules"].values() if e["rows_key"] in checkpoint["state_dict"]]
+    if leaked:
+        raise RuntimeError(f"the state dict of a directory checkpoint must not hold the table rows {leaked}")
+    files: dict[str, dict[str, int]] = {}
+    for part in parts:
+        files.update(part["files"])
+    files[META] = {**_write_torch(tmp / META, checkpoint), "rank": 0}
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "version": MANIFEST_VERSION,
+        "library_version": __version__,
+        "world_size": world_size,
+        "global_step": int(checkpoint.get("global_step", -1)),
+        "checkpoint": META,
+        "ranks": [_rank_name(r, world_size) for r in range(world_size)],
+        "modules": {
+            name: {
+                "total_rows": int(m.tables.total_rows),
+                "width": int(m.width),
+                "dtype": "float32",
+                "shards": [part["shards"][name] for part in parts],
+            }
+            for name, m in modules.items()
+        },
+        "files": dict(sorted(files.items())),
+    }
+    with open(tmp / MANIFEST, "x") as f:
+        json.dump(manifest, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync_dir(tmp)
+    _install(tmp, target)
+
+
+def _install(tmp: Path, target: Path) -> None:
+    """Put the complete directory ``tmp`` at ``target`` so ``target`` is always the old or the new one."""
+    if os.path.lexists(target):
+        if _exchange(tmp, target):
+            _remove(tmp)  # it now holds the previous checkpoint
+        else:
+            old = tmp.with_name(tmp.name.removesuffix(_TMP_SUFFIX) + _OLD_SUFFIX)
+            os.rename(target, old)  # a crash between these two renames leaves the previous one at ``old``
+            os.rename(tmp, target)
+            _remove(old)
+    else:
+        os.rename(tmp, target)
+    _fsync_dir(target.parent)
+
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False
+    raise OSError(code, f"renameat2({a}, {b}, RENAME_EXCHANGE): {os.strerror(code)}")
+
+
+def _remove(p: Path) -> None:
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            p.unlink()
+
+
+def _old_copies(target: Path) -> list[Path]:
+    return sorted(target.parent.glob(f".{target.name}.*{_OLD_SUFFIX}"))
+
+
+def _remove_stale_old_copies(target: Path) -> None:
+    """Previous checkpoints parked by an interrupted fallback replace, once ``target`` exists again."""
+    if not os.path.lexists(target):
+        return  # then the parked copy may be the only checkpoint: keep it
+    host = socket.gethostname()
+    for p in _old_copies(target):
+        parts = p.name[len(target.name) + 2 : -len(_OLD_SUFFIX)].rsplit(".", 2)
+        if len(parts) == 3 and parts[0] == host and parts[1].isdigit() and not _pid_alive(int(parts[1])):
+            _remove(p)
+
+
+# ---------------------------------------------------------------------------------------------- load
+def is_sharded_checkpoint(path: _PATH) -> bool:
+    """Whether ``path`` is a local directory (a directory checkpoint, or a directory that is not one)."""
+    local = _local_path(path)
+    return local is not None and Path(local).is_dir()
+
+
+def _read_manifest(d: Path) -> dict[str, Any]:
+    mpath = d / MANIFEST
+    if not mpath.exists():
+        listing = sorted(p.name for p in d.iterdir())[:8]
+        raise ValueError(
+            f"{d} is not a bagpipe checkpoint: it is a directory without {MANIFEST} (a multi-process "
+            f"bagpipe checkpoint is a directory with {MANIFEST}, {META} and one table shard per rank; "
+            f"this one holds {listing})"
+        )
+    try:
+        manifest = json.loads(mpath.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{mpath} is not valid JSON ({err}); the checkpoint is damaged") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        raise ValueError(f"{d} is not a bagpipe checkpoint: {mpath} is not a {MANIFEST_FORMAT} manifest")
+    version = manifest.get("version")
+    if not isinstance(version, int) or not 1 <= version <= MANIFEST_VERSION:
+        raise ValueError(
+            f"{mpath}: manifest version {version!r} is not supported (this lightning-bagpipe {__version__} "
+            f"reads versions 1..{MANIFEST_VERSION}; written by {manifest.get('library_version', 'unknown')})"
+        )
+    for key in ("world_size", "files", "modules", "ranks"):
+        if key not in manifest:
+            raise ValueError(f"{mpath}: the manifest has no {key!r}; the checkpoint is damaged")
+    world = manifest["world_size"]
+    ranks = manifest["ranks"]
+    if not isinstance(world, int) or world < 1 or not isinstance(ranks, list) or len(ranks) != world:
+        raise ValueError(f"{mpath}: world_size {world!r} and rank files {ranks!r} disagree; it is damaged")
+    return manifest
+
+
+def _describe(name: str, entry: dict[str, Any], world_size: int) -> str:
+    if name == META:
+        return f"{name} (rank 0's Lightning checkpoint)"
+    return f"{name} (written by rank {entry.get('rank', '?')} of {world_size})"
+
+
+def _verify_file(d: Path, manifest: dict[str, Any], name: str) -> None:
+    """Raise ValueError naming the file when it is missing, truncated, too long or fails its CRC-32."""
+    entry = manifest["files"].get(name)
+    if entry is None:
+        raise ValueError(f"{d}: the manifest does not list {name}; the checkpoint is damaged")
+    what = _describe(name, entry, manifest["world_size"])
+    p = d / name
+    if not p.is_file():
+        raise ValueError(f"{d}: {what} is missing; the checkpoint is incomplete")
+    size = p.stat().st_size
+    if size != entry["bytes"]:
+        kind = "truncated" if size < entry["bytes"] else "longer than the manifest says"
+        raise ValueError(f"{d}: {what} is {kind}: {size} bytes, the manifest says {entry['bytes']}")
+    crc = _file_facts(p)["crc32"]
+    if crc != entry["crc32"]:
+        raise ValueError(
+            f"{d}: {what} is corrupted: CRC-32 {crc:#010x} does not match the manifest's "
+            f"{int(entry['crc32']) & 0xFFFFFFFF:#010x}"
+        )
+
+
+def _check_layout(
+    d: Path, manifest: dict[str, Any], modules: dict[str, CachedEmbedding]
+) -> dict[str, list[dict[str, Any]]]:
+    """Each module's shards, checked to tile its rows exactly; keyed by module name."""
+    saved = manifest["modules"]
+    if sorted(saved) != sorted(modules):
+        raise ValueError(
+            f"{d}: the checkpoint's CachedEmbedding modules {sorted(saved)} do not match the model's "
+            f"{sorted(modules)}"
+        )
+    out = {}
+    for name, m in modules.items():
+        entry = saved[name]
+        if (entry.get("total_rows"), entry.get("width")) != (m.tables.total_rows, m.width):
+            raise ValueError(
+                f"{d}: CachedEmbedding {name!r} was saved with {entry.get('total_rows')} rows x "
+                f"{entry.get('width')} floats, the model has {m.tables.total_rows} x {m.width}"
+            )
+        shards = sorted(entry["shards"], key=lambda s: s["rows"][0])
+        edges = [0] + [b for s in shards for b in s["rows"]] + [m.tables.total_rows]
+        unlisted = [s["file"] for s in shards if s["file"] not in manifest["files"]]
+        if unlisted:
+            raise ValueError(f"{d}: the manifest has no size or checksum of shards {unlisted}; it is damaged")
+        if any(edges[i] != edges[i + 1] for i in range(0, len(edges), 2)) or any(
+            s["rows"][0] > s["rows"][1] for s in shards
+        ):
+            raise ValueError(
+                f"{d}: the shards of CachedEmbedding {name!r} do not cover rows 0..{m.tables.total_rows} "
+                f"exactly once ({[s['rows'] for s in shards]}); the manifest is damaged"
+            )
+        out[name] = shards
+    return out
+
+
+def _restore_rows(d: Path, name: str, module: CachedEmbedding, shards: list[dict[str, Any]]) -> Tensor:
+    """Copy every shard into the module's store (no full-table copy in RAM); return the store's table."""
+    store = module.store.local if isinstance(module.store, ShardedStore) else module.store
+    for shard in shards:
+        p = d / shard["file"]
+        lo, hi = shard["rows"]
+        try:
+            arr = np.load(p, mmap_mode="c", allow_pickle=False)
+        except (ValueError, OSError) as err:
+            raise ValueError(f"{d}: shard {shard['file']} is not a readable .npy array ({err})") from None
+        if arr.dtype != np.float32 or arr.shape != (hi - lo, module.width) or not arr.flags.c_contiguous:
+            raise ValueError(
+                f"{d}: shard {shard['file']} holds a {arr.dtype} array of shape {list(arr.shape)}, "
+                f"CachedEmbedding {name!r} needs float32 [{hi - lo}, {module.width}] (rows {lo}..{hi})"
+            )
+        if hi > lo:
+            store.write_range(lo, torch.from_numpy(arr))
+        del arr
+    return store.tensor()
+
+
+def read_sharded_checkpoint(
+    path: _PATH, modules: dict[str, CachedEmbedding], *, rank: int, world_size: int
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Verify the directory checkpoint ``path``, restore every module's rows into its store.
+
+    Returns the Lightning checkpoint dict (its ``state_dict["<module>.rows"]`` are the restored stores'
+    own tables, so Lightning's ``load_state_dict`` finds them in place) and this rank's saved RNG states
+    when ``world_size`` equals the saving world size, else ``None`` (with a warning).
+    """
+    d = Path(os.fspath(path))
+    manifest = _read_manifest(d)
+    saved_world = manifest["world_size"]
+    _verify_file(d, manifest, META)
+    checkpoint = read_checkpoint(AtomicCheckpointIO(), d / META, weights_only=True)
+    verify_bagpipe_section(checkpoint, d, modules, layout="sharded")
+    layout = _check_layout(d, manifest, modules)
+    for name in manifest["files"]:
+        if name != META:
+            _verify_file(d, manifest, name)
+    state_dict = checkpoint.setdefault("state_dict", {})
+    for name, m in modules.items():
+        state_dict[_rows_key(name)] = _restore_rows(d, name, m, layout[name])
+    if saved_world != world_size:
+        rank_zero_warn(
+            f"bagpipe: checkpoint {d} was saved by {saved_world} processes and is resumed on {world_size}: "
+            "the tables, dense state and the position in the batch stream are restored, the per-rank RNG "
+            "states are not (each rank's generators continue from their current seed)"
+        )
+        return checkpoint, None
+    rank_file = d / manifest["ranks"][rank]
+    saved_rank = read_checkpoint(AtomicCheckpointIO(), rank_file, weights_only=True)
+    if saved_rank.get("rank") != rank or saved_rank.get("world_size") != world_size:
+        raise ValueError(f"{rank_file} holds the state of rank {saved_rank.get('rank')}, not of rank {rank}")
+    return checkpoint, {"rng": saved_rank.get("rng")}
+
+
+def load_bagpipe_checkpoint(
+    io: CheckpointIO,
+    path: _PATH,
+    weights_only: bool | None,
+    modules: dict[str, CachedEmbedding],
+    comm: Comm,
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Load a file or directory bagpipe checkpoint on every rank; return it and what to resume RNGs from.
+
+    A file is read through ``io`` and checked (section, configuration, rows CRC); a directory is read by
+    :func:`read_sharded_checkpoint`. Every rank loads; if any rank fails, every rank raises (the failing
+    rank its own error, the others one naming that rank), so no rank goes on into a collective and hangs.
+    """
+    result: tuple[dict[str, Any], dict[str, Any] | None] | None = None
+    error: BaseException | None = None
+    try:
+        result = _load_on_this_rank(io, path, weights_only, modules, comm.rank, comm.world_size)
+    except Exception as err:
+        error = err
+    _agree(comm, error, f"loading checkpoint {os.fspath(path)}")
+    assert result is not None
+    return result
+
+
+def _load_on_this_rank(
+    io: CheckpointIO,
+    path: _PATH,
+    weights_only: bool | None,
+    modules: dict[str, CachedEmbedding],
+    rank: int,
+    world_size: int,
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    local = _local_path(path)
+    if local is not None and not os.path.lexists(local):
+        parked = _old_copies(Path(local))
+        hint = f"; an interrupted save left the previous checkpoint at {parked[-1]}" if parked else ""
+        raise FileNotFoundError(f"checkpoint {os.fspath(path)} does not exist{hint}")
+    if is_sharded_checkpoint(path):
+        assert local is not None
+        return read_sharded_checkpoint(local, modules, rank=rank, world_size=world_size)
+    checkpoint = read_checkpoint(io, path, weights_only)
+    section = verify_bagpipe_section(checkpoint, path, modules)
+    saved_world = int((section or {}).get("world_size", 1))
+    if section is not None and saved_world != world_size:
+        rank_zero_warn(
+            f"bagpipe: checkpoint {os.fspath(path)} was saved by {saved_world} process(es) and is resumed on "
+            f"{world_size}: the tables, dense state and the position in the batch stream are restored, the "
+            "RNG states are not"
+        )
+        return checkpoint, None
+    return checkpoint, section
+
+
+# ---------------------------------------------------------------------------------------------- inference
+def load_checkpoint_for_inference(
+    model_cls: type[M],
+    path: _PATH,
+    *,
+    map_location: Any = None,
+    strict: bool = True,
+    **kwargs: Any,
+) -> M:
+    """``model_cls.load_from_checkpoint(path)`` for bagpipe checkpoints, files and directories alike.
+
+    For a single-file checkpoint this is ``model_cls.load_from_checkpoint(path, weights_only=True, ...)``.
+    For a directory it loads ``checkpoint.pt`` the same way, then checks the shards (size, CRC-32, table
+    configuration) and copies them into each CachedEmbedding's store, shard by shard, without building the
+    whole table in RAM first. Pass ``store=...`` (if your ``__init__`` takes it) to restore into a
+    memory-mapped store. The returned module needs no strategy: every forward reads the store.
+
+    With ``strict`` (the default), keys other than the table rows that are missing from the checkpoint, or
+    that the model does not have, are a ValueError.
+    """
+    if not is_sharded_checkpoint(path):
+        return model_cls.load_from_checkpoint(
+            path, map_location=map_location, strict=strict, weights_only=True, **kwargs
+        )
+    d = Path(os.fspath(path))
+    manifest = _read_manifest(d)
+    _verify_file(d, manifest, META)
+    with warnings.catch_warnings():  # the rows are missing by design; other keys are checked below
+        warnings.filterwarnings("ignore", message="Found keys that are in the model state dict but not in")
+        model = model_cls.load_from_checkpoint(
+            d / META, map_location=map_location, strict=False, weights_only=True, **kwargs
+        )
+    modules = {n: m for n, m in model.named_modules() if isinstance(m, CachedEmbedding)}
+    meta = read_checkpoint(AtomicCheckpointIO(), d / META, weights_only=True)
+    verify_bagpipe_section(meta, d, modules, layout="sharded")
+    layout = _check_layout(d, manifest, modules)
+    for name in manifest["files"]:
+        if name != META:
+            _verify_file(d, manifest, name)
+    rows = {_rows_key(n) for n in modules}
+    have, saved = set(model.state_dict()), set(meta.get("state_dict") or {})
+    missing, unexpected = sorted(have - saved - rows), sorted(saved - have)
+    if strict and (missing or unexpected):
+        raise ValueError(
+            f"{d / META} does not fit {model_cls.__name__}: missing keys {missing}, unexpected keys "
+            f"{unexpected} (pass strict=False to load anyway)"
+        )
+    if missing:
+        rank_zero_warn(f"{d / META}: keys of {model_cls.__name__} not in the checkpoint: {missing}")
+    for name, m in modules.items():
+        _restore_rows(d, name, m, layout[name])
+    return model
