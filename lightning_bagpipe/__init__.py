@@ -30,8 +30,8 @@ __all__ = [
     "SparseFeatures",
     "TableSpec",
     "Tables",
-    "load_checkpoint_for_inference",
     "__version__",
+    "load_checkpoint_for_inference",
     "models",
     "optim",
 ]
