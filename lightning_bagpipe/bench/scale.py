@@ -1,0 +1,487 @@
+"""Scale benchmark: a table larger than RAM-friendly sizes in a memory-mapped store, with its memory bill.
+
+``lightning-bagpipe bench scale --json PATH`` trains DeepFM with ``Trainer(strategy="bagpipe")`` on synthetic
+Criteo-shaped data whose 26 tables add up to ``--rows`` rows (default ``2**28``; the sizes are Criteo
+Kaggle's, scaled), each row ``dim`` weights + 1 first-order weight + 1 row-wise Adagrad state float, kept
+in an :class:`~lightning_bagpipe.MmapStore` file. Contenders, each in a fresh process (so its peak
+resident set, ``VmHWM``, is its own) and interleaved over ``--repeats``:
+
+* **mmap_big**: ``--rows`` rows in a memory-mapped file;
+* **mmap_small** and **memory_small**: ``--small-rows`` rows (a table that fits in RAM) in a
+  memory-mapped file and in a :class:`~lightning_bagpipe.MemoryStore`, on the same data: the store's
+  own cost at equal size;
+* **oracle_big**: the lookahead oracle alone on the big run's id stream, for its resident memory.
+
+Initialisation: the library initialises every row of a new store (``2**28`` rows are 19 GB of writes).
+This benchmark instead creates the file sparse (``ftruncate``) and writes only the rows the run will
+touch (known in advance: the synthetic stream is deterministic), with a cheap hash-based
+``uniform(-1/sqrt(n), 1/sqrt(n))`` of the fused id, then marks the store initialised so
+``CachedEmbedding`` opens it as is. Rows never touched stay zero and are never read. The in-RAM store
+gets the same rows, so both small contenders train the same model (their losses must match). This
+shortcut lives in this file only and is for benchmarks, not for training real models.
+
+Before every run on a file its pages are flushed and dropped from the page cache
+(``posix_fadvise(DONTNEED)``), so rows come from disk as for a table larger than RAM (``--warm`` keeps
+them cached). Reported per run: samples/s (timed after ``--warmup`` steps), ``VmHWM``, the peaks of
+``RssAnon`` (process memory) and ``RssFile`` (mapped file pages, which the kernel can reclaim) sampled
+every 50 ms, cache figures, and the file's apparent and allocated size on disk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import mmap
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from lightning_bagpipe.bench.common import (
+    RssSampler,
+    disk_usage,
+    interleaved,
+    machine_info,
+    median_figures,
+    proc_status_bytes,
+    suite_config,
+)
+from lightning_bagpipe.data.criteo_shape import CRITEO_KAGGLE_CARDINALITIES
+from lightning_bagpipe.data.synthetic import mix64
+from lightning_bagpipe.embedding.store import EmbeddingStore, MmapStore
+from lightning_bagpipe.optim.sparse import RowWiseAdagrad, SparseOptimizer
+from lightning_bagpipe.tables import Tables
+
+CONTENDERS = ("mmap_big", "mmap_small", "memory_small")
+_PAGE = 4096
+_QUEUE = 4
+_GIB = 2**30
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The suite's flags (``--json`` is added by the command line front end)."""
+    parser.add_argument("--rows", type=int, default=2**28, help="total table rows of the big run (2**28)")
+    parser.add_argument(
+        "--small-rows", type=int, default=2**24, help="total rows of the pair that fits in RAM (2**24)"
+    )
+    parser.add_argument("--batch-size", type=int, default=4096)
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per run")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps before them")
+    parser.add_argument("--repeats", type=int, default=1, help="runs per contender (medians reported)")
+    parser.add_argument("--embedding-dim", type=int, default=16)
+    parser.add_argument("--lookahead", type=int, default=16, help="oracle lookahead L")
+    parser.add_argument("--cache-rows", type=int, default=262144, help="cache capacity in rows")
+    parser.add_argument("--zipf", type=float, default=1.0, help="Zipf exponent of the synthetic ids")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--dir", type=Path, default=None, help="where the store files go (default: a temp dir)"
+    )
+    parser.add_argument("--keep-files", action="store_true", help="do not delete the store files at the end")
+    parser.add_argument("--warm", action="store_true", help="keep the files in the page cache between runs")
+    parser.add_argument("--no-oracle", action="store_true", help="skip the oracle-only memory measurement")
+    parser.add_argument(
+        "--madvise-random",
+        action="store_true",
+        help="also run the big table with its mapping advised MADV_RANDOM (an experiment: mmap_big_random)",
+    )
+    parser.add_argument("--timeout", type=float, default=1800.0, help="seconds before a run is killed")
+    parser.add_argument("--worker", type=str, default=None, help=argparse.SUPPRESS)
+
+
+def _check(args: argparse.Namespace) -> None:
+    for flag in ("rows", "small_rows", "batch_size", "steps", "warmup", "repeats", "embedding_dim",
+                 "lookahead", "cache_rows"):  # fmt: skip
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    for flag in ("rows", "small_rows"):
+        if getattr(args, flag) < 26 * 2:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 52 (26 tables of >= 2 rows)")
+
+
+def scale_for(rows: int) -> float:
+    """The ``scale`` of Criteo Kaggle's cardinalities whose tables add up to about ``rows`` rows."""
+    return rows / sum(CRITEO_KAGGLE_CARDINALITIES)
+
+
+# ---------------------------------------------------------------------- the suite (parent process)
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Initialise the store files, run the contenders in fresh processes, collect medians."""
+    _check(args)
+    own_dir = args.dir is None
+    root = Path(tempfile.mkdtemp(prefix="bagpipe-scale-")) if own_dir else Path(args.dir)
+    root.mkdir(parents=True, exist_ok=True)
+    base = {
+        "batch_size": args.batch_size,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "embedding_dim": args.embedding_dim,
+        "lookahead": args.lookahead,
+        "cache_rows": args.cache_rows,
+        "zipf": args.zipf,
+        "seed": args.seed,
+    }
+    files = {"mmap_big": (root / "big.f32", args.rows), "mmap_small": (root / "small.f32", args.small_rows)}
+    out: dict[str, Any] = {"suite": "scale", "config": suite_config(args), "dir": str(root)}
+    load0 = os.getloadavg()[0]
+    try:
+        _check_disk(root, args)
+        inits = {}
+        for name, (path, rows) in files.items():
+            for stale in (path, Path(str(path) + ".json")):
+                stale.unlink(missing_ok=True)
+            inits[name] = _launch({**base, "role": "init", "rows": rows, "path": str(path)}, args.timeout)
+        names = [*CONTENDERS, *(["mmap_big_random"] if args.madvise_random else [])]
+        runs: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
+        losses: dict[str, list[float]] = {}
+        for _, name in interleaved(names, args.repeats):
+            if name == "memory_small":
+                cfg = {**base, "role": "train", "store": "memory", "rows": args.small_rows}
+            else:
+                path, rows = files[name.removesuffix("_random")]
+                if not args.warm:
+                    drop_page_cache(path)
+                cfg = {**base, "role": "train", "store": "mmap", "rows": rows, "path": str(path)}
+                cfg["advise_random"] = name.endswith("_random")
+            result = _launch(cfg, args.timeout)
+            losses.setdefault(name, result.pop("losses"))
+            runs[name].append(result)
+        contenders: dict[str, Any] = {n: median_figures(r) for n, r in runs.items()}
+        for name, (path, _) in files.items():
+            contenders[name]["init"] = inits[name]
+            contenders[name]["disk"] = disk_usage(path)
+        if not args.no_oracle:
+            contenders["oracle_big"] = _launch({**base, "role": "oracle", "rows": args.rows}, args.timeout)
+    finally:
+        if not args.keep_files:
+            for path, _ in files.values():
+                for f in (path, Path(str(path) + ".json")):
+                    f.unlink(missing_ok=True)
+            if own_dir:
+                shutil.rmtree(root, ignore_errors=True)
+    big, mem = contenders["mmap_big"], contenders["memory_small"]
+    out["contenders"] = contenders
+    out["ratios"] = {
+        f"{n}_over_memory_small": contenders[n]["samples_per_second"] / mem["samples_per_second"]
+        for n in names
+        if n != "memory_small"
+    }
+    diffs = [abs(x - y) for x, y in zip(losses["mmap_small"], losses["memory_small"])]
+    out["checks"] = {
+        **{f"{n}_loss_decreased": bool(contenders[n].get("loss_decreased")) for n in names},
+        "max_abs_loss_diff_mmap_small_vs_memory_small": max(diffs) if diffs else None,
+    }
+    out["goals"] = {
+        "mmap_big_peak_rss_under_2GiB": big["vm_hwm_bytes"] < 2 * _GIB,
+        "mmap_big_at_least_0.8x_memory_small": out["ratios"]["mmap_big_over_memory_small"] >= 0.8,
+    }
+    out["machine"] = {
+        **machine_info(),
+        "load_average_1m_before": load0,
+        "load_average_1m_after": os.getloadavg()[0],
+    }
+    return out
+
+
+def _check_disk(root: Path, args: argparse.Namespace) -> None:
+    """Refuse to start when the two sparse files might not fit: a file allocates at most one page per id
+    occurrence of the stream, and at most its full size (the kernel can allocate whole large folios)."""
+    width = args.embedding_dim + 2
+    occurrences = (args.warmup + args.steps + args.lookahead + _QUEUE) * args.batch_size * 26
+    worst = sum(min(rows * width * 4, occurrences * _PAGE) for rows in (args.rows, args.small_rows))
+    free = shutil.disk_usage(root).free
+    if worst > free * 0.9:
+        raise ValueError(
+            f"bench scale: the store file under {root} may allocate up to {worst / _GIB:.1f} GiB but only "
+            f"{free / _GIB:.1f} GiB are free; pass --dir on a larger disk or lower --rows/--steps"
+        )
+
+
+def drop_page_cache(path: Path) -> None:
+    """Write the file's dirty pages and drop it from the page cache, so the next run reads from disk."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def _launch(cfg: dict[str, Any], timeout: float) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "result.json"
+        cmd = [
+            sys.executable,
+            "-m",
+            "lightning_bagpipe.bench.scale",
+            "--worker",
+            json.dumps({**cfg, "out": str(out)}),
+        ]
+        env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
+        done = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=timeout, env=env, start_new_session=True
+        )
+        if done.returncode != 0 or not out.exists():
+            what = f"bench scale: {cfg['role']} run {cfg} failed (exit {done.returncode})"
+            raise RuntimeError(f"{what}:\n{done.stderr[-3000:]}")
+        result: dict[str, Any] = json.loads(out.read_text())
+        return result
+
+
+# ---------------------------------------------------------------------- lazy initialisation (bench only)
+def lazy_rows(
+    tables: Tables, dim: int, optimizer: SparseOptimizer, seed: int, ids: np.ndarray, chunk: int = 1 << 20
+) -> Iterator[tuple[np.ndarray, Tensor]]:
+    """Initial ``(ids, rows)`` for the distinct ``ids`` only, ``chunk`` rows at a time, ids ascending.
+
+    Weights are ``(2u - 1) / sqrt(n_table)`` with ``u`` uniform in ``[0, 1)`` from a 64-bit hash of
+    ``(seed, fused id, column)``; the optimizer state is its initial state.
+    """
+    uniq = np.unique(np.asarray(ids, dtype=np.int64))
+    state = optimizer.initial_state(dim)
+    bounds = (1.0 / np.sqrt(tables.sizes.astype(np.float64))).astype(np.float32)
+    cols = np.arange(dim, dtype=np.uint64)
+    salt = np.uint64((int(seed) * 0x9E3779B1 + 0x5CA1E) % 2**64)
+    for lo in range(0, uniq.size, chunk):
+        part = uniq[lo : lo + chunk]
+        h = part.astype(np.uint64)[:, None] * np.uint64(dim) + cols[None, :]
+        h ^= salt
+        u = (mix64(h) >> np.uint64(40)).astype(np.float32) * np.float32(2.0**-24)
+        table_of = np.searchsorted(tables.offsets, part, side="right") - 1
+        rows = torch.empty(part.size, dim + state.numel(), dtype=torch.float32)
+        rows[:, :dim] = torch.from_numpy((2.0 * u - 1.0) * bounds[table_of][:, None])
+        rows[:, dim:] = state
+        yield part, rows
+
+
+def mark_initialized(
+    store: EmbeddingStore, tables: Tables, dim: int, optimizer: SparseOptimizer, seed: int
+) -> None:
+    """Record in ``store``'s metadata what ``CachedEmbedding`` checks, so it opens the rows as they are."""
+    store.set_metadata(
+        initialized=True,
+        tables=tables.to_list(),
+        tables_fingerprint=tables.fingerprint(),
+        dim=int(dim),
+        optimizer=optimizer.name,
+        state_width=optimizer.state_width(dim),
+        seed=int(seed),
+        init="bench scale: touched rows only, hash-based uniform",
+    )
+
+
+def lazy_initialize(
+    store: EmbeddingStore, tables: Tables, dim: int, optimizer: SparseOptimizer, seed: int, ids: np.ndarray
+) -> int:
+    """Write the initial rows of the distinct ``ids`` into ``store`` and mark it initialised.
+
+    Returns the number of rows written. Every other row keeps what the store holds (zeros when new).
+    """
+    written = 0
+    for part, rows in lazy_rows(tables, dim, optimizer, seed, ids):
+        store.write(part, rows, check_unique=False)
+        written += part.size
+    store.flush()
+    mark_initialized(store, tables, dim, optimizer, seed)
+    return written
+
+
+def lazy_initialize_file(
+    path: str | os.PathLike[str],
+    tables: Tables,
+    dim: int,
+    optimizer: SparseOptimizer,
+    seed: int,
+    ids: np.ndarray,
+) -> int:
+    """Create a sparse :class:`MmapStore` file at ``path`` holding only the initial rows of ``ids``.
+
+    The rows are written through a mapping of this function's own advised ``MADV_RANDOM``: with the
+    default advice the kernel reads around every faulting page and dirties whole large folios, so a
+    scattered write of a few rows allocates (and later reads) most of the file.
+    """
+    width = optimizer.row_width(dim)
+    MmapStore(path, num_rows=tables.total_rows, width=width, mode="create").close()  # sparse file + sidecar
+    written = 0
+    with open(path, "r+b") as f, mmap.mmap(f.fileno(), 0) as m:
+        m.madvise(mmap.MADV_RANDOM)
+        table = np.frombuffer(m, dtype=np.float32).reshape(tables.total_rows, width)
+        for part, rows in lazy_rows(tables, dim, optimizer, seed, ids):
+            table[part] = rows.numpy()
+            written += part.size
+        del table  # release the buffer before the mapping closes
+        m.flush()
+    store = MmapStore(path, mode="open")
+    mark_initialized(store, tables, dim, optimizer, seed)
+    store.close()
+    return written
+
+
+class AdvisedMmapStore(MmapStore):
+    """An existing :class:`MmapStore` file whose mapping is advised ``MADV_RANDOM`` (``--madvise-random``).
+
+    An experiment, not a library store: it measures what the library's store would gain from that advice
+    (no read-around on the row-sized random reads and writes of the cache's fetches and write-backs).
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        super().__init__(path, mode="open")
+        assert self._array is not None
+        self._array._mmap.madvise(mmap.MADV_RANDOM)  # type: ignore[attr-defined]
+
+
+# ---------------------------------------------------------------------- worker processes
+def _source(cfg: dict[str, Any]) -> Any:
+    from lightning_bagpipe.data.synthetic import SyntheticCriteo
+
+    batches = cfg["warmup"] + cfg["steps"] + cfg["lookahead"] + _QUEUE
+    return SyntheticCriteo(
+        cfg["batch_size"], batches, scale=scale_for(cfg["rows"]), zipf=cfg["zipf"], seed=cfg["seed"]
+    )
+
+
+def _touched(src: Any) -> np.ndarray:
+    return np.unique(np.concatenate([b.copy() for b in src.id_batches()]))
+
+
+def _worker_init(cfg: dict[str, Any]) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    src = _source(cfg)
+    dim = cfg["embedding_dim"] + 1  # DeepFM's rows: the embedding and the first-order weight
+    opt = RowWiseAdagrad(lr=0.02)
+    written = lazy_initialize_file(cfg["path"], src.tables, dim, opt, cfg["seed"], _touched(src))
+    drop_page_cache(Path(cfg["path"]))
+    return {
+        "total_rows": src.tables.total_rows,
+        "rows_initialized": written,
+        "init_seconds": time.perf_counter() - t0,
+        **disk_usage(cfg["path"]),
+    }
+
+
+def _worker_train(cfg: dict[str, Any]) -> dict[str, Any]:
+    import warnings
+
+    import lightning.pytorch as pl
+
+    from lightning_bagpipe.bench.train import _Clock
+    from lightning_bagpipe.data.criteo import CriteoDataModule
+    from lightning_bagpipe.embedding.store import MemoryStore
+    from lightning_bagpipe.models.deepfm import DeepFM
+    from lightning_bagpipe.strategies.bagpipe import BagpipeStrategy
+
+    warnings.filterwarnings("ignore")
+    pl.seed_everything(cfg["seed"], verbose=False)
+    batches = cfg["warmup"] + cfg["steps"] + cfg["lookahead"] + _QUEUE
+    dm = CriteoDataModule(
+        "synthetic",
+        batch_size=cfg["batch_size"],
+        lookahead=cfg["lookahead"],
+        cache_rows=cfg["cache_rows"],
+        scale=scale_for(cfg["rows"]),
+        num_batches=batches,
+        val_batches=0,
+        zipf=cfg["zipf"],
+        seed=cfg["seed"],
+    )
+    dim = cfg["embedding_dim"] + 1
+    opt = RowWiseAdagrad(lr=0.02)
+    store: Any
+    if cfg["store"] == "memory":
+        store = MemoryStore(dm.tables.total_rows, opt.row_width(dim), pin_memory=False)
+        lazy_initialize(store, dm.tables, dim, opt, cfg["seed"], _touched(_source(cfg)))
+    elif cfg.get("advise_random"):
+        store = AdvisedMmapStore(cfg["path"])
+    else:
+        store = cfg["path"]  # the library's MmapStore, opened by CachedEmbedding
+    model = DeepFM(
+        dm.tables, embedding_dim=cfg["embedding_dim"], sparse_optimizer=opt, store=store, seed=cfg["seed"]
+    )
+    before = proc_status_bytes()
+    clock = _Clock(cfg["warmup"], cfg["batch_size"])
+    trainer = pl.Trainer(
+        strategy=BagpipeStrategy(log_stats=False),
+        accelerator="cpu",
+        devices=1,
+        max_steps=cfg["warmup"] + cfg["steps"],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        callbacks=[clock],
+    )
+    with RssSampler() as sampler:
+        trainer.fit(model, datamodule=dm)
+    after = proc_status_bytes()
+    stats = trainer.strategy.cache_stats if isinstance(trainer.strategy, BagpipeStrategy) else None
+    out: dict[str, Any] = {
+        **clock.clock.figures(),
+        "losses": clock.clock.losses,
+        "total_rows": dm.tables.total_rows,
+        "store_bytes": dm.tables.total_rows * opt.row_width(dim) * 4,
+        "vm_hwm_bytes": after["VmHWM"],
+        "vm_hwm_before_fit_bytes": before["VmHWM"],
+        **sampler.peaks(),
+    }
+    if stats is not None:
+        steps = max(1, stats.steps)
+        out.update(
+            hit_rate=stats.hit_rate,
+            rows_fetched_per_step=stats.rows_fetched / steps,
+            fetch_wait_ms_per_step=1000.0 * stats.wait_s / steps,
+        )
+    return out
+
+
+def _worker_oracle(cfg: dict[str, Any]) -> dict[str, Any]:
+    from lightning_bagpipe.oracle.lookahead import LookaheadOracle
+
+    src = _source(cfg)
+    stream = [b.copy() for b in src.id_batches()]
+    before = proc_status_bytes()
+    t0 = time.perf_counter()
+    oracle = LookaheadOracle(src.tables.total_rows, cfg["lookahead"], cfg["cache_rows"])
+    created = proc_status_bytes()
+    for ids in stream:
+        oracle.push(ids)
+    oracle.finish()
+    seconds = time.perf_counter() - t0
+    after = proc_status_bytes()
+    return {
+        "total_rows": src.tables.total_rows,
+        "rss_anon_before_bytes": before["RssAnon"],
+        "rss_anon_after_create_bytes": created["RssAnon"],
+        "rss_anon_after_stream_bytes": after["RssAnon"],
+        "oracle_rss_bytes": after["RssAnon"] - before["RssAnon"],
+        "oracle_rss_bytes_per_row": (after["RssAnon"] - before["RssAnon"]) / src.tables.total_rows,
+        "vm_hwm_bytes": after["VmHWM"],
+        "seconds": seconds,
+        "batches": len(stream),
+    }
+
+
+def _worker(cfg: dict[str, Any]) -> None:
+    role = cfg["role"]
+    fn = {"init": _worker_init, "train": _worker_train, "oracle": _worker_oracle}[role]
+    result = fn(cfg)
+    Path(cfg["out"]).write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    a = p.parse_args()
+    if a.worker is None:
+        print(json.dumps(run(a), indent=2))
+    else:
+        _worker(json.loads(a.worker))

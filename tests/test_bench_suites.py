@@ -1,0 +1,231 @@
+"""Smoke tests of the benchmark suites (train, cache, scale) and the ``trace`` tool, on tiny inputs.
+
+Benchmarks are never pass/fail on speed: these check that every suite runs its contenders, writes valid
+JSON with the documented keys, and that the figures obey what must hold whatever the speed (bagpipe's
+losses equal the ideal contender's, no policy fetches fewer rows than the stream reads, the skew and the
+recommendation match plain reference computations written here).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from lightning_bagpipe.bench import scale as scale_suite
+from lightning_bagpipe.bench import train as train_suite
+from lightning_bagpipe.bench.common import interleaved, median_figures
+from lightning_bagpipe.cli import main
+from lightning_bagpipe.data.parquet import write_parquet
+from lightning_bagpipe.data.synthetic import SyntheticCriteo, write_criteo_tsv
+from lightning_bagpipe.embedding.cached import CachedEmbedding
+from lightning_bagpipe.embedding.store import MemoryStore
+from lightning_bagpipe.optim.sparse import RowWiseAdagrad
+from lightning_bagpipe.trace import Bounds, parse_capacities
+
+
+def _bench(tmp_path: Path, suite: str, *flags: str) -> dict[str, Any]:
+    out = tmp_path / f"{suite}.json"
+    assert main(["bench", suite, *flags, "--json", str(out)]) == 0
+    result: dict[str, Any] = json.loads(out.read_text())
+    return result
+
+
+# ---------------------------------------------------------------------- helpers
+def test_interleaved_rotates_the_order_each_repeat() -> None:
+    order = list(interleaved(["a", "b", "c"], 3))
+    assert [n for r, n in order if r == 0] == ["a", "b", "c"]
+    assert [n for r, n in order if r == 1] == ["b", "c", "a"]
+    assert [n for r, n in order if r == 2] == ["c", "a", "b"]
+    with pytest.raises(ValueError, match="repeats"):
+        list(interleaved(["a"], 0))
+
+
+def test_median_figures_takes_medians_and_keeps_the_spread() -> None:
+    runs = [{"samples_per_second": v, "name": "x", "ok": True} for v in (3.0, 1.0, 2.0)]
+    m = median_figures(runs)
+    assert m["samples_per_second"] == 2.0
+    assert (m["samples_per_second_min"], m["samples_per_second_max"], m["runs"]) == (1.0, 3.0, 3)
+    assert m["name"] == "x" and m["ok"] is True
+
+
+# ---------------------------------------------------------------------- train
+TRAIN_FLAGS = ("--steps", "4", "--warmup", "2", "--repeats", "1", "--batch-size", "256", "--scale", "0.002",
+               "--lookahead", "4", "--cache-rows", "8000", "--hidden", "16")  # fmt: skip
+
+
+def test_bench_train_runs_every_contender(tmp_path: Path) -> None:
+    r = _bench(tmp_path, "train", *TRAIN_FLAGS)
+    assert r["suite"] == "train"
+    assert set(r["contenders"]) == set(train_suite.CONTENDERS)
+    ran = [n for n, f in r["contenders"].items() if "skipped" not in f]
+    assert {"bagpipe", "ideal", "plain", "floor"} <= set(ran)
+    for name in ran:
+        f = r["contenders"][name]
+        assert f["samples_per_second"] > 0 and f["timed_steps"] == 4, name
+        assert len(r["losses_per_step"][name]) == 6, name
+    # same start, same data, same math: bagpipe's per-step losses are the ideal contender's, exactly
+    assert r["checks"]["max_abs_loss_diff_vs_ideal"] == 0.0
+    assert r["checks"]["bagpipe"] and r["checks"]["ideal"]
+    assert {f"bagpipe_over_{n}" for n in ran if n != "bagpipe"} == set(r["ratios"])
+    bd = r["bagpipe_breakdown_ms"]
+    assert bd["step_ms"] > 0 and bd["forward_ms"] > 0 and bd["backward_ms"] > 0
+    assert r["oracle"]["fraction_of_bagpipe_step"] > 0
+    assert r["config"]["batches_generated"] == 6 + 4 + 4  # trained + lookahead + loader queue
+
+
+def test_bench_train_skips_torchrec_with_the_reason(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(train_suite, "torchrec_unavailable", lambda: "torchrec is not installed here")
+    r = _bench(tmp_path, "train", *TRAIN_FLAGS, "--contenders", "torchrec,floor")
+    assert r["contenders"]["torchrec"] == {"skipped": "torchrec is not installed here"}
+    assert r["contenders"]["floor"]["samples_per_second"] > 0
+    assert r["ratios"] == {}  # no bagpipe run, nothing to compare
+
+
+def test_bench_train_rejects_unknown_contenders(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="nope"):
+        main(["bench", "train", "--contenders", "bagpipe,nope"])
+
+
+# ---------------------------------------------------------------------- cache
+def test_bench_cache_sweeps_every_policy(tmp_path: Path) -> None:
+    plot = tmp_path / "cache.png"
+    flags = ["--batches", "12", "--batch-size", "128", "--scale", "0.001", "--lookahead", "1,4"]
+    flags += ["--capacity", "auto"] + (["--plot", str(plot)] if _has_matplotlib() else [])
+    r = _bench(tmp_path, "cache", *flags)
+    assert set(r["contenders"]) == {"oracle_L1", "oracle_L4", "lru", "lfu", "belady"}
+    distinct = r["stream"]["distinct_rows"]
+    caps = r["capacities"]
+    assert caps[0] == r["stream"]["min_feasible_capacity"] and caps[-1] == distinct
+    for name, fetched in r["contenders"].items():
+        assert len(fetched) == len(caps)
+        assert all(v is None or v >= distinct for v in fetched), name  # every row read is fetched once
+        assert fetched[-1] == distinct, name  # a cache holding every row fetches each exactly once
+    assert len(r["ratios"]) == len(caps)
+    if _has_matplotlib():
+        assert plot.stat().st_size > 0
+
+
+# ---------------------------------------------------------------------- scale (workers run in-process)
+def test_bench_scale_runs_its_contenders(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    roles = {
+        "init": scale_suite._worker_init,
+        "train": scale_suite._worker_train,
+        "oracle": scale_suite._worker_oracle,
+    }
+
+    def in_process(cfg: dict[str, Any], timeout: float) -> dict[str, Any]:
+        return json.loads(json.dumps(roles[cfg["role"]](cfg)))
+
+    monkeypatch.setattr(scale_suite, "_launch", in_process)
+    flags = ["--rows", "6000", "--small-rows", "3000", "--steps", "3", "--warmup", "2", "--repeats", "1",
+             "--batch-size", "64", "--cache-rows", "3000", "--lookahead", "2"]  # fmt: skip
+    flags += ["--dir", str(tmp_path / "st")]
+    r = _bench(tmp_path, "scale", *flags)
+    assert set(r["contenders"]) == {"mmap_big", "mmap_small", "memory_small", "oracle_big"}
+    for name in ("mmap_big", "mmap_small", "memory_small"):
+        f = r["contenders"][name]
+        assert f["samples_per_second"] > 0 and f["vm_hwm_bytes"] > 0, name
+    big = r["contenders"]["mmap_big"]
+    assert 0 < big["init"]["rows_initialized"] < big["total_rows"]
+    assert big["disk"]["apparent_bytes"] == big["total_rows"] * (16 + 2) * 4
+    # same rows in a file and in RAM: the same training, step for step
+    assert r["checks"]["max_abs_loss_diff_mmap_small_vs_memory_small"] == 0.0
+    assert set(r["ratios"]) == {"mmap_big_over_memory_small", "mmap_small_over_memory_small"}
+    assert not (tmp_path / "st" / "big.f32").exists()  # files removed unless --keep-files
+
+
+def test_lazy_initialize_writes_only_the_given_rows() -> None:
+    src = SyntheticCriteo(8, 1, scale=0.0005)
+    tables, dim, opt = src.tables, 5, RowWiseAdagrad(lr=0.1)
+    store = MemoryStore(tables.total_rows, opt.row_width(dim), pin_memory=False)
+    ids = np.array([0, 3, int(tables.offsets[2]) + 1, tables.total_rows - 1])
+    assert scale_suite.lazy_initialize(store, tables, dim, opt, seed=1, ids=np.r_[ids, ids]) == 4
+    rows = store.tensor()
+    bound = 1.0 / np.sqrt(tables.sizes[np.searchsorted(tables.offsets, ids, side="right") - 1])
+    assert torch.all(rows[ids, :dim].abs() <= torch.from_numpy(bound).float()[:, None])
+    assert torch.all(rows[ids, :dim] != 0) and torch.all(rows[ids, dim:] == 0)
+    others = np.setdiff1d(np.arange(tables.total_rows), ids)
+    assert torch.all(rows[others] == 0)
+    before = rows.clone()
+    CachedEmbedding(tables, dim, opt, store=store)  # opens the store as initialised: rows unchanged
+    assert torch.equal(store.tensor(), before)
+
+
+# ---------------------------------------------------------------------- trace
+def _tiny_batches() -> tuple[SyntheticCriteo, list[Any]]:
+    src = SyntheticCriteo(64, 6, scale=0.0005, seed=3)
+    return src, list(src)
+
+
+def test_trace_on_parquet_matches_reference_skew_and_recommendation(tmp_path: Path) -> None:
+    src, batches = _tiny_batches()
+    write_parquet(batches, tmp_path / "pq", src.tables)
+    out = tmp_path / "trace.json"
+    args = ["trace", str(tmp_path / "pq"), "--batch-size", "64", "--batches", "0", "--lookahead", "1,2,8"]
+    assert main([*args, "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["batches"] == 6 and r["occurrences"] == 6 * 64 * 26
+
+    # skew, recomputed plainly: per feature, count each row's accesses and sum the hottest ceil(x * rows)
+    for f, spec in enumerate(src.tables):
+        ids = np.concatenate([b.sparse.values.numpy().reshape(26, 64)[f] for b in batches])
+        counts = np.sort(np.bincount(ids, minlength=spec.num_embeddings))[::-1]
+        got = r["skew"]["per_feature"][spec.name]
+        assert got["accesses"] == ids.size and got["rows_touched"] == int((counts > 0).sum())
+        for frac, key in ((0.01, "top1pct_share"), (0.10, "top10pct_share")):
+            k = max(1, math.ceil(frac * spec.num_embeddings))
+            assert got[key] == pytest.approx(counts[:k].sum() / ids.size, abs=1e-12)
+
+    # recommendation: smallest capacity whose best-L oracle fetches are within 5% of the sweep's fewest
+    sw = r["sweep"]
+    best = []
+    for i in range(len(sw["capacities"])):
+        vals = [sw["fetched"][f"oracle_L{lk}"][i] for lk in (1, 2, 8)]
+        vals = [v for v in vals if v is not None]
+        best.append(min(vals) if vals else None)
+    fewest = min(b for b in best if b is not None)
+    want = next(sw["capacities"][i] for i, b in enumerate(best) if b is not None and b <= 1.05 * fewest)
+    assert r["recommendation"]["capacity_rows"] == want
+    assert r["recommendation"]["oracle_fetched"] == best[sw["capacities"].index(want)]
+
+
+def test_trace_reads_criteo_tsv_and_plots(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _, batches = _tiny_batches()
+    write_criteo_tsv(batches, tmp_path / "day.tsv")
+    flags = ["--batch-size", "100", "--batches", "0", "--table-size", "500", "--lookahead", "4"]
+    plot = tmp_path / "trace.png"
+    if _has_matplotlib():
+        flags += ["--plot", str(plot)]
+    assert main(["trace", str(tmp_path / "day.tsv"), *flags]) == 0
+    text = capsys.readouterr().out
+    assert "access skew" in text and "recommendation: cache_rows=" in text
+    if _has_matplotlib():
+        assert plot.stat().st_size > 0
+
+
+def test_trace_bad_input_names_the_culprit(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="no_such_dir"):
+        main(["trace", str(tmp_path / "no_such_dir")])
+    bounds = Bounds(distinct_rows=100, min_capacity=10, min_capacity_one_step=5)
+    with pytest.raises(ValueError, match="'abc'"):
+        parse_capacities("0.5,abc", bounds)
+    with pytest.raises(ValueError, match=r"'1\.5'"):
+        parse_capacities("1.5", bounds)
+    assert parse_capacities("0.5,7,7", bounds) == [7, 50]
+    assert parse_capacities("auto", bounds)[0] == 10 and parse_capacities("auto", bounds)[-1] == 80
+    with pytest.raises(ValueError, match="--lookahead"):
+        main(["trace", "synthetic", "--lookahead", "4,0"])
+
+
+def _has_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
