@@ -412,7 +412,7 @@ class MmapStore(EmbeddingStore):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.sidecar)
-        _fsync_dir(self.sidecar.parent)
+        fsync_dir(self.sidecar.parent)
 
     # ------------------------------------------------------------------ overrides
     def set_metadata(self, **kv: Any) -> None:
@@ -431,7 +431,7 @@ class MmapStore(EmbeddingStore):
         self._array = None
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     """fsync a directory so a rename inside it is durable (best effort: not every OS allows it)."""
     try:
         fd = os.open(path, os.O_RDONLY)

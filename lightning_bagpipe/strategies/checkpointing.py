@@ -50,6 +50,7 @@ from typing_extensions import override
 
 from lightning_bagpipe.__about__ import __version__
 from lightning_bagpipe.embedding.cached import CachedEmbedding
+from lightning_bagpipe.embedding.store import fsync_dir
 
 __all__ = [
     "FILE_VERSION",
@@ -156,7 +157,7 @@ def atomic_torch_save(obj: Any, path: _PATH) -> None:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
-    _fsync_dir(directory)
+    fsync_dir(directory)
 
 
 def _remove_stale_temporaries(target: Path) -> None:
@@ -183,20 +184,6 @@ def _pid_alive(pid: int) -> bool:
     except OSError:  # exists but belongs to someone else
         return True
     return True
-
-
-def _fsync_dir(directory: Path) -> None:
-    """fsync a directory so the rename inside it survives a power loss (best effort on odd filesystems)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 # ---------------------------------------------------------------------------------------------- section

@@ -61,12 +61,11 @@ from torch import Tensor, nn
 from lightning_bagpipe.__about__ import __version__
 from lightning_bagpipe.embedding.cached import CachedEmbedding
 from lightning_bagpipe.embedding.distributed import ShardedStore
-from lightning_bagpipe.embedding.store import EmbeddingStore
+from lightning_bagpipe.embedding.store import EmbeddingStore, fsync_dir
 from lightning_bagpipe.strategies.checkpointing import (
     SECTION,
     SHARDED_VERSION,
     AtomicCheckpointIO,
-    _fsync_dir,
     _local_path,
     _pid_alive,
     _remove_stale_temporaries,
@@ -382,7 +381,7 @@ def _finish(
         json.dump(manifest, f, indent=1)
         f.flush()
         os.fsync(f.fileno())
-    _fsync_dir(tmp)
+    fsync_dir(tmp)
     _install(tmp, target)
 
 
@@ -398,7 +397,7 @@ def _install(tmp: Path, target: Path) -> None:
             _remove(old)
     else:
         os.rename(tmp, target)
-    _fsync_dir(target.parent)
+    fsync_dir(target.parent)
 
 
 _RENAME_EXCHANGE = 2
