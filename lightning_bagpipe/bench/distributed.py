@@ -178,6 +178,11 @@ def _worker(cfg: dict[str, Any]) -> None:
         callbacks=[clock],
     )
     trainer.fit(model, datamodule=dm)
+    import torch.distributed as dist
+
+    if dist.is_initialized():  # end cleanly: a process exiting with live gloo groups may abort
+        dist.barrier()
+        dist.destroy_process_group()
     stats = strategy.cache_stats
     if trainer.global_rank == 0 and stats is not None:
         steps = max(1, stats.steps)

@@ -45,6 +45,12 @@ class RankGroups:
         dist.broadcast_object_list(box, src=src, group=self.store)
         return box[0]
 
+    def destroy(self) -> None:
+        """Release the cache's own process groups (after every rank is done with them)."""
+        self.barrier()
+        for group in (self.grads, self.store):
+            dist.destroy_process_group(group)
+
     def all_gather_object(self, obj: Any) -> list[Any]:
         out: list[Any] = [None] * self.world_size
         dist.all_gather_object(out, obj, group=self.store)

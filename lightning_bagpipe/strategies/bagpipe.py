@@ -204,6 +204,9 @@ class BagpipeStrategy(DDPStrategy):
                 alone = driver.groups is None
                 driver.close(flush=alone or not self._failed)
                 self._undistribute(collective=alone or not self._failed)
+                if not alone and not self._failed:
+                    assert driver.groups is not None
+                    driver.groups.destroy()
             except Exception as err:
                 if not self._failed:
                     raise

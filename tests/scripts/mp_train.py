@@ -98,6 +98,8 @@ def run(args: argparse.Namespace) -> dict:
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         torch.save(result, args.out / f"rank{trainer.global_rank}.pt")
+    if args.devices > 1 and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()  # exit without live gloo groups
     return result
 
 
