@@ -484,7 +484,7 @@ def _rows_of(d: Path) -> torch.Tensor:
     return modules["emb"].store.tensor()
 
 
-@pytest.mark.parametrize("kill_in", ["_write_npy", "_fsync_dir", "_install", "_remove"])
+@pytest.mark.parametrize("kill_in", ["_write_npy", "fsync_dir", "_install", "_remove"])
 def test_kill_during_a_directory_save_leaves_the_previous_checkpoint(tmp_path: Path, kill_in: str) -> None:
     target = tmp_path / "last.ckpt"
     assert _save_in_a_child(target, 1.0, None) == 0
