@@ -50,6 +50,8 @@ class Tables(Sequence[TableSpec]):
         self.offsets: np.ndarray = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
         self.total_rows: int = int(sizes.sum())
         self._index = {n: i for i, n in enumerate(names)}
+        text = ";".join(f"{t.name}:{t.num_embeddings}" for t in specs)
+        self._fingerprint = hashlib.sha1(text.encode()).hexdigest()[:16]
 
     @classmethod
     def from_sizes(cls, sizes: Sequence[int], prefix: str = "C") -> Tables:
@@ -74,8 +76,7 @@ class Tables(Sequence[TableSpec]):
 
     def fingerprint(self) -> str:
         """A short hash of names and sizes, to detect mismatched configs across modules or ranks."""
-        text = ";".join(f"{t.name}:{t.num_embeddings}" for t in self._specs)
-        return hashlib.sha1(text.encode()).hexdigest()[:16]
+        return self._fingerprint
 
     def to_list(self) -> list[list[str | int]]:
         """Plain ``[[name, rows], ...]``: safe for JSON and weights-only checkpoints."""

@@ -49,6 +49,7 @@ __all__ = [
     "recommend",
     "run",
     "stream_bounds",
+    "stream_from_args",
     "sweep",
 ]
 
@@ -109,6 +110,20 @@ def add_stream_arguments(parser: argparse.ArgumentParser, *, default_batches: in
         type=int,
         default=None,
         help="Criteo TSV: one row count for every table (modulo hashing; default: Criteo Kaggle's sizes)",
+    )
+
+
+def stream_from_args(args: argparse.Namespace) -> Stream:
+    """:func:`load_stream` with the flags of :func:`add_stream_arguments`."""
+    return load_stream(
+        str(args.data),
+        batch_size=args.batch_size,
+        batches=args.batches,
+        scale=args.scale,
+        zipf=args.zipf,
+        multi_hot=args.multi_hot,
+        seed=args.seed,
+        table_size=args.table_size,
     )
 
 
@@ -415,16 +430,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if args.state_floats < 0:
         raise ValueError(f"--state-floats must be >= 0, got {args.state_floats}")
-    stream = load_stream(
-        str(args.data),
-        batch_size=args.batch_size,
-        batches=args.batches,
-        scale=args.scale,
-        zipf=args.zipf,
-        multi_hot=args.multi_hot,
-        seed=args.seed,
-        table_size=args.table_size,
-    )
+    stream = stream_from_args(args)
     skew = access_skew(stream)
     bounds = stream_bounds(stream)
     capacities = parse_capacities(args.capacity, bounds)

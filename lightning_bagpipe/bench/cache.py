@@ -27,11 +27,11 @@ from lightning_bagpipe.trace import (
     BASELINES,
     access_skew,
     add_stream_arguments,
-    load_stream,
     parse_capacities,
     plot_fetches,
     recommend,
     stream_bounds,
+    stream_from_args,
     sweep,
 )
 
@@ -58,16 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Read the stream, sweep every policy over the capacities; returns the JSON-ready figures."""
     lookaheads = parse_int_list(args.lookahead, "--lookahead")
-    stream = load_stream(
-        args.data,
-        batch_size=args.batch_size,
-        batches=args.batches,
-        scale=args.scale,
-        zipf=args.zipf,
-        multi_hot=args.multi_hot,
-        seed=args.seed,
-        table_size=args.table_size,
-    )
+    stream = stream_from_args(args)
     skew = access_skew(stream)
     bounds = stream_bounds(stream)
     capacities = parse_capacities(args.capacity, bounds)

@@ -102,6 +102,7 @@ class CacheDriver:
         self.io_delay_s = io_delay_s
         self.fingerprint = fps.pop()
         self._updated = False
+        self._pos: Tensor | None = None
         self.executor: RowExecutor | None = None
         self.rows = 0
         self.slot_ids = np.zeros(0, dtype=np.int64)
@@ -185,7 +186,9 @@ class CacheDriver:
         device = self.modules[0].cache_device
         sync_ids, sync_slots_np = plan.sync
         sync_slots = torch.from_numpy(sync_slots_np).to(device)
-        pos = torch.full((self.rows,), -1, dtype=torch.long, device=device)
+        if self._pos is None or self._pos.numel() != self.rows or self._pos.device != device:
+            self._pos = torch.full((self.rows,), -1, dtype=torch.long, device=device)
+        pos = self._pos  # slot -> position in the all-reduce buffer; reset after use, so O(rows touched)
         pos[sync_slots] = torch.arange(sync_slots.numel(), device=device)
         bufs: list[Tensor] = []
         owns: list[tuple[Tensor, Tensor]] = []
@@ -201,6 +204,7 @@ class CacheDriver:
                 own = (slots[~shared], grad[~shared])
             bufs.append(buf)
             owns.append(own)
+        pos[sync_slots] = -1
         flat = torch.cat([b.flatten() for b in bufs])
         if flat.numel():
             dist.all_reduce(flat, group=self.groups.grads)
