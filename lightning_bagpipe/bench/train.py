@@ -54,7 +54,6 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 
@@ -67,10 +66,11 @@ from lightning_bagpipe.bench.common import (
     require_matplotlib,
     suite_config,
 )
-from lightning_bagpipe.data.batch import Batch, SparseFeatures
+from lightning_bagpipe.data.batch import Batch, PoolingIndex, SparseFeatures
 from lightning_bagpipe.data.datamodule import BagpipeDataModule
 from lightning_bagpipe.data.synthetic import SyntheticCriteo
 from lightning_bagpipe.embedding.cached import CachedEmbedding
+from lightning_bagpipe.embedding.pooling import pooled_lookup
 from lightning_bagpipe.models.deepfm import DeepFM
 from lightning_bagpipe.optim.sparse import RowWiseAdagrad, SparseOptimizer
 from lightning_bagpipe.oracle.lookahead import LookaheadOracle
@@ -392,12 +392,15 @@ class FullTableEmbedding(nn.Module):
         key_of = torch.repeat_interleave(torch.arange(f), per_key)
         ids = features.values + self._offsets[key_of]
         uniq, inverse = torch.unique(ids, return_inverse=True)
-        rows = self.table.index_select(0, uniq)[:, : self.dim]
+        rows = self.table[:, : self.dim].index_select(0, uniq)
         if self.training and torch.is_grad_enabled():
             rows.requires_grad_()
             self._pending = (uniq, rows)
-        pooled = F.embedding_bag(inverse, rows, features.offsets[:-1], mode="sum")
-        return pooled.view(f, b, self.dim).transpose(0, 1)
+        # the pooling layout and the row grouping are computed here, on the step's critical path
+        index = PoolingIndex.from_lookup(
+            inverse, features.lengths, f, uniq.numel(), grouped=rows.requires_grad
+        )
+        return pooled_lookup(rows, index, b, f)
 
     def apply_update(self, step: int) -> None:
         """The sparse optimizer on the rows the last forward touched (weights and state together)."""

@@ -29,20 +29,115 @@ from lightning_bagpipe.tables import Tables
 
 
 @dataclass
+class PoolingIndex:
+    """A batch's occurrences laid out for pooling straight into a ``[B, F, dim]`` output.
+
+    :class:`SparseFeatures` is key-major (all of feature 0, then feature 1, ...), but models consume
+    pooled embeddings sample-major. Pooling the occurrences in sample-major order gives a contiguous
+    ``[B, F, dim]`` result with no transpose in the forward pass or its gradient. Built from a lookup's
+    ``inverse`` (occurrence -> distinct row) and the bag lengths by :meth:`from_lookup`:
+
+    * ``perm``: the key-major occurrence at each sample-major position;
+    * ``inverse``: the distinct row each sample-major position reads;
+    * ``offsets``: where each of the ``B * F`` bags (sample ``b``, feature ``f`` at ``b * F + f``) starts;
+    * ``order`` / ``row_offsets``: the positions grouped by row (stably sorted by ``inverse``; row
+      ``r``'s group starts at ``row_offsets[r]``). With them the gradient of the rows is itself a pooling
+      of the output gradient (:func:`~lightning_bagpipe.embedding.pooling.pooled_lookup`), ~40x faster on
+      CPU than autograd's scatter. ``None`` when only a forward pass is needed.
+
+    The loader builds it in its own thread, off the training step.
+    """
+
+    perm: Tensor
+    inverse: Tensor
+    offsets: Tensor
+    order: Tensor | None = None
+    row_offsets: Tensor | None = None
+
+    @classmethod
+    def from_lookup(
+        cls, inverse: Tensor, lengths: Tensor, num_features: int, num_rows: int, *, grouped: bool = True
+    ) -> PoolingIndex:
+        """The sample-major layout of key-major ``inverse`` with ``F * B`` bag ``lengths``.
+
+        ``grouped`` also computes the row grouping the backward pass uses.
+        """
+        f = num_features
+        b = lengths.numel() // max(1, f)
+        n = inverse.numel()
+        if n == lengths.numel():  # one-hot: occurrence k is bag k, a [F, B] block to transpose
+            perm = torch.arange(n, device=inverse.device).view(f, b).t().reshape(-1)
+            offsets = torch.arange(n, device=inverse.device)
+            inv = inverse.view(f, b).t().reshape(-1)
+        else:
+            starts = torch.zeros_like(lengths)
+            if lengths.numel() > 1:
+                torch.cumsum(lengths[:-1], 0, out=starts[1:])
+            lengths_sm = lengths.view(f, b).t().reshape(-1)
+            starts_km = starts.view(f, b).t().reshape(-1)
+            offsets = torch.zeros_like(lengths_sm)
+            if lengths_sm.numel() > 1:
+                torch.cumsum(lengths_sm[:-1], 0, out=offsets[1:])
+            perm = torch.repeat_interleave(starts_km - offsets, lengths_sm, output_size=n)
+            perm += torch.arange(n, device=inverse.device)
+            inv = inverse[perm]
+        if not grouped:
+            return cls(perm, inv, offsets)
+        order, row_offsets = group_by_row(inv, num_rows)
+        return cls(perm, inv, offsets, order, row_offsets)
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> PoolingIndex:
+        def move(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.to(device, non_blocking=non_blocking)
+
+        return PoolingIndex(
+            self.perm.to(device, non_blocking=non_blocking),
+            self.inverse.to(device, non_blocking=non_blocking),
+            self.offsets.to(device, non_blocking=non_blocking),
+            move(self.order),
+            move(self.row_offsets),
+        )
+
+
+def group_by_row(inverse: Tensor, num_rows: int) -> tuple[Tensor, Tensor]:
+    """Positions stably sorted by the row they read, and where each row's group starts.
+
+    ``inverse`` maps positions to rows ``0 .. num_rows - 1``. Stable, so each row's positions keep their
+    order and its gradient is summed in the same order as a sequential scatter would.
+    """
+    # (32-bit keys sort about twice as fast; a step never reads 2**31 distinct rows)
+    order = torch.argsort(inverse.to(torch.int32), stable=True)
+    counts = torch.bincount(inverse, minlength=num_rows)
+    row_offsets = torch.zeros(num_rows, dtype=torch.long, device=inverse.device)
+    if num_rows > 1:
+        torch.cumsum(counts[:-1], 0, out=row_offsets[1:])
+    return order, row_offsets
+
+
+@dataclass
 class CacheLookup:
     """Where this rank's id occurrences live in the cache during one training step.
 
     ``slots`` are the distinct cache slots the step reads (ascending) and ``inverse`` maps every
-    occurrence of :attr:`SparseFeatures.values` to its index in ``slots``.
+    occurrence of :attr:`SparseFeatures.values` to its index in ``slots``. ``pooling`` is the same map in
+    the layout the pooling kernel uses (:class:`PoolingIndex`), built ahead of the step by
+    :meth:`from_inverse`.
     """
 
     slots: Tensor
     inverse: Tensor
+    pooling: PoolingIndex | None = None
+
+    @classmethod
+    def from_inverse(cls, slots: Tensor, inverse: Tensor, lengths: Tensor, num_features: int) -> CacheLookup:
+        """The lookup of key-major ``inverse`` into ``slots``, with its :class:`PoolingIndex`."""
+        return cls(slots, inverse, PoolingIndex.from_lookup(inverse, lengths, num_features, slots.numel()))
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> CacheLookup:
         return CacheLookup(
             self.slots.to(device, non_blocking=non_blocking),
             self.inverse.to(device, non_blocking=non_blocking),
+            None if self.pooling is None else self.pooling.to(device, non_blocking=non_blocking),
         )
 
 
@@ -152,14 +247,17 @@ class SparseFeatures:
     # ------------------------------------------------------------------ ids
     def fused_ids(self, tables: Tables) -> np.ndarray:
         """Occurrences as ids in the fused space (table offset + row), key-major, int64 numpy."""
-        self.validate(tables)
-        b = self.batch_size
-        per_key = self.lengths.view(len(self.keys), b).sum(1).numpy() if b else np.zeros(len(self.keys))
-        offs = np.repeat(tables.offsets, per_key.astype(np.int64))
-        return self.values.numpy().astype(np.int64, copy=False) + offs
+        per_key = self.validate(tables)
+        values = self.values.numpy().astype(np.int64, copy=False)
+        if self.values.numel() == len(self.keys) * self.batch_size:  # one-hot: a [F, B] block
+            return (values.reshape(len(self.keys), -1) + np.asarray(tables.offsets)[:, None]).reshape(-1)
+        return values + np.repeat(tables.offsets, per_key)
 
-    def validate(self, tables: Tables) -> None:
-        """Raise a ValueError naming the feature and value for ids that do not fit ``tables``."""
+    def validate(self, tables: Tables) -> np.ndarray:
+        """Raise a ValueError naming the feature and value for ids that do not fit ``tables``.
+
+        Returns the number of occurrences of each feature (int64 numpy).
+        """
         if self.keys != tables.names:
             unknown = [k for k in self.keys if k not in tables.names]
             missing = [n for n in tables.names if n not in self.keys]
@@ -170,20 +268,27 @@ class SparseFeatures:
             raise ValueError(f"feature keys {self.keys} must be in table order {tables.names}")
         if self.values.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"sparse ids must be integers, got dtype {self.values.dtype}")
-        b = self.batch_size
-        if self.values.numel() == 0:
-            return
-        per_key = self.lengths.view(len(self.keys), b).sum(1) if b else torch.zeros(len(self.keys))
-        key_of = torch.repeat_interleave(torch.arange(len(self.keys)), per_key.long())
-        limit = torch.as_tensor(tables.sizes)[key_of]
-        bad = (self.values < 0) | (self.values >= limit)
-        if bool(bad.any()):
-            pos = int(bad.nonzero()[0, 0])
-            k = int(key_of[pos])
+        f, b = len(self.keys), self.batch_size
+        if b == 0 or self.values.numel() == 0:
+            return np.zeros(f, dtype=np.int64)
+        per_key = self.lengths.view(f, b).sum(1).numpy().astype(np.int64, copy=False)
+        # each feature's ids are one contiguous run of ``values``: check its min and max
+        present = np.flatnonzero(per_key)
+        starts = np.concatenate([[0], np.cumsum(per_key)[:-1]])[present]
+        values = self.values.numpy()
+        lo = np.minimum.reduceat(values, starts)
+        hi = np.maximum.reduceat(values, starts)
+        sizes = np.asarray(tables.sizes, dtype=np.int64)[present]
+        if bool((lo < 0).any() or (hi >= sizes).any()):
+            k = int(present[np.flatnonzero((lo < 0) | (hi >= sizes))[0]])
+            start = int(np.concatenate([[0], np.cumsum(per_key)])[k])
+            run = values[start : start + int(per_key[k])]
+            bad = (run < 0) | (run >= tables.sizes[k])
             raise ValueError(
-                f"feature {self.keys[k]!r}: id {int(self.values[pos])} is outside "
-                f"[0, {tables.sizes[k]}) of its table ({int(bad.sum())} bad ids in this batch)"
+                f"feature {self.keys[k]!r}: id {int(run[np.flatnonzero(bad)[0]])} is outside "
+                f"[0, {tables.sizes[k]}) of its table ({int(bad.sum())} bad ids of this feature in the batch)"
             )
+        return per_key
 
     def slice_samples(self, start: int, stop: int) -> SparseFeatures:
         """The features of samples ``[start, stop)`` (every feature), keeping the layout."""

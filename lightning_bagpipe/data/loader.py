@@ -29,6 +29,7 @@ from lightning_bagpipe.data.batch import Batch, CacheLookup, StepPlan
 from lightning_bagpipe.oracle.lookahead import LookaheadOracle
 from lightning_bagpipe.oracle.partition import RankPartitioner, RankView, occurrence_ranks
 from lightning_bagpipe.oracle.plan import CachePlan
+from lightning_bagpipe.pipeline_threads import pipeline_thread
 from lightning_bagpipe.tables import Tables
 
 SourceFn = Callable[[], Iterable[Batch]]
@@ -200,6 +201,7 @@ class _OracleThread(threading.Thread):
         self.queue: queue.Queue[Any] = queue.Queue(maxsize=loader.queue_batches)
         self._stop_event = threading.Event()
         self.error: BaseException | None = None
+        self._process_threads = torch.get_num_threads()  # read here, in the thread that starts this one
 
     # ---------------------------------------------------------- consumer side
     def get(self) -> Batch | None:
@@ -242,7 +244,8 @@ class _OracleThread(threading.Thread):
 
     def run(self) -> None:
         try:
-            self._produce()
+            with pipeline_thread(self._process_threads):
+                self._produce()
         except BaseException as err:  # surfaced in the training loop by get()
             self.error = err
         finally:
@@ -305,7 +308,12 @@ class _OracleThread(threading.Thread):
             mask = occurrence_mask(batch, start, stop)
             uniq, inverse = np.unique(plan.inverse[mask], return_inverse=True)
             slots, ids = plan.slots[uniq], plan.ids[uniq]
-        local.sparse.lookup = CacheLookup(torch.from_numpy(slots), torch.from_numpy(inverse.astype(np.int64)))
+        local.sparse.lookup = CacheLookup.from_inverse(
+            torch.from_numpy(slots),
+            torch.from_numpy(inverse.astype(np.int64)),
+            local.sparse.lengths,
+            local.sparse.num_features,
+        )
         capacity = ld.cache_rows if ld.cache_rows is not None else -1
         local.plan = StepPlan(
             key=(self.epoch, step),

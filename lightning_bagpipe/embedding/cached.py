@@ -16,12 +16,12 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
-from lightning_bagpipe.data.batch import SparseFeatures
+from lightning_bagpipe.data.batch import PoolingIndex, SparseFeatures
 from lightning_bagpipe.embedding.init import initialize_store
+from lightning_bagpipe.embedding.pooling import pooled_lookup
 from lightning_bagpipe.embedding.store import EmbeddingStore, MemoryStore, MmapStore
 from lightning_bagpipe.optim.sparse import SparseOptimizer
 from lightning_bagpipe.tables import Tables, TableSpec
@@ -219,12 +219,16 @@ class CachedEmbedding(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, features: SparseFeatures) -> Tensor:
-        if self._active and self.training and features.lookup is not None and torch.is_grad_enabled():
-            lookup = features.lookup
+        lookup = features.lookup
+        if self._active and self.training and lookup is not None and torch.is_grad_enabled():
             assert self._cache is not None
-            rows = self._cache.index_select(0, lookup.slots)[:, : self.dim].requires_grad_()
+            rows = self._cache[:, : self.dim].index_select(0, lookup.slots).requires_grad_()
             self._pending.append((lookup.slots, rows))
-            inverse = lookup.inverse
+            index = lookup.pooling
+            if index is None:  # a lookup built by hand, without its pooling layout
+                index = PoolingIndex.from_lookup(
+                    lookup.inverse, features.lengths, features.num_features, rows.shape[0]
+                )
         else:
             if self.training and torch.is_grad_enabled() and not self._warned_inactive:
                 self._warned_inactive = True
@@ -235,15 +239,17 @@ class CachedEmbedding(nn.Module):
             ids = self._fused_ids(features)
             uniq, inverse = torch.unique(ids, return_inverse=True)
             rows = self.store.read(uniq.cpu().numpy())[:, : self.dim].to(self.cache_device)
-        b, f = features.batch_size, features.num_features
-        pooled = F.embedding_bag(
-            inverse,
+            index = PoolingIndex.from_lookup(
+                inverse, features.lengths, features.num_features, rows.shape[0], grouped=False
+            )
+        return pooled_lookup(
             rows,
-            features.offsets[:-1],
+            index,
+            features.batch_size,
+            features.num_features,
             mode=self.pooling,
-            per_sample_weights=features.weights,
+            weights=features.weights,
         )
-        return pooled.view(f, b, self.dim).transpose(0, 1)
 
     def _fused_ids(self, features: SparseFeatures) -> Tensor:
         if features.keys != self.tables.names:

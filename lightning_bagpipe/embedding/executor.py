@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from lightning_bagpipe.pipeline_threads import pipeline_thread
+
 if TYPE_CHECKING:
     from lightning_bagpipe.embedding.cached import CachedEmbedding
     from lightning_bagpipe.embedding.distributed import RankGroups
@@ -56,12 +58,17 @@ class RowExecutor:
         self._failed: BaseException | None = None
         self._cuda = any(m.cache_device.type == "cuda" for m in self.modules)
         self._stream: Any = torch.cuda.Stream() if self._cuda else None
+        self._process_threads = torch.get_num_threads()  # read here, in the thread that starts the worker
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
         self._last: _Ticket | None = None
 
     # ------------------------------------------------------------------ worker
     def _run(self) -> None:
+        with pipeline_thread(self._process_threads):
+            self._serve()
+
+    def _serve(self) -> None:
         while True:
             job = self._jobs.get()
             if job is None:

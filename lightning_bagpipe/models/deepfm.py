@@ -128,7 +128,9 @@ class DeepFM(ClickModel):
     def parts(self, batch: Batch) -> dict[str, Tensor]:
         """The four logit terms (each ``[B]``): ``first_order``, ``linear``, ``fm``, ``deep``."""
         rows = self.embedding(batch.sparse)  # [B, F, D + 1]
-        emb, first = rows[..., : self.embedding_dim], rows[..., self.embedding_dim]
+        # split, not two slices: its gradient is one concatenation instead of two zero-filled full copies
+        emb, first_col = rows.split([self.embedding_dim, 1], dim=-1)
+        first = first_col.squeeze(-1)
         dense = self.dense_input(batch)
         linear = self.bias.expand(first.shape[0])
         if self.dense_linear is not None:

@@ -1,0 +1,65 @@
+"""How the pipeline's background threads share the CPU with the training step.
+
+Two threads run beside every training step: the loader's oracle thread (reads the source, plans, builds
+each batch's lookup) and the row executor (fetches and write-backs). On a machine without a GPU they
+compete for the same cores as torch's intra-op (OpenMP) threads, and an OpenMP parallel region runs at the
+pace of its slowest thread: a background thread that takes a core for a millisecond stalls the whole
+region, and a background torch op that starts its own team of intra-op threads doubles the contention.
+:func:`pipeline_thread` sets up a pipeline thread so that it costs the step as little as possible:
+
+* its torch ops run on **one intra-op thread** (OpenMP's thread count is per thread, so the training
+  thread keeps its own);
+* on Linux it runs at a **lower scheduling priority** (``nice`` + :data:`PIPELINE_NICE`, a per-thread
+  setting there): the step's threads win a contended core and the pipeline fills the gaps. It cannot fall
+  behind for long: when it does, the step blocks on it and leaves it the cores.
+
+``BAGPIPE_PIPELINE_NICE`` (environment) or :func:`set_pipeline_nice` changes the priority offset; 0 keeps
+the threads at the process's priority.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+
+import torch
+
+__all__ = ["PIPELINE_NICE", "pipeline_thread", "set_pipeline_nice"]
+
+#: How much lower than the process's priority the pipeline threads run (Linux ``nice`` increment).
+PIPELINE_NICE: int = int(os.environ.get("BAGPIPE_PIPELINE_NICE", "10"))
+
+
+def set_pipeline_nice(increment: int) -> None:
+    """Set the ``nice`` increment of pipeline threads started from now on (0 to 19; 0: no change)."""
+    global PIPELINE_NICE
+    if not 0 <= int(increment) <= 19:
+        raise ValueError(f"pipeline nice increment must be in [0, 19], got {increment}")
+    PIPELINE_NICE = int(increment)
+
+
+def _lower_priority(increment: int) -> None:
+    if increment <= 0 or not sys.platform.startswith("linux"):
+        return  # elsewhere PRIO_PROCESS takes a process id, not a thread's
+    tid = threading.get_native_id()
+    with suppress(OSError):  # a sandbox may forbid it; the thread then keeps the process's priority
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + increment))
+
+
+@contextmanager
+def pipeline_thread(process_threads: int) -> Iterator[None]:
+    """Run the body of a pipeline thread on one intra-op thread, at lower priority (see module docs).
+
+    ``process_threads`` is ``torch.get_num_threads()`` as read by the thread that *started* this one: torch
+    keeps a process-wide default that ``set_num_threads`` also changes, and it is restored on exit so
+    threads started later get the user's setting.
+    """
+    torch.set_num_threads(1)
+    _lower_priority(PIPELINE_NICE)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(max(1, process_threads))

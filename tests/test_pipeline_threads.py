@@ -1,0 +1,56 @@
+"""Pipeline threads run torch on one intra-op thread at lower priority, and leave the process's setting."""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+
+import pytest
+import torch
+
+from lightning_bagpipe import pipeline_threads
+from lightning_bagpipe.pipeline_threads import pipeline_thread, set_pipeline_nice
+
+
+def _observe(process_threads: int) -> dict[str, int]:
+    seen: dict[str, int] = {}
+
+    def body() -> None:
+        before = os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) if sys.platform == "linux" else 0
+        with pipeline_thread(process_threads):
+            seen["threads"] = torch.get_num_threads()
+            if sys.platform == "linux":
+                seen["nice_delta"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) - before
+
+    t = threading.Thread(target=body)
+    t.start()
+    t.join()
+    return seen
+
+
+def test_one_intra_op_thread_inside_and_the_process_setting_kept() -> None:
+    torch.set_num_threads(2)
+    seen = _observe(torch.get_num_threads())
+    assert seen["threads"] == 1
+    assert torch.get_num_threads() == 2  # the training thread keeps its own count
+    later: list[int] = []
+    t = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
+    t.start()
+    t.join()
+    assert later == [2]  # threads started afterwards get the process default back
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="per-thread priorities are a Linux feature")
+def test_priority_is_lowered_by_the_configured_increment() -> None:
+    old = pipeline_threads.PIPELINE_NICE
+    try:
+        set_pipeline_nice(3)
+        start = os.getpriority(os.PRIO_PROCESS, 0)
+        assert _observe(1)["nice_delta"] == min(3, 19 - start)
+        set_pipeline_nice(0)
+        assert _observe(1)["nice_delta"] == 0
+    finally:
+        set_pipeline_nice(old)
+    with pytest.raises(ValueError, match="nice increment"):
+        set_pipeline_nice(25)
