@@ -113,6 +113,26 @@ def test_several_epochs_and_cache_figures_are_logged(data) -> None:
     assert trainer.strategy.cache_stats.steps == 20
 
 
+def test_cache_figures_are_logged_per_interval(data) -> None:
+    """With log_every_n_steps=4, the logged figures are those of the last 4 steps, not of the last one."""
+    tables, train, _ = data
+    per_step: list[tuple[int, int, int]] = []
+
+    class Record(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            s = trainer.strategy.driver.last
+            per_step.append((s.hits, s.unique_rows, s.rows_fetched))
+
+    trainer = quiet_trainer(max_steps=8, log_every_n_steps=4, callbacks=[Record()])
+    trainer.fit(TinyModel(tables), datamodule=_dm(tables, train[:10], cache_rows=60, lookahead=3))
+    interval = per_step[4:8]  # logged at step 8: steps 5 to 8
+    hits, unique = sum(h for h, _, _ in interval), sum(u for _, u, _ in interval)
+    assert trainer.logged_metrics["bagpipe/hit_rate"].item() == pytest.approx(hits / unique, rel=1e-6)
+    fetched = [f for _, _, f in interval]
+    assert trainer.logged_metrics["bagpipe/rows_fetched"].item() == pytest.approx(sum(fetched) / 4, rel=1e-6)
+    assert len(set(fetched)) > 1  # the steps differ, so the mean is not the last step's figure
+
+
 class ManualModel(TinyModel):
     def __init__(self, tables, **kw) -> None:
         super().__init__(tables, **kw)
