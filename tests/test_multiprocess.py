@@ -14,8 +14,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+
+import lightning_bagpipe as lb
+from lightning_bagpipe.embedding.distributed import RankGroups
+from lightning_bagpipe.embedding.driver import CacheDriver, sum_blocks
 
 SCRIPT = Path(__file__).resolve().parent / "scripts" / "mp_train.py"
 sys.path.insert(0, str(SCRIPT.parent))
@@ -76,6 +81,9 @@ def test_two_processes_equal_one(tmp_path: Path, lookahead: int, store: str, mul
     stats = ranks[0]["stats"]
     # the cache worked under pressure and only part of the touched rows needed a gradient exchange
     assert stats["rows_fetched"] > 0 and stats["sync_bytes"] < stats["replicated_baseline_bytes"]
+    # both collectives for replicated rows ran, so the exactness above covers each of them
+    for r in range(2):
+        assert ranks[r]["stats"]["exchange_steps"] > 0 and ranks[r]["stats"]["allreduce_steps"] > 0
     if lookahead == 8:
         assert ranks[0]["stats"]["rows_evicted"] + ranks[1]["stats"]["rows_evicted"] > 0
 
@@ -96,3 +104,38 @@ def test_an_exception_on_one_rank_ends_the_run_on_all_ranks() -> None:
     done = _launch(["--fail-rank1-at", "5"], None)
     assert done.returncode != 0
     assert "rank 1 fails on purpose at step 5" in done.stdout
+
+
+def test_exchanged_blocks_are_summed_in_rank_order() -> None:
+    """Every rank adds the gathered blocks 0, 1, ..., W-1 into zeros: the same bits on every rank.
+
+    Three ranks, two modules (dims 3 and 2); blocks padded with NaN, which must never be read. The reference
+    adds row by row in rank order; float addition does not commute across three terms, so another order
+    (or a lost block) changes bits.
+    """
+    gen = torch.Generator().manual_seed(5)
+    world, rows, dims = 3, 40, (3, 2)
+    grads = [[torch.randn(rows, d, generator=gen) * 10 ** (r - 1) for d in dims] for r in range(world)]
+    blocks = [torch.nonzero(torch.rand(rows, generator=gen) < 0.8).flatten() for _ in range(world)]
+    width = max(int(b.numel()) for b in blocks) * sum(dims)
+    gathered = []
+    for r in range(world):
+        packed = torch.cat([g[blocks[r]].flatten() for g in grads[r]])
+        gathered.append(torch.cat([packed, torch.full((width - packed.numel(),), float("nan"))]))
+    got = sum_blocks(gathered, blocks, dims, rows)
+    ref = [torch.zeros(rows, d) for d in dims]
+    for r in range(world):
+        for k in blocks[r].tolist():
+            for m in range(len(dims)):
+                ref[m][k] = ref[m][k] + grads[r][m][k]
+    assert torch.equal(got, torch.cat([x.flatten() for x in ref]))
+
+
+def test_a_gradient_outside_the_ranks_exchange_block_is_an_error_not_a_loss() -> None:
+    """If the plan says rank 0 used only sync row 0 but it holds a gradient for row 1, it must not drop it."""
+    emb = lb.CachedEmbedding(lb.Tables([("f0", 10)]), dim=2, optimizer=lb.optim.SGD(lr=0.1))
+    driver = CacheDriver([emb], RankGroups(rank=0, world_size=2, grads=None, store=None))
+    bufs = [torch.ones(2, 2)]
+    blocks = (np.array([0], dtype=np.int64), np.array([1], dtype=np.int64))
+    with pytest.raises(RuntimeError, match="outside its exchange block"):
+        driver._exchange(bufs, [torch.tensor([0, 1])], blocks, [2], torch.device("cpu"))

@@ -5,6 +5,9 @@ store holds versions; the truth is the number of updates each id has had. The sc
 executors' real one: at the start of step t every rank writes back its step t-1 rows, then every rank
 evicts for t+1, (barrier), fetches for t+1; then step t computes. Every row a rank reads or updates must
 hold the true version, and at the end the store must hold the truth for every id.
+
+The exchange blocks (which replicated rows each rank sends) are checked against sets built from the raw
+occurrences, and the all-reduce/exchange choice on hand-made steps that force each branch and the tie.
 """
 
 from __future__ import annotations
@@ -12,14 +15,17 @@ from __future__ import annotations
 import itertools
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lightning_bagpipe.oracle.lookahead import LookaheadOracle
-from lightning_bagpipe.oracle.partition import RankPartitioner, occurrence_ranks
+from lightning_bagpipe.oracle.partition import RankPartitioner, RankView, occurrence_ranks
+
+Trace = list[tuple[np.ndarray, np.ndarray]]  # per step: (fused ids, key-major bag lengths)
 
 
-def _trace(seed: int, steps: int, batch: int, features: int, rows: int, zipf: bool) -> list[np.ndarray]:
+def _trace(seed: int, steps: int, batch: int, features: int, rows: int, zipf: bool) -> Trace:
     rng = np.random.default_rng(seed)
     out = []
     for _ in range(steps):
@@ -31,7 +37,7 @@ def _trace(seed: int, steps: int, batch: int, features: int, rows: int, zipf: bo
 
 
 def _simulate(
-    trace, world: int, lookahead: int, capacity: int | None, features: int, flush_every: int = 0
+    trace: Trace, world: int, lookahead: int, capacity: int | None, features: int, flush_every: int = 0
 ) -> dict[str, int]:
     rows = 1 + max(int(t[0].max()) for t in trace)
     plans = list(LookaheadOracle(rows, lookahead, capacity).run(ids for ids, _ in trace))
@@ -127,8 +133,8 @@ def _simulate(
     flush_every=st.sampled_from([0, 1, 3]),
 )
 def test_every_rank_reads_current_rows_and_the_store_ends_exact(
-    seed, world, lookahead, zipf, capacity_slack, flush_every
-):
+    seed: int, world: int, lookahead: int, zipf: bool, capacity_slack: int | None, flush_every: int
+) -> None:
     features, batch = 2, 6
     trace = _trace(seed, 14, batch, features, 40, zipf)
     capacity = None
@@ -144,3 +150,79 @@ def test_rows_used_by_one_rank_without_reuse_are_not_communicated() -> None:
     assert stats["local"] > 0
     # skewed data: a real share of each step's rows stays local (no gradient exchange for them)
     assert stats["local"] / (stats["local"] + stats["synced"]) > 0.3
+
+
+def _views(
+    trace: Trace, world: int, lookahead: int, features: int
+) -> list[tuple[list[RankView], list[set[int]]]]:
+    """Every rank's view of every step, with the set of ids each rank's samples used (plain Python)."""
+    rows = 1 + max(int(t[0].max()) for t in trace)
+    parts = [RankPartitioner(rows, r, world) for r in range(world)]
+    out = []
+    for (ids, lengths), plan in zip(trace, LookaheadOracle(rows, lookahead, None).run(i for i, _ in trace)):
+        occ = occurrence_ranks(lengths, features, world)
+        used = [{int(i) for i, o in zip(ids.tolist(), occ.tolist()) if o == r} for r in range(world)]
+        out.append(([p.view(plan, occ) for p in parts], used))
+    return out
+
+
+def _reference_blocks(sync_ids: np.ndarray, used: list[set[int]]) -> list[list[int]]:
+    return [[k for k, i in enumerate(sync_ids.tolist()) if i in u] for u in used]
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("zipf", [False, True])
+def test_sync_blocks_list_the_replicated_rows_each_rank_used(world: int, zipf: bool) -> None:
+    trace = _trace(7, 40, 12, 3, 300, zipf)
+    chosen = {"exchange": 0, "allreduce": 0}
+    for views, used in _views(trace, world, 4, 3):
+        sync_ids = views[0].sync[0]
+        ref = _reference_blocks(sync_ids, used)
+        # the plain rule: W * max_r |A_r| < 2 n  <=>  (W-1) max_r |A_r| < 2 (W-1) / W * n
+        exchange = world * max(len(b) for b in ref) < 2 * len(sync_ids)
+        chosen["exchange" if exchange else "allreduce"] += 1
+        for v in views:  # every rank derives the same blocks from the global plan
+            if not exchange:
+                assert v.sync_blocks is None
+                continue
+            assert v.sync_blocks is not None and len(v.sync_blocks) == world
+            for r in range(world):
+                assert v.sync_blocks[r].dtype == np.int64
+                assert v.sync_blocks[r].tolist() == ref[r], f"rank {r}'s block"
+    assert chosen["exchange"] > 0  # the data exercises the exchange
+
+
+def _plan_views(batches: list[list[list[int]]], world: int) -> list[RankView]:
+    """Rank 0's views of hand-made batches (lookahead 1): ``batches[t][sample]`` lists a sample's ids."""
+    flat = [np.array([i for sample in b for i in sample], dtype=np.int64) for b in batches]
+    lengths = [np.array([len(sample) for sample in b], dtype=np.int64) for b in batches]
+    rows = 1 + max(int(f.max()) for f in flat)
+    part = RankPartitioner(rows, 0, world)
+    plans = LookaheadOracle(rows, 1, None).run(flat)
+    return [part.view(plan, occurrence_ranks(n, 1, world)) for plan, n in zip(plans, lengths)]
+
+
+def test_the_exchange_is_chosen_when_each_rank_used_few_of_the_replicated_rows() -> None:
+    # one sample per rank; rows 5 and 6 are reused next step, so both are replicated at step 0, but rank 0
+    # used only 5 and rank 1 only 6: (W-1) * 1 row sent against 2 (W-1)/W * 2 = 2 rows all-reduced
+    v = _plan_views([[[5], [6]], [[5], [6]]], world=2)[0]
+    assert v.sync[0].tolist() == [5, 6]
+    assert v.sync_blocks is not None
+    assert [b.tolist() for b in v.sync_blocks] == [[0], [1]]
+    # three ranks, 5 replicated rows, blocks of 2, 3 and 1 rows (row 7 used by ranks 1 and 2): 3 * 3 < 2 * 5
+    v = _plan_views([[[1, 2], [3, 4, 7], [7]], [[1, 3, 7], [2, 4], [8]]], world=3)[0]
+    assert v.sync[0].tolist() == [1, 2, 3, 4, 7]
+    assert v.sync_blocks is not None
+    assert [b.tolist() for b in v.sync_blocks] == [[0, 1], [2, 3, 4], [4]]
+
+
+def test_the_allreduce_is_chosen_when_it_sends_no_more_bytes() -> None:
+    # two ranks, rank 0 used every replicated row: (W-1) * 2 = 2 (W-1)/W * 2, a tie goes to the all-reduce
+    v = _plan_views([[[5, 6], [6]], [[5], [6]]], world=2)[0]
+    assert v.sync[0].tolist() == [5, 6] and v.sync_blocks is None
+    # three ranks all using both rows: the exchange would send 2 * 2 rows, the all-reduce 4/3 * 2
+    v = _plan_views([[[5, 6], [5, 6], [5, 6]], [[5], [6], [5]]], world=3)[0]
+    assert v.sync[0].tolist() == [5, 6] and v.sync_blocks is None
+    # three ranks, 3 replicated rows, the largest block 2 rows: 3 * 2 = 2 * 3, a tie again
+    v = _plan_views([[[1, 2], [2, 3], [3]], [[1], [2], [3]]], world=3)[0]
+    assert v.sync[0].tolist() == [1, 2, 3] and v.sync_blocks is None

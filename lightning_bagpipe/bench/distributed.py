@@ -11,8 +11,11 @@ invocation, each run a fresh pair of processes on the same data:
 
 each without and with an opt-in emulated network delay (``--delay-ms`` per fetch and per write-back
 batch, as if the sharded store were remote). Contenders are interleaved and repeated; medians are
-reported. Also reported from the prefetch run: bytes all-reduced per step for the embedding sync against
-the full-replication baseline (every row any rank touched, all-reduced every step).
+reported. Also reported: the bytes each rank sends per step for the embedding sync (LRPP: replicated rows
+only, by all-reduce or by exchange, whichever the plan finds cheaper) against the full-replication
+baseline (every row any rank touched, all-reduced every step), both counted per rank with the formulas of
+:mod:`lightning_bagpipe.embedding.driver` (ring all-reduce ``2 (W-1)/W * numel * 4`` bytes, padded
+all-gather ``(W-1) * block_numel * 4``), for the prefetch run (``--lookahead``) and the ``L=1`` run.
 """
 
 from __future__ import annotations
@@ -70,9 +73,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         / figures[f"sync_fetch@{d:g}ms"]["samples_per_second"]
         for d in (0.0, args.delay_ms)
     }
-    p = figures[f"prefetch@{0.0:g}ms"]
+    p, s1 = figures[f"prefetch@{0.0:g}ms"], figures[f"sync_fetch@{0.0:g}ms"]
     ratios["sync_bytes_over_full_replication"] = (
         p["sync_bytes_per_step"] / p["replicated_baseline_bytes_per_step"]
+    )
+    ratios["sync_bytes_over_full_replication@L1"] = (
+        s1["sync_bytes_per_step"] / s1["replicated_baseline_bytes_per_step"]
     )
     return {
         "suite": "distributed",
@@ -195,6 +201,7 @@ def _worker(cfg: dict[str, Any]) -> None:
                     "fetch_wait_ms_per_step": 1000.0 * stats.wait_s / steps,
                     "sync_bytes_per_step": stats.sync_bytes / steps,
                     "replicated_baseline_bytes_per_step": stats.replicated_baseline_bytes / steps,
+                    "exchange_step_fraction": stats.exchange_steps / steps,
                 }
             )
         )

@@ -325,9 +325,11 @@ class StepPlan:
     Each pair is ``(fused ids, slots)``. ``ids``/``slots`` are the distinct rows this rank's
     occurrences read (host copies of :class:`CacheLookup`). With several ranks (LRPP, see
     :mod:`lightning_bagpipe.oracle.partition`) ``sync`` lists the replicated rows whose gradients are
-    all-reduced and that every rank updates, ``own`` the rows this rank alone updates, and ``foreign``
-    the rows another rank alone updates (this rank's copy goes stale and it no longer writes them back);
-    on one process every row of the step is ``own``.
+    summed across ranks and that every rank updates, ``own`` the rows this rank alone updates, and
+    ``foreign`` the rows another rank alone updates (this rank's copy goes stale and it no longer writes
+    them back); on one process every row of the step is ``own``. ``sync_blocks`` picks the collective that
+    sums ``sync``'s gradients: ``None`` an all-reduce, else, per rank in rank order, the positions into
+    ``sync`` of the rows that rank used (each rank sends only those; see ``RankView.sync_blocks``).
     """
 
     key: tuple[int, int]
@@ -340,6 +342,7 @@ class StepPlan:
     sync: tuple[np.ndarray, np.ndarray] = field(default_factory=lambda: (_NO_ROWS, _NO_ROWS))
     own: tuple[np.ndarray, np.ndarray] = field(default_factory=lambda: (_NO_ROWS, _NO_ROWS))
     foreign: tuple[np.ndarray, np.ndarray] = field(default_factory=lambda: (_NO_ROWS, _NO_ROWS))
+    sync_blocks: tuple[np.ndarray, ...] | None = None
     next_key: tuple[int, int] | None = None
     next_fetch: tuple[np.ndarray, np.ndarray] | None = None
     next_evict: tuple[np.ndarray, np.ndarray] | None = None

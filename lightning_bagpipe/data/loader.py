@@ -326,6 +326,7 @@ class _OracleThread(threading.Thread):
             sync=view.sync,
             own=view.own,
             foreign=view.foreign,
+            sync_blocks=view.sync_blocks,
             next_key=None if nxt is None else (self.epoch, step + 1),
             next_fetch=None if nxt is None else nxt.view.fetch,
             next_evict=None if nxt is None else nxt.view.evict,

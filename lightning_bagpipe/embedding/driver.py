@@ -57,8 +57,16 @@ class TotalStats:
     rows_evicted: int = 0
     wait_s: float = 0.0
     sync_rows: int = 0
-    sync_bytes: int = 0
-    replicated_baseline_bytes: int = 0
+    sync_bytes: float = 0.0
+    """Bytes each rank sent for the replicated rows' gradients (see :func:`allreduce_bytes`,
+    :func:`exchange_bytes`)."""
+    replicated_baseline_bytes: float = 0.0
+    """What full replication would send: every row any rank touched, all-reduced every step."""
+    allreduce_steps: int = 0
+    """Steps whose replicated rows' gradients were all-reduced (steps without replicated rows count
+    in neither)."""
+    exchange_steps: int = 0
+    """Steps that used the exchange (each rank sends only the replicated rows it used)."""
 
     @property
     def hit_rate(self) -> float:
@@ -74,7 +82,42 @@ class TotalStats:
             "fetch_wait_ms_total": 1000.0 * self.wait_s,
             "sync_bytes": self.sync_bytes,
             "replicated_baseline_bytes": self.replicated_baseline_bytes,
+            "allreduce_steps": self.allreduce_steps,
+            "exchange_steps": self.exchange_steps,
         }
+
+
+def allreduce_bytes(numel: int, element_size: int, world: int) -> float:
+    """Bytes each rank sends in a ring all-reduce of ``numel`` elements: ``2 (W - 1) / W * numel * size``."""
+    return 2 * (world - 1) / world * numel * element_size
+
+
+def exchange_bytes(block_numel: int, element_size: int, world: int) -> float:
+    """Bytes each rank sends in an all-gather of blocks padded to ``block_numel``.
+
+    ``(W - 1) * block_numel * size``: every rank's block reaches the ``W - 1`` others.
+    """
+    return float((world - 1) * block_numel * element_size)
+
+
+def sum_blocks(
+    gathered: Sequence[Tensor], blocks: Sequence[Tensor], dims: Sequence[int], rows: int
+) -> Tensor:
+    """Sum every rank's block of gradients into one flat buffer, in rank order (identical bits everywhere).
+
+    ``gathered[r]`` is rank ``r``'s (padded) block: for each module in turn, the ``len(blocks[r]) x dim``
+    gradients of the rows at positions ``blocks[r]``, flattened. Returns the modules' ``rows x dim``
+    buffers, flattened and concatenated (the all-reduce's layout); rows no rank sent stay zero.
+    """
+    device = gathered[0].device if gathered else torch.device("cpu")
+    out = [torch.zeros(rows, d, device=device) for d in dims]
+    for block, part in zip(blocks, gathered):  # rank 0, 1, ..., W - 1: the same order on every rank
+        offset = 0
+        for buf, d in zip(out, dims):
+            n = block.numel() * d
+            buf.index_add_(0, block, part[offset : offset + n].view(-1, d))
+            offset += n
+    return torch.cat([b.flatten() for b in out])
 
 
 class CacheDriver:
@@ -176,10 +219,13 @@ class CacheDriver:
         self._sync_update(plan, step)
 
     def _sync_update(self, plan: StepPlan, step: int) -> None:
-        """LRPP: all-reduce replicated rows' gradients in one collective, average them like DDP, update.
+        """LRPP: sum replicated rows' gradients across ranks in one collective, average like DDP, update.
 
-        Every rank updates every replicated row (its copy stays identical to the others'); local rows are
-        updated by their one owner with its own gradient, averaged over the world size the same way.
+        The collective is the plan's choice (the same on every rank): an all-reduce of every replicated
+        row, or, with ``plan.sync_blocks``, an exchange in which each rank sends only the replicated rows
+        it used and every rank adds the blocks in rank order. Every rank updates every replicated row (its
+        copy stays identical to the others'); local rows are updated by their one owner with its own
+        gradient, averaged over the world size the same way.
         """
         assert self.groups is not None
         world = self.groups.world_size
@@ -188,10 +234,11 @@ class CacheDriver:
         sync_slots = torch.from_numpy(sync_slots_np).to(device)
         if self._pos is None or self._pos.numel() != self.rows or self._pos.device != device:
             self._pos = torch.full((self.rows,), -1, dtype=torch.long, device=device)
-        pos = self._pos  # slot -> position in the all-reduce buffer; reset after use, so O(rows touched)
+        pos = self._pos  # slot -> position in the sync buffer; reset after use, so O(rows touched)
         pos[sync_slots] = torch.arange(sync_slots.numel(), device=device)
         bufs: list[Tensor] = []
         owns: list[tuple[Tensor, Tensor]] = []
+        sent: list[Tensor] = []
         for m in self.modules:
             buf = torch.zeros(sync_slots.numel(), m.dim, device=device)
             own = (torch.zeros(0, dtype=torch.long, device=device), torch.zeros(0, m.dim, device=device))
@@ -202,16 +249,22 @@ class CacheDriver:
                 shared = p >= 0
                 buf[p[shared]] = grad[shared]
                 own = (slots[~shared], grad[~shared])
+                sent.append(p[shared])
             bufs.append(buf)
             owns.append(own)
         pos[sync_slots] = -1
-        flat = torch.cat([b.flatten() for b in bufs])
-        if flat.numel():
-            dist.all_reduce(flat, group=self.groups.grads)
+        dims = [m.dim for m in self.modules]
+        if plan.sync_blocks is None:
+            flat = torch.cat([b.flatten() for b in bufs])
+            if flat.numel():
+                dist.all_reduce(flat, group=self.groups.grads)
+                self.total.allreduce_steps += 1
+            self.total.sync_bytes += allreduce_bytes(flat.numel(), flat.element_size(), world)
+        else:
+            flat = self._exchange(bufs, sent, plan.sync_blocks, dims, device)
         flat /= world
         self.total.sync_rows += int(sync_slots.numel())
-        self.total.sync_bytes += flat.numel() * flat.element_size()
-        self.total.replicated_baseline_bytes += plan.unique_ids * sum(m.dim for m in self.modules) * 4
+        self.total.replicated_baseline_bytes += allreduce_bytes(plan.unique_ids * sum(dims), 4, world)
         offset = 0
         for m, (own_slots, own_grad) in zip(self.modules, owns):
             n = sync_slots.numel() * m.dim
@@ -224,6 +277,41 @@ class CacheDriver:
         self.dirty[plan.foreign[1]] = False
         self.dirty[sync_slots_np[mine]] = True
         self.dirty[plan.own[1]] = True
+
+    def _exchange(
+        self,
+        bufs: list[Tensor],
+        sent: list[Tensor],
+        sync_blocks: tuple[np.ndarray, ...],
+        dims: list[int],
+        device: torch.device,
+    ) -> Tensor:
+        """Each rank all-gathers its block of replicated rows' gradients; every rank sums them in rank order.
+
+        ``sent`` are the sync positions this rank holds gradients for; they must lie in its own block
+        (the plan says which rows each rank used), else a gradient would be lost.
+        """
+        assert self.groups is not None
+        world, rank = self.groups.world_size, self.groups.rank
+        blocks = [torch.from_numpy(b).to(device) for b in sync_blocks]
+        rows = bufs[0].shape[0]
+        in_block = torch.zeros(rows, dtype=torch.bool, device=device)
+        in_block[blocks[rank]] = True
+        if sent and not bool(in_block[torch.cat(sent)].all()):
+            raise RuntimeError(
+                f"rank {rank} has gradients for replicated rows outside its exchange block: the loader's "
+                "slice of the batch and the plan's occurrence ranks disagree"
+            )
+        width = sum(dims)
+        block_numel = max(int(b.numel()) for b in blocks) * width
+        send = torch.zeros(block_numel, device=device)
+        mine = torch.cat([b[blocks[rank]].flatten() for b in bufs])
+        send[: mine.numel()] = mine
+        gathered = [torch.empty_like(send) for _ in range(world)]
+        dist.all_gather(gathered, send, group=self.groups.grads)
+        self.total.exchange_steps += 1
+        self.total.sync_bytes += exchange_bytes(block_numel, send.element_size(), world)
+        return sum_blocks(gathered, blocks, dims, rows)
 
     # ------------------------------------------------------------------ store consistency
     def sync_store(self, durable: bool = False) -> None:

@@ -7,9 +7,20 @@ each rank derives, deterministically and without communication, what *it* must d
   (they are written back after ``t``). Only that rank fetches, updates and writes them back; nobody
   communicates their gradients.
 * **replicated rows**: every other row of the step (used by several ranks, or reused soon). Every rank
-  holds them in the same slot, their gradients are summed across ranks in one all-reduce (in the plan's
+  holds them in the same slot, their gradients are summed across ranks in one collective (in the plan's
   fixed id order) and averaged like DDP's dense gradients, and every rank applies the same update.
   Exactly one rank (``id % world_size``) writes each of them back.
+
+Which collective sums the replicated rows' gradients is chosen per step from the plan alone, so every
+rank chooses the same. Many replicated rows are used by one rank only at ``t`` (they are replicated
+because they are reused soon), so instead of an all-reduce over all ``n`` of them each rank ``r`` may send
+just the rows it used, ``A_r`` (an *exchange*: a padded all-gather of per-rank blocks), and every rank adds
+the ``W`` blocks in rank order. Bytes each rank sends per embedding value (times 4 bytes per float):
+
+* all-reduce (ring): ``2 (W - 1) / W * n``
+* exchange (all-gather, blocks padded to the largest): ``(W - 1) * max_r |A_r|``
+
+The exchange is chosen iff it is strictly cheaper: ``W * max_r |A_r| < 2 n`` (integers, exact).
 
 A rank's clean copy of a row is only trusted if the row's last update was replicated or made by that
 rank; otherwise the rank fetches the row again (after the owner's write-back, which the executors'
@@ -38,11 +49,14 @@ class RankView:
     writeback: IdSlots
     """Rows this rank writes back after the step."""
     sync: IdSlots
-    """Replicated rows (same list and order on every rank): gradients all-reduced."""
+    """Replicated rows (same list and order on every rank): gradients summed across ranks."""
     own: IdSlots
     """Local rows of this rank: updated with this rank's gradient alone."""
     foreign: IdSlots
     """Local rows of other ranks: this rank's copy goes stale and it stops being their writer."""
+    sync_blocks: tuple[np.ndarray, ...] | None = None
+    """``None``: all-reduce ``sync``'s gradients. Else the exchange: for each rank ``r`` (in rank order),
+    the ascending positions into ``sync`` of the rows rank ``r`` used this step (same on every rank)."""
 
 
 def occurrence_ranks(lengths: np.ndarray, num_features: int, world_size: int) -> np.ndarray:
@@ -98,6 +112,7 @@ class RankPartitioner:
         self.last_owner[ids[replicated]] = -1
         mine = local & (owner == r)
         foreign = local & (owner != r)
+        blocks = sync_blocks(uniq_of_pair, rank_of_pair, replicated, world)
         return RankView(
             fetch=(ids[take], slots[take]),
             evict=(plan.evict_ids[ev_mine], plan.evict_slots[ev_mine]),
@@ -105,4 +120,34 @@ class RankPartitioner:
             sync=(ids[replicated], slots[replicated]),
             own=(ids[mine], slots[mine]),
             foreign=(ids[foreign], slots[foreign]),
+            sync_blocks=blocks,
         )
+
+
+def exchange_is_cheaper(block_rows: np.ndarray, sync_rows: int) -> bool:
+    """Whether the padded all-gather of per-rank blocks sends fewer bytes per rank than a ring all-reduce.
+
+    ``block_rows[r]`` is how many replicated rows rank ``r`` used; ``sync_rows`` how many there are.
+    ``(W - 1) * max_r |A_r| < 2 (W - 1) / W * n``, multiplied out to integers; ties go to the all-reduce.
+    """
+    world = block_rows.size
+    return world > 1 and world * int(block_rows.max(initial=0)) < 2 * sync_rows
+
+
+def sync_blocks(
+    uniq_of_pair: np.ndarray, rank_of_pair: np.ndarray, replicated: np.ndarray, world: int
+) -> tuple[np.ndarray, ...] | None:
+    """Per-rank positions into the replicated-row list of the rows each rank used, or ``None``.
+
+    ``(uniq_of_pair, rank_of_pair)`` are the step's distinct (row index, rank) pairs; ``replicated`` marks
+    the replicated rows among the step's distinct rows (their order is the sync list's order). Returns
+    ``None`` when the all-reduce is the cheaper collective (see :func:`exchange_is_cheaper`).
+    """
+    position = np.cumsum(replicated, dtype=np.int64) - 1  # row index -> position in the sync list
+    keep = replicated[uniq_of_pair]
+    rank, pos = rank_of_pair[keep], position[uniq_of_pair[keep]]
+    counts = np.bincount(rank, minlength=world)
+    if not exchange_is_cheaper(counts, int(np.count_nonzero(replicated))):
+        return None
+    order = np.lexsort((pos, rank))  # by rank, then ascending position
+    return tuple(np.split(pos[order], np.cumsum(counts)[:-1]))
