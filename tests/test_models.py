@@ -253,6 +253,34 @@ def test_bagpipe_strategy_training_decreases_loss(build: object) -> None:
     assert stats is not None and stats.steps == 40 and stats.rows_fetched > 0
 
 
+def test_train_loss_epoch_is_the_sample_weighted_mean_of_each_epoch() -> None:
+    tables = small_tables()
+    batches = _learnable_batches(tables, 6, 32, seed=5)
+    batches[-1] = batches[-1].slice_samples(0, 8)  # a short last batch: the mean is sample-weighted
+    losses: list[tuple[float, int]] = []
+    epoch_means: list[float] = []
+
+    class Record(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):  # type: ignore[no-untyped-def]
+            losses.append((float(outputs["loss"]), batch.batch_size))
+
+        # (the module's own on_train_epoch_end, which logs the mean, runs after the callbacks')
+        def on_train_epoch_start(self, trainer, pl_module):  # type: ignore[no-untyped-def]
+            if trainer.current_epoch:
+                epoch_means.append(float(trainer.callback_metrics["train_loss_epoch"]))
+
+        def on_train_end(self, trainer, pl_module):  # type: ignore[no-untyped-def]
+            epoch_means.append(float(trainer.callback_metrics["train_loss_epoch"]))
+
+    trainer = _trainer(max_epochs=2, callbacks=[Record()])
+    trainer.fit(_deepfm(tables), train_dataloaders=_Loader(batches))
+    for e in range(2):
+        part = losses[6 * e : 6 * (e + 1)]
+        expect = sum(v * n for v, n in part) / sum(n for _, n in part)
+        assert epoch_means[e] == pytest.approx(expect, rel=1e-5)
+    assert epoch_means[0] != epoch_means[1]  # reset between epochs
+
+
 # ---------------------------------------------------------------------- metrics and prediction
 def _auc_by_pairs(labels: list[float], scores: list[float]) -> float:
     pos = [s for y, s in zip(labels, scores) if y == 1]

@@ -217,10 +217,15 @@ class ClickModel(pl.LightningModule):
         labels = self.labels_of(batch, "training_step")
         loss = F.binary_cross_entropy_with_logits(self(batch), labels)
         self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=batch.batch_size)
-        # the epoch mean goes through a metric object, which syncs across ranks once, at epoch end
+        # the epoch mean goes through a metric object, which syncs across ranks once, at epoch end; it is
+        # logged there too (logging a metric object every step costs Lightning ~1.5 ms of Python per step)
         self.train_loss_mean.update(loss.detach(), weight=batch.batch_size)
-        self.log("train_loss_epoch", self.train_loss_mean, on_step=False, on_epoch=True)
         return loss
+
+    def on_train_epoch_end(self) -> None:
+        if self.train_loss_mean.update_count:
+            self.log("train_loss_epoch", self.train_loss_mean.compute())
+        self.train_loss_mean.reset()
 
     def _evaluate(self, batch: Batch, auc: BinaryAUROC, logloss: MeanMetric, prefix: str) -> None:
         labels = self.labels_of(batch, f"{prefix}_step")
