@@ -17,6 +17,7 @@ transfer moves them.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -66,8 +67,7 @@ class PoolingIndex:
         b = lengths.numel() // max(1, f)
         n = inverse.numel()
         if n == lengths.numel():  # one-hot: occurrence k is bag k, a [F, B] block to transpose
-            perm = torch.arange(n, device=inverse.device).view(f, b).t().reshape(-1)
-            offsets = torch.arange(n, device=inverse.device)
+            perm, offsets = _one_hot_layout(f, b, inverse.device)
             inv = inverse.view(f, b).t().reshape(-1)
         else:
             starts = torch.zeros_like(lengths)
@@ -97,6 +97,14 @@ class PoolingIndex:
             move(self.order),
             move(self.row_offsets),
         )
+
+
+@functools.lru_cache(maxsize=8)
+def _one_hot_layout(num_features: int, batch_size: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """``perm`` and ``offsets`` of a one-hot batch: they depend on its shape only (shared, never written)."""
+    n = num_features * batch_size
+    perm = torch.arange(n, device=device).view(num_features, batch_size).t().reshape(-1)
+    return perm, torch.arange(n, device=device)
 
 
 def group_by_row(inverse: Tensor, num_rows: int) -> tuple[Tensor, Tensor]:

@@ -133,6 +133,7 @@ class LookaheadOracle:
         self._dirty = np.zeros(n_slots, dtype=bool)
         self._slot_next = np.full(n_slots, _NEVER, dtype=np.int32)
         self._last_use = np.zeros(n_slots, dtype=np.int32)
+        self._key = np.empty(0, dtype=np.int64)  # working space of _choose_victims
         self._free = np.arange(n_slots, dtype=np.int64)  # free slots, handed out in ascending order
         self._n_free = n_slots
         self._in_use = 0
@@ -356,13 +357,18 @@ class LookaheadOracle:
     def _choose_victims(self, step: int, k: int, ids: np.ndarray, hit_slots: np.ndarray) -> np.ndarray:
         """The ``k`` occupied, unprotected slots to reuse: clean before dirty, then farthest next use,
         then (frequency ties only: fewest uses,) least recently used, then lowest slot."""
-        last = self._last_use.astype(np.int64)
+        last = self._last_use
         by_frequency = self.tie_break == "frequency"
         # (free slots read _uses[-1] here; they are protected just below)
-        third = self._uses[self._slot_id].astype(np.int64) if by_frequency else last
-        key = (
-            (self._dirty.astype(np.int64) << 62) | ((_NEVER - self._slot_next.astype(np.int64)) << 31) | third
-        )
+        third = self._uses[self._slot_id] if by_frequency else last
+        # key = dirty << 62 | (NEVER - next use) << 31 | third, built in place (one buffer, no temporaries)
+        if self._key.size != self._slot_next.size:
+            self._key = np.empty(self._slot_next.size, dtype=np.int64)
+        key = self._key
+        np.subtract(_NEVER, self._slot_next, out=key, dtype=np.int64)
+        np.left_shift(key, 31, out=key)
+        np.bitwise_or(key, third, out=key, casting="unsafe")
+        key[self._dirty] |= np.int64(1) << 62
         key[self._slot_id < 0] = _PROTECTED
         key[hit_slots] = _PROTECTED
         key[self._prev_slots] = _PROTECTED
