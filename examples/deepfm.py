@@ -9,7 +9,13 @@ flag: Criteo TSV or Parquet input, batch size, lookahead, cache size, memory or 
     python examples/deepfm.py --data day_0.gz --val-data day_1.gz --max-steps 20000 --cache-rows 2000000
 """
 
+import os
 import sys
+
+# CPU-only tuning, set before torch loads: OpenMP's idle threads spin for less time between parallel
+# regions, leaving the cores to the oracle and row threads (docs/benchmarks.md, "OpenMP spinning").
+# Your own setting wins; it has no effect once torch is imported.
+os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
 from lightning_bagpipe.models.train import main
 

@@ -9,7 +9,13 @@ flag: Criteo TSV or Parquet input, batch size, lookahead, cache size, memory or 
     python examples/dlrm.py --data criteo_parquet/ --val-data criteo_val_parquet/ --store mmap
 """
 
+import os
 import sys
+
+# CPU-only tuning, set before torch loads: OpenMP's idle threads spin for less time between parallel
+# regions, leaving the cores to the oracle and row threads (docs/benchmarks.md, "OpenMP spinning").
+# Your own setting wins; it has no effect once torch is imported.
+os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
 from lightning_bagpipe.models.train import main
 

@@ -20,6 +20,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from lightning_bagpipe import pipeline_threads
+
 __all__ = [
     "RssSampler",
     "StepClock",
@@ -233,6 +235,9 @@ def disk_usage(path: str | os.PathLike[str]) -> dict[str, int]:
 
 
 # ---------------------------------------------------------------------- machine
+_OPENMP_ENV = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
+
+
 def machine_info() -> dict[str, Any]:
     """CPU model and count, memory, OS and library versions: enough to tell two machines' figures apart."""
     import numpy as np
@@ -263,6 +268,9 @@ def machine_info() -> dict[str, Any]:
         "cuda": torch.cuda.is_available(),
         # other work on the machine while the suite ran (1, 5 and 15 minute run-queue averages)
         "load_average": list(os.getloadavg()),
+        # OpenMP settings change CPU timings a lot (docs/benchmarks.md: "OpenMP spinning")
+        "openmp_env": {k: os.environ[k] for k in _OPENMP_ENV if k in os.environ},
+        "pipeline_nice": pipeline_threads.PIPELINE_NICE,
     }
     try:
         import lightning
