@@ -402,7 +402,7 @@ class _CacheStatsLogger(Callback):
         now = (t.steps, t.unique_rows, t.hits, t.rows_fetched, t.rows_written_back, t.wait_s)
         if self._seen is None or now[0] < self._seen[0]:  # a new fit: the driver's totals restarted
             self._seen = (0, 0, 0, 0, 0, 0.0)
-        every = max(1, int(trainer.log_every_n_steps))
+        every = max(1, int(getattr(trainer, "log_every_n_steps", 50)))  # (set at runtime, not typed)
         if trainer.global_step % every and not trainer.should_stop:
             return
         steps, unique, hits, fetched, written, wait_s = (x - y for x, y in zip(now, self._seen))
