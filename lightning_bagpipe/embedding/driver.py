@@ -169,11 +169,15 @@ class CacheDriver:
         if self.executor is None:
             self._start(plan.capacity)
         assert self.executor is not None
-        self._submit_writeback()
+        # Step t-1's last-use rows ride along with the next prestep's evictions: one store write (one
+        # collective on a sharded store, one round trip to a remote one) per step instead of two. Every
+        # later fetch still runs after them (same executor, writes before the barrier and the fetch).
+        writeback = self._take_writeback()
         if plan.key == self._queued_key:
             ticket = self._queued_ticket
         else:
-            ticket = self._submit_prestep(plan.evict, plan.fetch)
+            ticket = self._submit_prestep(plan.evict, plan.fetch, writeback)
+            writeback = None
         waited = self.executor.wait(ticket)
         self._queued_key, self._queued_ticket = None, None
         if (
@@ -182,8 +186,11 @@ class CacheDriver:
             and plan.next_fetch is not None
             and plan.next_evict is not None
         ):
-            self._queued_ticket = self._submit_prestep(plan.next_evict, plan.next_fetch)
+            self._queued_ticket = self._submit_prestep(plan.next_evict, plan.next_fetch, writeback)
             self._queued_key = plan.next_key
+            writeback = None
+        if writeback is not None:
+            self.executor.submit_writeback(writeback)
         self._current = plan
         self._updated = False
         self.last = StepStats(
@@ -366,16 +373,20 @@ class CacheDriver:
         self._writeback = self._current.writeback
         self._current = None
 
-    def _submit_writeback(self) -> None:
-        if self._writeback is None:
-            return
-        assert self.executor is not None
-        ids, slots = self._writeback
-        self._writeback = None
-        self.executor.submit_writeback((ids, slots))
-        self.dirty[slots] = False
+    def _take_writeback(self) -> IdSlots | None:
+        """The last step's last-use rows, now due for write-back (their slots count as clean from here)."""
+        rows, self._writeback = self._writeback, None
+        if rows is not None:
+            self.dirty[rows[1]] = False
+        return rows
 
-    def _submit_prestep(self, evict: IdSlots, fetch: IdSlots) -> _Ticket:
+    def _submit_writeback(self) -> None:
+        rows = self._take_writeback()
+        if rows is not None:
+            assert self.executor is not None
+            self.executor.submit_writeback(rows)
+
+    def _submit_prestep(self, evict: IdSlots, fetch: IdSlots, writeback: IdSlots | None = None) -> _Ticket:
         assert self.executor is not None
         need = int(max(fetch[1].max(initial=-1), evict[1].max(initial=-1))) + 1
         if need > self.rows:
@@ -383,7 +394,7 @@ class CacheDriver:
         self.dirty[evict[1]] = False
         self.dirty[fetch[1]] = False
         self.slot_ids[fetch[1]] = fetch[0]
-        return self.executor.submit_prestep(evict, fetch)
+        return self.executor.submit_prestep(evict, fetch, writeback)
 
     def _grow(self, need: int) -> None:
         """Unbounded caches grow by doubling (after draining queued copies into the old buffer)."""

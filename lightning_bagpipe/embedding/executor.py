@@ -104,9 +104,13 @@ class RowExecutor:
             raise RuntimeError(f"a background fetch/write-back failed: {self._failed!r}") from self._failed
 
     # ------------------------------------------------------------------ jobs
-    def submit_prestep(self, evict: IdSlots, fetch: IdSlots) -> _Ticket:
-        """Write back ``evict`` rows, then load ``fetch`` rows; returns the ticket to wait on."""
+    def submit_prestep(self, evict: IdSlots, fetch: IdSlots, writeback: IdSlots | None = None) -> _Ticket:
+        """Write back ``evict`` rows (and ``writeback`` rows, in the same store write), then load ``fetch``
+        rows; returns the ticket to wait on."""
         evict_ids, evict_slots = evict
+        if writeback is not None and writeback[0].size:
+            evict_ids = np.concatenate([writeback[0], evict_ids])
+            evict_slots = np.concatenate([writeback[1], evict_slots])
         fetch_ids, fetch_slots = fetch
         compute_event = self._compute_event() if evict_ids.size else None
 

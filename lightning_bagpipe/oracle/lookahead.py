@@ -368,7 +368,7 @@ class LookaheadOracle:
         np.subtract(_NEVER, self._slot_next, out=key, dtype=np.int64)
         np.left_shift(key, 31, out=key)
         np.bitwise_or(key, third, out=key, casting="unsafe")
-        key[self._dirty] |= np.int64(1) << 62
+        np.bitwise_or(key, np.left_shift(self._dirty, 62, dtype=np.int64), out=key)
         key[self._slot_id < 0] = _PROTECTED
         key[hit_slots] = _PROTECTED
         key[self._prev_slots] = _PROTECTED
