@@ -381,3 +381,48 @@ def test_initialize_store_rejects_mismatch() -> None:
     with pytest.raises(ValueError, match="state_init must be a 1-D float32"):
         initialize_store(s, TABLES, DIM, torch.zeros(1, dtype=torch.float64), SEED)
     assert "initialized" not in s.metadata
+
+
+def test_mmap_gather_asks_for_exactly_the_pages_of_its_rows(tmp_path: Path) -> None:
+    """Large gathers first MADV_WILLNEED the pages their rows lie on: every page, no other, merged runs."""
+    import mmap
+
+    width = 18  # 72-byte rows: some straddle a page boundary
+    store = MmapStore(tmp_path / "t.f32", num_rows=20_000, width=width)
+    calls: list[tuple[int, int]] = []
+
+    class Spy:
+        def __init__(self, raw: mmap.mmap) -> None:
+            self.raw = raw
+
+        def __len__(self) -> int:
+            return len(self.raw)
+
+        def madvise(self, option: int, start: int, length: int) -> None:
+            assert option == mmap.MADV_WILLNEED
+            calls.append((start, length))
+
+    arr = store._array
+    assert arr is not None
+    real = arr._mmap  # type: ignore[attr-defined]
+    arr._mmap = Spy(real)  # type: ignore[attr-defined]
+    try:
+        rng = np.random.default_rng(0)
+        ids = rng.choice(20_000, size=400, replace=False)
+        store.read(ids)
+        page = mmap.PAGESIZE
+        asked = set()
+        for start, length in calls:
+            assert start % page == 0
+            asked.update(range(start // page, (start + length + page - 1) // page))
+        want = set()
+        for i in ids.tolist():
+            want.update(range(i * width * 4 // page, ((i + 1) * width * 4 - 1) // page + 1))
+        assert asked == want
+        assert len(calls) < len(want)  # neighbouring pages were merged into one call
+        calls.clear()
+        store.read(ids[:10])  # small gathers skip the hint
+        assert calls == []
+    finally:
+        arr._mmap = real  # type: ignore[attr-defined]
+        store.close()

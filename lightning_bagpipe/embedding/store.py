@@ -47,6 +47,9 @@ _ITEMSIZE = 4  # float32
 _INT64_MAX = np.iinfo(np.int64).max
 
 
+_PAGE = mmap.PAGESIZE
+
+
 def _as_ids(ids: Ids, num_rows: int, where: str) -> Tensor:
     """``ids`` as a 1-D int64 CPU tensor, checked to lie in ``[0, num_rows)`` (ValueError otherwise)."""
     if isinstance(ids, Tensor):
@@ -171,7 +174,13 @@ class EmbeddingStore(ABC):
     def read(self, ids: Ids) -> Tensor:
         """A new ``[K, width]`` float32 CPU tensor holding rows ``ids`` (in that order)."""
         t = self._t()
-        return torch.index_select(t, 0, _as_ids(ids, self.num_rows, f"{self.describe()}.read"))
+        idx = _as_ids(ids, self.num_rows, f"{self.describe()}.read")
+        self._will_read(idx)
+        return torch.index_select(t, 0, idx)
+
+    def _will_read(self, idx: Tensor) -> None:
+        """Hook before a gather of rows ``idx`` (file stores start reading their pages in parallel)."""
+        return None
 
     def read_into(self, ids: Ids, out: Tensor) -> None:
         """Like :meth:`read`, into a preallocated ``[K, width]`` float32 CPU tensor (e.g. pinned)."""
@@ -183,6 +192,7 @@ class EmbeddingStore(ABC):
                 f"{self.describe()}.read_into: out must be a float32 CPU tensor of shape {list(expected)}, "
                 f"got {out.dtype} on {out.device} with shape {list(out.shape)}"
             )
+        self._will_read(idx)
         torch.index_select(t, 0, idx, out=out)
 
     def write(self, ids: Ids, rows: Tensor, *, check_unique: bool = True) -> None:
@@ -336,6 +346,32 @@ class MmapStore(EmbeddingStore):
 
     def describe(self) -> str:
         return f"MmapStore('{self.path}')"
+
+    #: Gathers of at least this many rows first ask the kernel for their pages (``MADV_WILLNEED``).
+    WILLNEED_MIN_ROWS = 256
+
+    def _will_read(self, idx: Tensor) -> None:
+        """Ask the kernel to read the pages of rows ``idx`` now, all at once.
+
+        With ``MADV_RANDOM`` (no read-ahead) a gather faults its rows in one page at a time, each a
+        synchronous disk read; ``MADV_WILLNEED`` on the pages first queues all the reads together, so the
+        disk serves them in parallel and the gather then finds them in memory. Neighbouring pages are
+        merged into one call. Small gathers skip this (the system calls would cost more than they save).
+        """
+        raw = getattr(self._array, "_mmap", None)
+        if raw is None or idx.numel() < self.WILLNEED_MIN_ROWS or not hasattr(mmap, "MADV_WILLNEED"):
+            return
+        row_bytes = self.width * 4
+        first = idx.numpy() * row_bytes
+        pages = np.union1d(first // _PAGE, (first + row_bytes - 1) // _PAGE)
+        # runs of consecutive pages: one madvise each
+        breaks = np.flatnonzero(np.diff(pages) != 1) + 1
+        starts = pages[np.concatenate([[0], breaks])]
+        ends = pages[np.concatenate([breaks - 1, [pages.size - 1]])] + 1
+        size = len(raw)
+        with contextlib.suppress(OSError, ValueError):
+            for a, b in zip(starts.tolist(), ends.tolist()):
+                raw.madvise(mmap.MADV_WILLNEED, a * _PAGE, min(b * _PAGE, size) - a * _PAGE)
 
     # ------------------------------------------------------------------ files
     def _create(self) -> None:
