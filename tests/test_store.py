@@ -383,12 +383,19 @@ def test_initialize_store_rejects_mismatch() -> None:
     assert "initialized" not in s.metadata
 
 
-def test_mmap_gather_asks_for_exactly_the_pages_of_its_rows(tmp_path: Path) -> None:
-    """Large gathers first MADV_WILLNEED the pages their rows lie on: every page, no other, merged runs."""
+def test_mmap_gather_asks_for_exactly_the_pages_of_its_rows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Large gathers from a random-access mapping first MADV_WILLNEED the pages their rows lie on: every
+    page, no other, neighbours merged."""
     import mmap
 
+    from lightning_bagpipe.embedding import store as store_module
+
+    monkeypatch.setattr(store_module, "RANDOM_ACCESS_FRACTION", 0.0)  # map this small file as a huge one
     width = 18  # 72-byte rows: some straddle a page boundary
     store = MmapStore(tmp_path / "t.f32", num_rows=20_000, width=width)
+    assert store.random_access
     calls: list[tuple[int, int]] = []
 
     class Spy:
@@ -423,6 +430,23 @@ def test_mmap_gather_asks_for_exactly_the_pages_of_its_rows(tmp_path: Path) -> N
         calls.clear()
         store.read(ids[:10])  # small gathers skip the hint
         assert calls == []
+        store.random_access = False  # read-ahead mappings skip it too
+        store.read(ids)
+        assert calls == []
     finally:
         arr._mmap = real  # type: ignore[attr-defined]
         store.close()
+
+
+def test_random_access_advice_only_for_files_large_against_memory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lightning_bagpipe.embedding import store as store_module
+
+    small = MmapStore(tmp_path / "a.f32", num_rows=1000, width=4)
+    assert small.random_access is False  # a few KB: keep the kernel's read-ahead
+    small.close()
+    monkeypatch.setattr(store_module, "RANDOM_ACCESS_FRACTION", 0.0)
+    big = MmapStore(tmp_path / "b.f32", num_rows=1000, width=4)
+    assert big.random_access is True
+    big.close()

@@ -49,6 +49,17 @@ _INT64_MAX = np.iinfo(np.int64).max
 
 _PAGE = mmap.PAGESIZE
 
+#: An ``MmapStore`` file larger than this fraction of physical memory is mapped for random access
+#: (``MADV_RANDOM``: no read-ahead); smaller files keep the kernel's read-ahead.
+RANDOM_ACCESS_FRACTION = 0.25
+
+
+def _physical_memory() -> int:
+    try:
+        return int(os.sysconf("SC_PHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):  # not POSIX: assume a table may not fit
+        return 0
+
 
 def _as_ids(ids: Ids, num_rows: int, where: str) -> Tensor:
     """``ids`` as a 1-D int64 CPU tensor, checked to lie in ``[0, num_rows)`` (ValueError otherwise)."""
@@ -337,21 +348,26 @@ class MmapStore(EmbeddingStore):
             self.path, dtype=np.float32, mode="r+", shape=(self.num_rows, self.width)
         )
         self._table = torch.from_numpy(self._array)
-        # Rows are read and written scattered: tell the kernel not to read ahead around each one (measured
-        # ~20x faster training and a third of the page-cache footprint on a 2^28-row table).
+        # Rows are read and written scattered. On a file much larger than what RAM can cache, reading ahead
+        # around each row wastes the disk and the page cache: tell the kernel not to (measured ~20x faster
+        # training and a third of the page-cache footprint on a 2^28-row, 18 GiB table). A file that fits
+        # comfortably is better served by read-ahead, which soon caches all of it (bench scale: 2.4x faster
+        # on a 1.2 GiB table than with MADV_RANDOM).
+        self.random_access = self.nbytes > RANDOM_ACCESS_FRACTION * _physical_memory()
         raw = getattr(self._array, "_mmap", None)
-        if raw is not None and hasattr(mmap, "MADV_RANDOM"):
+        if self.random_access and raw is not None and hasattr(mmap, "MADV_RANDOM"):
             with contextlib.suppress(OSError):
                 raw.madvise(mmap.MADV_RANDOM)
 
     def describe(self) -> str:
         return f"MmapStore('{self.path}')"
 
-    #: Gathers of at least this many rows first ask the kernel for their pages (``MADV_WILLNEED``).
+    #: Gathers of at least this many rows from a random-access mapping first ask the kernel for their
+    #: pages (``MADV_WILLNEED``).
     WILLNEED_MIN_ROWS = 256
 
     def _will_read(self, idx: Tensor) -> None:
-        """Ask the kernel to read the pages of rows ``idx`` now, all at once.
+        """On a random-access mapping, ask the kernel to read the pages of rows ``idx`` now, all at once.
 
         With ``MADV_RANDOM`` (no read-ahead) a gather faults its rows in one page at a time, each a
         synchronous disk read; ``MADV_WILLNEED`` on the pages first queues all the reads together, so the
@@ -359,7 +375,9 @@ class MmapStore(EmbeddingStore):
         merged into one call. Small gathers skip this (the system calls would cost more than they save).
         """
         raw = getattr(self._array, "_mmap", None)
-        if raw is None or idx.numel() < self.WILLNEED_MIN_ROWS or not hasattr(mmap, "MADV_WILLNEED"):
+        if not self.random_access or raw is None or not hasattr(mmap, "MADV_WILLNEED"):
+            return  # (with read-ahead on, the extra calls cost more than they bring: 36K vs 21K samples/s)
+        if idx.numel() < self.WILLNEED_MIN_ROWS:
             return
         row_bytes = self.width * 4
         first = idx.numpy() * row_bytes
