@@ -90,3 +90,13 @@ def test_weights_needing_gradient_take_autograd_path() -> None:
     out.sum().backward()
     assert w.grad is not None and rows.grad is not None
     assert torch.allclose(w.grad, rows.detach()[inverse].sum(1))
+
+
+@pytest.mark.parametrize("num_rows", [300, 70_000])  # 16-bit radix path and the 32-bit torch path
+def test_group_by_row_matches_a_stable_sort(num_rows: int) -> None:
+    g = torch.Generator().manual_seed(1)
+    inverse = torch.randint(0, num_rows, (5000,), generator=g)
+    order, starts = group_by_row(inverse, num_rows)
+    assert order.tolist() == sorted(range(5000), key=lambda i: (int(inverse[i]), i))
+    counts = torch.bincount(inverse, minlength=num_rows)
+    assert starts.tolist() == (torch.cumsum(counts, 0) - counts).tolist()

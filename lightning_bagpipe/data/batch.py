@@ -113,8 +113,11 @@ def group_by_row(inverse: Tensor, num_rows: int) -> tuple[Tensor, Tensor]:
     ``inverse`` maps positions to rows ``0 .. num_rows - 1``. Stable, so each row's positions keep their
     order and its gradient is summed in the same order as a sequential scatter would.
     """
-    # (32-bit keys sort about twice as fast; a step never reads 2**31 distinct rows)
-    order = torch.argsort(inverse.to(torch.int32), stable=True)
+    if inverse.device.type == "cpu" and num_rows <= 2**16:
+        # numpy's stable sort of 16-bit keys is a radix sort: 2x faster than torch's on 32-bit keys
+        order = torch.from_numpy(np.argsort(inverse.numpy().astype(np.uint16), kind="stable"))
+    else:  # (32-bit keys sort about twice as fast as 64-bit ones; a step never reads 2**31 rows)
+        order = torch.argsort(inverse.to(torch.int32), stable=True)
     counts = torch.bincount(inverse, minlength=num_rows)
     row_offsets = torch.zeros(num_rows, dtype=torch.long, device=inverse.device)
     if num_rows > 1:
