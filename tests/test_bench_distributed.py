@@ -32,8 +32,12 @@ def test_bench_distributed_writes_json(tmp_path: Path) -> None:
     )
     assert code == 0
     result = json.loads(out.read_text())
-    assert set(result["contenders"]) == {"prefetch@0ms", "prefetch@5ms", "sync_fetch@0ms", "sync_fetch@5ms"}
+    assert set(result["contenders"]) == {
+        f"{name}@{d}ms" for name in ("prefetch", "sync_fetch", "replicate") for d in (0, 5)
+    }
     for figures in result["contenders"].values():
         assert figures["samples_per_second"] > 0
         assert 0 < figures["sync_bytes_per_step"] <= figures["replicated_baseline_bytes_per_step"]
-    assert result["ratios"]["sync_bytes_over_full_replication"] <= 1.0
+    assert result["ratios"]["sync_bytes_over_full_replication"] < 1.0
+    # the replicated baseline sends exactly what the baseline formula says it does
+    assert abs(result["ratios"]["replicate_sync_bytes_over_full_replication"] - 1.0) < 1e-9

@@ -180,3 +180,5 @@ def test_datamodule_validates_its_arguments() -> None:
         ListDataModule(tables, random_batches(tables, 1, 4), lookahead=0)
     with pytest.raises(ValueError, match="cache_rows must be >= 1"):
         ListDataModule(tables, random_batches(tables, 1, 4), cache_rows=0)
+    with pytest.raises(ValueError, match="sync must be one of"):
+        ListDataModule(tables, random_batches(tables, 1, 4), sync="allreduce")

@@ -88,6 +88,20 @@ def test_two_processes_equal_one(tmp_path: Path, lookahead: int, store: str, mul
         assert ranks[0]["stats"]["rows_evicted"] + ranks[1]["stats"]["rows_evicted"] > 0
 
 
+def test_full_replication_baseline_equals_one_process(tmp_path: Path) -> None:
+    """sync="replicated" (the benchmark baseline): no local rows, every row all-reduced; same model."""
+    args = ["--lookahead", "8", "--store", "shared", "--sync", "replicated"]
+    done = _launch(args, tmp_path)
+    assert done.returncode == 0, done.stdout[-4000:]
+    ref = mp_train.run(mp_train.parse([*args, "--devices", "1"]))
+    for r in range(2):
+        got = torch.load(tmp_path / f"rank{r}.pt", weights_only=True)
+        assert (got["rows"] - ref["rows"]).abs().max() <= 1e-5
+        stats = got["stats"]
+        assert stats["exchange_steps"] == 0 and stats["allreduce_steps"] == stats["steps"] == 30
+        assert stats["sync_bytes"] == stats["replicated_baseline_bytes"] > 0
+
+
 def test_mismatched_tables_across_ranks_fail_fast_on_every_rank() -> None:
     done = _launch(["--mismatch-rank1"], None)
     assert done.returncode != 0

@@ -226,3 +226,20 @@ def test_the_allreduce_is_chosen_when_it_sends_no_more_bytes() -> None:
     # three ranks, 3 replicated rows, the largest block 2 rows: 3 * 2 = 2 * 3, a tie again
     v = _plan_views([[[1, 2], [2, 3], [3]], [[1], [2], [3]]], world=3)[0]
     assert v.sync[0].tolist() == [1, 2, 3] and v.sync_blocks is None
+
+
+def test_replicate_mode_makes_every_row_of_every_step_replicated() -> None:
+    """The full-replication baseline: no local rows, every step's rows all-reduced (never exchanged)."""
+    trace = _trace(3, 20, 32, 3, 5000, zipf=True)
+    rows = 1 + max(int(t[0].max()) for t in trace)
+    parts = [RankPartitioner(rows, r, 2, replicate=True) for r in range(2)]
+    lrpp = RankPartitioner(rows, 0, 2)
+    local_somewhere = 0
+    for (_ids, lengths), plan in zip(trace, LookaheadOracle(rows, 4, None).run(i for i, _ in trace)):
+        occ = occurrence_ranks(lengths, 3, 2)
+        for p in parts:
+            v = p.view(plan, occ)
+            assert v.sync[0].tolist() == plan.ids.tolist()
+            assert v.own[0].size == 0 and v.foreign[0].size == 0 and v.sync_blocks is None
+        local_somewhere += lrpp.view(plan, occ).own[0].size
+    assert local_somewhere > 0  # (LRPP would have kept rows local on this trace)

@@ -8,6 +8,8 @@ invocation, each run a fresh pair of processes on the same data:
   computes;
 * **sync_fetch**: no lookahead (``L=1``) and no prefetch: each step fetches its own rows at its start and
   waits for them (what a cache without an oracle does);
+* **replicate**: as prefetch, but with full-replication sync (``BagpipeDataModule(sync="replicated")``):
+  every row of the step is all-reduced every step, no rank-local rows;
 
 each without and with an opt-in emulated network delay (``--delay-ms`` per fetch and per write-back
 batch, as if the sharded store were remote). Contenders are interleaved and repeated; medians are
@@ -31,7 +33,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-CONTENDERS = {"prefetch": True, "sync_fetch": False}
+#: name -> (prefetch with the full lookahead?, BagpipeDataModule sync mode)
+CONTENDERS = {
+    "prefetch": (True, "partitioned"),
+    "sync_fetch": (False, "partitioned"),
+    "replicate": (True, "replicated"),
+}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -54,7 +61,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     runs: dict[str, list[dict[str, Any]]] = {}
     for _ in range(args.repeats):
         for delay in (0.0, args.delay_ms):
-            for name, prefetch in CONTENDERS.items():
+            for name, (prefetch, sync) in CONTENDERS.items():
                 cfg = {
                     "batch_size": args.batch_size,
                     "steps": args.steps,
@@ -62,6 +69,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     "scale": args.scale,
                     "lookahead": args.lookahead if prefetch else 1,
                     "prefetch": prefetch,
+                    "sync": sync,
                     "cache_rows": args.cache_rows,
                     "delay_ms": delay,
                     "embedding_dim": args.embedding_dim,
@@ -73,6 +81,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         / figures[f"sync_fetch@{d:g}ms"]["samples_per_second"]
         for d in (0.0, args.delay_ms)
     }
+    for d in (0.0, args.delay_ms):
+        ratios[f"prefetch_over_replicate@{d:g}ms"] = (
+            figures[f"prefetch@{d:g}ms"]["samples_per_second"]
+            / figures[f"replicate@{d:g}ms"]["samples_per_second"]
+        )
+    rep = figures[f"replicate@{0.0:g}ms"]
+    ratios["replicate_sync_bytes_over_full_replication"] = (  # 1.0 by construction: a check
+        rep["sync_bytes_per_step"] / rep["replicated_baseline_bytes_per_step"]
+    )
     p, s1 = figures[f"prefetch@{0.0:g}ms"], figures[f"sync_fetch@{0.0:g}ms"]
     ratios["sync_bytes_over_full_replication"] = (
         p["sync_bytes_per_step"] / p["replicated_baseline_bytes_per_step"]
@@ -160,6 +177,7 @@ def _worker(cfg: dict[str, Any]) -> None:
         scale=cfg["scale"],
         num_batches=cfg["steps"],
         val_batches=0,
+        sync=cfg.get("sync", "partitioned"),
     )
     model = DeepFM(dm.tables, embedding_dim=cfg["embedding_dim"], hidden=(64, 32))
     clock = Clock()

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 
 from lightning_bagpipe.data.batch import Batch
 from lightning_bagpipe.data.loader import BagpipeLoader, EvalLoader, SourceFn
+from lightning_bagpipe.oracle.partition import SYNC_MODES
 from lightning_bagpipe.tables import Tables, TableSpec
 
 
@@ -27,6 +28,11 @@ class BagpipeDataModule(pl.LightningDataModule):
         cache_rows: cache capacity in rows (slots) per :class:`~lightning_bagpipe.CachedEmbedding`;
             ``None`` lets the cache grow to whatever the oracle needs.
         queue_batches: planned batches buffered between the oracle thread and training.
+        sync: how several ranks keep cached rows consistent. ``"partitioned"`` (LRPP, the default): rows
+            one rank uses and does not reuse soon stay on that rank, the others' gradients are summed by
+            the cheaper of an all-reduce and an exchange (``docs/architecture.md``). ``"replicated"``:
+            the full-replication baseline, every row of the step all-reduced every step (for benchmarks;
+            same results, more bytes).
     """
 
     def __init__(
@@ -37,8 +43,11 @@ class BagpipeDataModule(pl.LightningDataModule):
         lookahead: int = 64,
         cache_rows: int | None = None,
         queue_batches: int = 4,
+        sync: Literal["partitioned", "replicated"] = "partitioned",
     ) -> None:
         super().__init__()
+        if sync not in SYNC_MODES:
+            raise ValueError(f"sync must be one of {SYNC_MODES}, got {sync!r}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if lookahead < 1:
@@ -50,6 +59,7 @@ class BagpipeDataModule(pl.LightningDataModule):
         self.lookahead = int(lookahead)
         self.cache_rows = cache_rows
         self.queue_batches = int(queue_batches)
+        self.sync = sync
         self._train_loader: BagpipeLoader | None = None
         self._pending_state: dict[str, Any] | None = None
         for stage in ("val", "test", "predict"):
@@ -93,6 +103,7 @@ class BagpipeDataModule(pl.LightningDataModule):
             rank=rank,
             world_size=world,
             queue_batches=self.queue_batches,
+            sync=self.sync,
         )
         if self._pending_state is not None:
             loader.load_state_dict(self._pending_state)

@@ -27,7 +27,7 @@ import torch
 
 from lightning_bagpipe.data.batch import Batch, CacheLookup, StepPlan
 from lightning_bagpipe.oracle.lookahead import LookaheadOracle
-from lightning_bagpipe.oracle.partition import RankPartitioner, RankView, occurrence_ranks
+from lightning_bagpipe.oracle.partition import SYNC_MODES, RankPartitioner, RankView, occurrence_ranks
 from lightning_bagpipe.oracle.plan import CachePlan
 from lightning_bagpipe.pipeline_threads import pipeline_thread
 from lightning_bagpipe.tables import Tables
@@ -127,10 +127,14 @@ class BagpipeLoader(_LoaderBase):
         rank: int = 0,
         world_size: int = 1,
         queue_batches: int = 4,
+        sync: str = "partitioned",
     ) -> None:
         super().__init__(source_fn, tables, rank, world_size, "train")
         if lookahead < 1:
             raise ValueError(f"lookahead must be >= 1, got {lookahead}")
+        if sync not in SYNC_MODES:
+            raise ValueError(f"sync must be one of {SYNC_MODES}, got {sync!r}")
+        self.sync = sync
         self.lookahead = int(lookahead)
         self.cache_rows = cache_rows
         self.queue_batches = max(1, int(queue_batches))
@@ -254,7 +258,11 @@ class _OracleThread(threading.Thread):
     def _produce(self) -> None:
         ld = self.loader
         oracle = LookaheadOracle(ld.tables.total_rows, ld.lookahead, ld.cache_rows)
-        parts = RankPartitioner(ld.tables.total_rows, ld.rank, ld.world_size) if ld.world_size > 1 else None
+        parts = (
+            RankPartitioner(ld.tables.total_rows, ld.rank, ld.world_size, replicate=ld.sync == "replicated")
+            if ld.world_size > 1
+            else None
+        )
         pending: deque[tuple[Batch, np.ndarray]] = deque()  # batches waiting for their plan
         ready: deque[_Planned] = deque()  # planned, waiting for the next step's plan
         step = self.skip

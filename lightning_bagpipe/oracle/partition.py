@@ -68,14 +68,23 @@ def occurrence_ranks(lengths: np.ndarray, num_features: int, world_size: int) ->
     return np.repeat(np.tile(rank_of_sample, num_features), lengths.astype(np.int64))
 
 
-class RankPartitioner:
-    """Derives :class:`RankView` s step after step (it remembers who last updated each row alone)."""
+#: ``BagpipeDataModule(sync=...)``: LRPP, or the full-replication baseline.
+SYNC_MODES = ("partitioned", "replicated")
 
-    def __init__(self, num_rows: int, rank: int, world_size: int) -> None:
+
+class RankPartitioner:
+    """Derives :class:`RankView` s step after step (it remembers who last updated each row alone).
+
+    ``replicate=True`` is the full-replication baseline: no row is local, every row of the step is
+    all-reduced (never exchanged). Same results, more bytes; for benchmarks.
+    """
+
+    def __init__(self, num_rows: int, rank: int, world_size: int, *, replicate: bool = False) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside [0, {world_size})")
         self.rank = rank
         self.world_size = world_size
+        self.replicate = replicate
         # -1: the row's last update was replicated (every holder is current); r: only rank r is current
         self.last_owner = np.full(num_rows, -1, dtype=np.int32)
 
@@ -91,7 +100,7 @@ class RankPartitioner:
         single = users[uniq_of_pair] == 1
         owner[uniq_of_pair[single]] = rank_of_pair[single]
         ends_here = np.isin(ids, plan.writeback_ids, assume_unique=True)
-        local = (users == 1) & ends_here
+        local = (users == 1) & ends_here & (not self.replicate)
         replicated = ~local
         used_here = np.zeros(n, dtype=bool)
         used_here[uniq_of_pair[rank_of_pair == r]] = True
@@ -112,7 +121,7 @@ class RankPartitioner:
         self.last_owner[ids[replicated]] = -1
         mine = local & (owner == r)
         foreign = local & (owner != r)
-        blocks = sync_blocks(uniq_of_pair, rank_of_pair, replicated, world)
+        blocks = None if self.replicate else sync_blocks(uniq_of_pair, rank_of_pair, replicated, world)
         return RankView(
             fetch=(ids[take], slots[take]),
             evict=(plan.evict_ids[ev_mine], plan.evict_slots[ev_mine]),

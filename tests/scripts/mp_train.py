@@ -41,6 +41,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--capacity", type=int, default=0, help="0: two steps' rows + 4 (forces evictions)")
     p.add_argument("--optimizer", default="adagrad", choices=sorted(OPTIMIZERS))
+    p.add_argument("--sync", default="partitioned", choices=["partitioned", "replicated"])
     p.add_argument("--mismatch-rank1", action="store_true", help="rank 1 builds other tables (error test)")
     p.add_argument("--short-rank1", action="store_true", help="rank 1's source has fewer batches")
     p.add_argument("--fail-rank1-at", type=int, default=-1, help="rank 1 raises in this training step")
@@ -86,7 +87,7 @@ def run(args: argparse.Namespace) -> dict:
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    dm = ListDataModule(tables, batches, lookahead=args.lookahead, cache_rows=capacity)
+    dm = ListDataModule(tables, batches, lookahead=args.lookahead, cache_rows=capacity, sync=args.sync)
     trainer.fit(model, datamodule=dm)
     stats = trainer.strategy.cache_stats
     result = {
