@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from pathlib import Path
 
@@ -154,6 +155,21 @@ def test_one_store_write_per_step(data) -> None:
     # (store writes with no rows are skipped on one process; the final flush adds one)
     assert len(writes) <= trainer.global_step + 1
     assert sum(writes) >= stats.rows_written_back
+
+
+@pytest.mark.parametrize("preset", [None, "GOMP_SPINCOUNT", "OMP_WAIT_POLICY"])
+def test_cpu_training_suggests_shorter_openmp_spinning_unless_chosen(
+    data, preset, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    tables, train, _ = data
+    for k in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY"):
+        monkeypatch.delenv(k, raising=False)
+    if preset is not None:
+        monkeypatch.setenv(preset, "10000" if preset == "GOMP_SPINCOUNT" else "PASSIVE")
+    with caplog.at_level(logging.INFO):
+        quiet_trainer(max_steps=2).fit(TinyModel(tables), datamodule=_dm(tables, train[:2]))
+    hinted = any("GOMP_SPINCOUNT=10000" in r.getMessage() for r in caplog.records)
+    assert hinted is (preset is None)
 
 
 class ManualModel(TinyModel):
