@@ -357,6 +357,9 @@ class StepPlan:
     next_key: tuple[int, int] | None = None
     next_fetch: tuple[np.ndarray, np.ndarray] | None = None
     next_evict: tuple[np.ndarray, np.ndarray] | None = None
+    next_ids: np.ndarray | None = None
+    """Every distinct id of the next global step (all ranks): replicated rows outside it can finish their
+    gradient sync one step late."""
     unique_ids: int = 0
     hits: int = 0
     clean_hits: int = 0

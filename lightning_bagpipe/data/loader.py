@@ -338,6 +338,7 @@ class _OracleThread(threading.Thread):
             next_key=None if nxt is None else (self.epoch, step + 1),
             next_fetch=None if nxt is None else nxt.view.fetch,
             next_evict=None if nxt is None else nxt.view.evict,
+            next_ids=None if nxt is None else nxt.plan.ids,
             unique_ids=int(plan.ids.size),
             hits=int(plan.hits),
             clean_hits=int(plan.clean_hits),

@@ -15,7 +15,7 @@ The driver also keeps, per slot, which row it holds and whether the cache copy i
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -67,6 +67,8 @@ class TotalStats:
     in neither)."""
     exchange_steps: int = 0
     """Steps that used the exchange (each rank sends only the replicated rows it used)."""
+    deferred_rows: int = 0
+    """Replicated rows whose sync finished one step late (the next step did not read them)."""
 
     @property
     def hit_rate(self) -> float:
@@ -84,6 +86,7 @@ class TotalStats:
             "replicated_baseline_bytes": self.replicated_baseline_bytes,
             "allreduce_steps": self.allreduce_steps,
             "exchange_steps": self.exchange_steps,
+            "deferred_rows": self.deferred_rows,
         }
 
 
@@ -130,6 +133,7 @@ class CacheDriver:
         *,
         prefetch: bool = True,
         io_delay_s: float = 0.0,
+        defer_sync: bool = True,
     ) -> None:
         if not modules:
             raise ValueError("no CachedEmbedding modules to drive")
@@ -143,6 +147,7 @@ class CacheDriver:
         self.groups = groups
         self.prefetch = prefetch
         self.io_delay_s = io_delay_s
+        self.defer_sync = defer_sync
         self.fingerprint = fps.pop()
         self._updated = False
         self._pos: Tensor | None = None
@@ -226,13 +231,19 @@ class CacheDriver:
         self._sync_update(plan, step)
 
     def _sync_update(self, plan: StepPlan, step: int) -> None:
-        """LRPP: sum replicated rows' gradients across ranks in one collective, average like DDP, update.
+        """LRPP: sum replicated rows' gradients across ranks, average them like DDP, update.
 
-        The collective is the plan's choice (the same on every rank): an all-reduce of every replicated
-        row, or, with ``plan.sync_blocks``, an exchange in which each rank sends only the replicated rows
+        The collective is the plan's choice (the same on every rank): an all-reduce of the replicated
+        rows, or, with ``plan.sync_blocks``, an exchange in which each rank sends only the replicated rows
         it used and every rank adds the blocks in rank order. Every rank updates every replicated row (its
         copy stays identical to the others'); local rows are updated by their one owner with its own
         gradient, averaged over the world size the same way.
+
+        **One step late.** Replicated rows that the next step does not read are summed by a second,
+        asynchronous collective and updated by the executor, after the jobs already queued and before the
+        next step's pre-step job (its write-backs, evictions and fetches), so their communication overlaps
+        the next step's compute. Nothing reads or writes them in between: the next step does not use them,
+        and every store transfer that could touch them is queued after the update.
         """
         assert self.groups is not None
         world = self.groups.world_size
@@ -261,23 +272,40 @@ class CacheDriver:
             owns.append(own)
         pos[sync_slots] = -1
         dims = [m.dim for m in self.modules]
-        if plan.sync_blocks is None:
-            flat = torch.cat([b.flatten() for b in bufs])
-            if flat.numel():
-                dist.all_reduce(flat, group=self.groups.grads)
+        if plan.sync_blocks is not None:
+            self._check_block(sent, plan.sync_blocks, sync_slots.numel(), device)
+        if sync_slots.numel():
+            if plan.sync_blocks is None:
                 self.total.allreduce_steps += 1
-            self.total.sync_bytes += allreduce_bytes(flat.numel(), flat.element_size(), world)
-        else:
-            flat = self._exchange(bufs, sent, plan.sync_blocks, dims, device)
-        flat /= world
-        self.total.sync_rows += int(sync_slots.numel())
-        self.total.replicated_baseline_bytes += allreduce_bytes(plan.unique_ids * sum(dims), 4, world)
+            else:
+                self.total.exchange_steps += 1
+        late = self._late_rows(plan, sync_ids)
+        synced = self._launch(bufs, ~late, plan.sync_blocks, dims, device)()
+        now_slots = sync_slots[torch.from_numpy(~late).to(device)]
         offset = 0
         for m, (own_slots, own_grad) in zip(self.modules, owns):
-            n = sync_slots.numel() * m.dim
-            synced = flat[offset : offset + n].view(-1, m.dim)
+            n = now_slots.numel() * m.dim
+            grad_now = synced[offset : offset + n].view(-1, m.dim)
             offset += n
-            m._update_rows(torch.cat([sync_slots, own_slots]), torch.cat([synced, own_grad / world]), step)
+            m._update_rows(torch.cat([now_slots, own_slots]), torch.cat([grad_now, own_grad / world]), step)
+        if late.any():
+            assert self.executor is not None
+            finish = self._launch(bufs, late, plan.sync_blocks, dims, device)
+            late_slots = sync_slots[torch.from_numpy(late).to(device)]
+            modules = list(self.modules)
+
+            def deferred() -> None:
+                grads = finish()
+                at = 0
+                for m in modules:
+                    k = late_slots.numel() * m.dim
+                    m._update_rows(late_slots, grads[at : at + k].view(-1, m.dim), step)
+                    at += k
+
+            self.executor.submit_deferred(deferred)
+            self.total.deferred_rows += int(np.count_nonzero(late))
+        self.total.sync_rows += int(sync_slots.numel())
+        self.total.replicated_baseline_bytes += allreduce_bytes(plan.unique_ids * sum(dims), 4, world)
         # dirty flags track the rows this rank must write back: replicated rows it is the writer of and its
         # own local rows; a row another rank updated alone is that rank's to write now
         mine = sync_ids % world == self.groups.rank
@@ -285,40 +313,71 @@ class CacheDriver:
         self.dirty[sync_slots_np[mine]] = True
         self.dirty[plan.own[1]] = True
 
-    def _exchange(
+    def _late_rows(self, plan: StepPlan, sync_ids: np.ndarray) -> np.ndarray:
+        """Which replicated rows may finish their sync one step late: those the next step does not read."""
+        if not self.defer_sync or plan.next_ids is None or self.executor is None:
+            return np.zeros(sync_ids.size, dtype=bool)
+        return ~np.isin(sync_ids, plan.next_ids)
+
+    def _launch(
         self,
         bufs: list[Tensor],
-        sent: list[Tensor],
-        sync_blocks: tuple[np.ndarray, ...],
+        mask: np.ndarray,
+        sync_blocks: tuple[np.ndarray, ...] | None,
         dims: list[int],
         device: torch.device,
-    ) -> Tensor:
-        """Each rank all-gathers its block of replicated rows' gradients; every rank sums them in rank order.
-
-        ``sent`` are the sync positions this rank holds gradients for; they must lie in its own block
-        (the plan says which rows each rank used), else a gradient would be lost.
-        """
+    ) -> Callable[[], Tensor]:
+        """Start summing the gradients of the sync rows in ``mask`` across ranks; returns the function that
+        waits for the sum and returns it averaged over the world (modules' rows flattened, concatenated)."""
         assert self.groups is not None
-        world, rank = self.groups.world_size, self.groups.rank
-        blocks = [torch.from_numpy(b).to(device) for b in sync_blocks]
-        rows = bufs[0].shape[0]
+        world = self.groups.world_size
+        keep = torch.from_numpy(np.flatnonzero(mask)).to(device)
+        part = [b.index_select(0, keep) for b in bufs]
+        flat = torch.cat([b.flatten() for b in part])
+        if not flat.numel():
+            return lambda: flat
+        if sync_blocks is None:
+            work = dist.all_reduce(flat, group=self.groups.grads, async_op=True)
+            self.total.sync_bytes += allreduce_bytes(flat.numel(), flat.element_size(), world)
+
+            def summed() -> Tensor:
+                work.wait()
+                return flat / world
+
+            return summed
+        # the exchange over this subset of rows: each rank's block, renumbered within the subset
+        position = np.cumsum(mask, dtype=np.int64) - 1
+        blocks = [torch.from_numpy(position[b[mask[b]]]).to(device) for b in sync_blocks]
+        rank = self.groups.rank
+        block_numel = max(int(b.numel()) for b in blocks) * sum(dims)
+        send = torch.zeros(block_numel, device=device)
+        mine = torch.cat([b[blocks[rank]].flatten() for b in part])
+        send[: mine.numel()] = mine
+        gathered = [torch.empty_like(send) for _ in range(world)]
+        work = dist.all_gather(gathered, send, group=self.groups.grads, async_op=True)
+        self.total.sync_bytes += exchange_bytes(block_numel, send.element_size(), world)
+        rows = int(keep.numel())
+
+        def gathered_sum() -> Tensor:
+            work.wait()
+            return sum_blocks(gathered, blocks, dims, rows) / world
+
+        return gathered_sum
+
+    def _check_block(
+        self, sent: list[Tensor], sync_blocks: tuple[np.ndarray, ...], rows: int, device: torch.device
+    ) -> None:
+        """``sent`` (the sync positions this rank holds gradients for) must lie in its own exchange block
+        (the plan says which rows each rank used), else a gradient would be lost."""
+        assert self.groups is not None
+        rank = self.groups.rank
         in_block = torch.zeros(rows, dtype=torch.bool, device=device)
-        in_block[blocks[rank]] = True
+        in_block[torch.from_numpy(sync_blocks[rank]).to(device)] = True
         if sent and not bool(in_block[torch.cat(sent)].all()):
             raise RuntimeError(
                 f"rank {rank} has gradients for replicated rows outside its exchange block: the loader's "
                 "slice of the batch and the plan's occurrence ranks disagree"
             )
-        width = sum(dims)
-        block_numel = max(int(b.numel()) for b in blocks) * width
-        send = torch.zeros(block_numel, device=device)
-        mine = torch.cat([b[blocks[rank]].flatten() for b in bufs])
-        send[: mine.numel()] = mine
-        gathered = [torch.empty_like(send) for _ in range(world)]
-        dist.all_gather(gathered, send, group=self.groups.grads)
-        self.total.exchange_steps += 1
-        self.total.sync_bytes += exchange_bytes(block_numel, send.element_size(), world)
-        return sum_blocks(gathered, blocks, dims, rows)
 
     # ------------------------------------------------------------------ store consistency
     def sync_store(self, durable: bool = False) -> None:

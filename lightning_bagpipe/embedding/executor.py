@@ -135,6 +135,11 @@ class RowExecutor:
         compute_event = self._compute_event()
         return self._submit(lambda: self._write_back(ids, slots, compute_event))
 
+    def submit_deferred(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` after every job queued so far and before every job queued later (nothing waits on
+        it; a failure surfaces at the next wait, like a failed fetch)."""
+        self._submit(fn)
+
     def _write_back(self, ids: np.ndarray, slots: np.ndarray, compute_event: Any) -> None:
         if compute_event is not None:
             torch.cuda.current_stream().wait_event(compute_event)

@@ -58,7 +58,9 @@ class BagpipeStrategy(DDPStrategy):
     partitioned (see ``docs/architecture.md``): ``store="shared"`` (one mapping per node, the default on one
     node) or ``store="sharded"`` (rows sharded over all-to-all, the default on several nodes).
     ``prefetch=False`` fetches each step's rows at its start (a baseline for benchmarks) and
-    ``io_delay_ms`` emulates a remote store.
+    ``io_delay_ms`` emulates a remote store. ``defer_sync`` (default on) lets replicated rows that the next
+    step does not read finish their gradient sync one step late, overlapping the next step's compute;
+    ``False`` syncs every replicated row within its step.
     """
 
     strategy_name = "bagpipe"
@@ -70,6 +72,7 @@ class BagpipeStrategy(DDPStrategy):
         prefetch: bool = True,
         io_delay_ms: float = 0.0,
         log_stats: bool = True,
+        defer_sync: bool = True,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -79,6 +82,7 @@ class BagpipeStrategy(DDPStrategy):
         self.prefetch = prefetch
         self.io_delay_ms = float(io_delay_ms)
         self.log_stats = log_stats
+        self.defer_sync = defer_sync
         self._store_restore: list[tuple[CachedEmbedding, EmbeddingStore, Callable[[bool], None]]] = []
         self._driver: CacheDriver | None = None
         self._failed = False
@@ -123,7 +127,11 @@ class BagpipeStrategy(DDPStrategy):
         if trainer.state.fn == TrainerFn.FITTING and modules:
             groups = self._distribute(modules) if self.world_size > 1 else None
             self._driver = CacheDriver(
-                modules, groups, prefetch=self.prefetch, io_delay_s=self.io_delay_ms / 1e3
+                modules,
+                groups,
+                prefetch=self.prefetch,
+                io_delay_s=self.io_delay_ms / 1e3,
+                defer_sync=self.defer_sync,
             )
             self.cache_stats = self._driver.total
             if modules[0].cache_device.type == "cpu" and not any(k in os.environ for k in _OPENMP_WAIT):

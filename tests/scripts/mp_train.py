@@ -42,6 +42,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--capacity", type=int, default=0, help="0: two steps' rows + 4 (forces evictions)")
     p.add_argument("--optimizer", default="adagrad", choices=sorted(OPTIMIZERS))
     p.add_argument("--sync", default="partitioned", choices=["partitioned", "replicated"])
+    p.add_argument("--no-defer-sync", action="store_true", help="sync every replicated row within its step")
     p.add_argument("--mismatch-rank1", action="store_true", help="rank 1 builds other tables (error test)")
     p.add_argument("--short-rank1", action="store_true", help="rank 1's source has fewer batches")
     p.add_argument("--fail-rank1-at", type=int, default=-1, help="rank 1 raises in this training step")
@@ -76,7 +77,9 @@ def run(args: argparse.Namespace) -> dict:
     pl.seed_everything(0, verbose=False)
     model = _FailOnRank1(tables, OPTIMIZERS[args.optimizer]())
     model.fail_at = args.fail_rank1_at
-    strategy = lb.BagpipeStrategy(store=args.store, timeout=timedelta(seconds=60))
+    strategy = lb.BagpipeStrategy(
+        store=args.store, defer_sync=not args.no_defer_sync, timeout=timedelta(seconds=60)
+    )
     trainer = pl.Trainer(
         strategy=strategy if args.devices > 1 else "bagpipe",
         accelerator="cpu",
