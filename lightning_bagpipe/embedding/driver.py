@@ -281,7 +281,7 @@ class CacheDriver:
                 self.total.exchange_steps += 1
         late = self._late_rows(plan, sync_ids)
         synced = self._launch(bufs, ~late, plan.sync_blocks, dims, device)()
-        now_slots = sync_slots[torch.from_numpy(~late).to(device)]
+        now_slots = sync_slots[torch.from_numpy(~late).to(device)] if late.any() else sync_slots
         offset = 0
         for m, (own_slots, own_grad) in zip(self.modules, owns):
             n = now_slots.numel() * m.dim
@@ -315,7 +315,7 @@ class CacheDriver:
 
     def _late_rows(self, plan: StepPlan, sync_ids: np.ndarray) -> np.ndarray:
         """Which replicated rows may finish their sync one step late: those the next step does not read."""
-        if not self.defer_sync or plan.next_ids is None or self.executor is None:
+        if not self.defer_sync or plan.next_ids is None:
             return np.zeros(sync_ids.size, dtype=bool)
         return ~np.isin(sync_ids, plan.next_ids)
 
@@ -331,8 +331,12 @@ class CacheDriver:
         waits for the sum and returns it averaged over the world (modules' rows flattened, concatenated)."""
         assert self.groups is not None
         world = self.groups.world_size
-        keep = torch.from_numpy(np.flatnonzero(mask)).to(device)
-        part = [b.index_select(0, keep) for b in bufs]
+        rows = int(np.count_nonzero(mask))
+        if rows == mask.size:  # every row (nothing deferred): no subset copy
+            part = bufs
+        else:
+            keep = torch.from_numpy(np.flatnonzero(mask)).to(device)
+            part = [b.index_select(0, keep) for b in bufs]
         flat = torch.cat([b.flatten() for b in part])
         if not flat.numel():
             return lambda: flat
@@ -356,7 +360,6 @@ class CacheDriver:
         gathered = [torch.empty_like(send) for _ in range(world)]
         work = dist.all_gather(gathered, send, group=self.groups.grads, async_op=True)
         self.total.sync_bytes += exchange_bytes(block_numel, send.element_size(), world)
-        rows = int(keep.numel())
 
         def gathered_sum() -> Tensor:
             work.wait()
