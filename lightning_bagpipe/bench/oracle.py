@@ -23,14 +23,12 @@ capacity defaults to 10% of the distinct rows the stream touches, small enough t
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
 import sys
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -259,17 +257,10 @@ def _top_share(counts: np.ndarray, fraction: float) -> float:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m lightning_bagpipe.bench.oracle [--json PATH] ...``"""
-    parser = argparse.ArgumentParser(prog="python -m lightning_bagpipe.bench.oracle", description=__doc__)
-    parser.add_argument("--json", type=Path, default=None, help="write the results to this JSON file")
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    text = json.dumps(run(args), indent=2, sort_keys=True)
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(text + "\n")
-    print(text)
-    return 0
+    """``python -m lightning_bagpipe.bench.oracle [--json PATH] ...``: ``lightning-bagpipe bench oracle``."""
+    from lightning_bagpipe.cli import main as cli_main
+
+    return cli_main(["bench", "oracle", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
