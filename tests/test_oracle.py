@@ -10,6 +10,7 @@ import pytest
 
 from lightning_bagpipe.bench import oracle as bench
 from lightning_bagpipe.oracle import LookaheadOracle
+from lightning_bagpipe.oracle import lookahead as lookahead_module
 from lightning_bagpipe.oracle.plan import CachePlan
 
 
@@ -141,6 +142,8 @@ def test_constructor_checks() -> None:
         LookaheadOracle(0, 2)
     with pytest.raises(ValueError, match=r"lookahead must be an integer, got 2\.5"):
         LookaheadOracle(10, 2.5)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"num_rows must be at most 2\*\*63 \(fused ids are int64\)"):
+        LookaheadOracle(2**63 + 1, 2)
 
 
 def test_bad_batches_are_named() -> None:
@@ -149,6 +152,9 @@ def test_bad_batches_are_named() -> None:
         oracle.push(np.array([3, 4, 25, 30]))
     with pytest.raises(ValueError, match=r"fused id -1 \(occurrence 1\)"):
         oracle.push(np.array([3, -1]))
+    for dtype in (np.int8, np.int32):  # negative ids of every signed width are caught
+        with pytest.raises(ValueError, match=r"fused id -2 \(occurrence 0\)"):
+            oracle.push(np.array([-2, 3], dtype=dtype))
     with pytest.raises(ValueError, match="must be integers, got dtype float64"):
         oracle.push(np.array([1.0, 2.0]))
     with pytest.raises(ValueError, match=r"1-D array of fused ids, got shape \(2, 2\)"):
@@ -173,6 +179,51 @@ def test_in_flight_rows_that_do_not_fit_are_a_clear_error() -> None:
         plans_of(10, 1, 3, [1, 2], [3, 4])
     with pytest.raises(ValueError, match="raise the cache capacity or lower the batch size"):
         plans_of(10, 1, 3, [1, 2], [3, 4])
+
+
+@pytest.mark.parametrize("dtype", [np.int32, np.uint16, np.uint32, np.uint64])
+def test_any_integer_dtype_gives_the_int64_plans(dtype: type) -> None:
+    rng = np.random.default_rng(3)
+    batches = [rng.integers(0, 300, 40) for _ in range(12)]
+    want = list(LookaheadOracle(300, 3, 120).run(batches))
+    got = list(LookaheadOracle(300, 3, 120).run([b.astype(dtype) for b in batches]))
+    for a, b in zip(want, got):
+        for name in CachePlan.__dataclass_fields__:
+            va, vb = getattr(a, name), getattr(b, name)
+            assert (
+                (va.dtype == vb.dtype and np.array_equal(va, vb)) if isinstance(va, np.ndarray) else va == vb
+            )
+
+
+def test_victim_class_search_from_any_start() -> None:
+    """The class of the k-th victim (smallest c with k slots of class <= c) does not depend on where the
+    galloping search starts (the previous step's answer)."""
+    rng = np.random.default_rng(0)
+    oracle = LookaheadOracle(10, 3, 8)
+    for _ in range(400):
+        top = int(rng.integers(0, 20))
+        cls = rng.integers(0, top + 2, int(rng.integers(1, 60))).astype(np.int32)  # top + 1: protected
+        cls[rng.random(cls.size) < 0.2] = -(2**31) + 100  # "never used again": any negative class is 0
+        available = int(np.count_nonzero(cls <= top))
+        if available == 0:
+            continue
+        k = int(rng.integers(1, available + 1))
+        want = next(c for c in range(top + 1) if np.count_nonzero(np.maximum(cls, 0) <= c) >= k)
+        oracle._last_cut = int(rng.integers(-2, top + 4))
+        assert oracle._cut_class(cls, k, top) == want
+
+
+@pytest.mark.parametrize("size", [1, 40, 1024, 1025, 5000])
+@pytest.mark.parametrize("with_then", [False, True])
+def test_smallest_selects_by_key_then_then_then_index(size: int, with_then: bool) -> None:
+    """Victim ties are cut by (key, then, index), whether the selection sorts or partitions."""
+    rng = np.random.default_rng(size)
+    key = rng.integers(0, 6, size).astype(np.int32)  # many equal keys
+    then = rng.integers(0, 3, size).astype(np.int32) if with_then else None
+    for k in {1, max(1, size // 3), size}:
+        got = lookahead_module._smallest(key, k, then)
+        order = sorted(range(size), key=lambda i: (key[i], then[i] if then is not None else 0, i))
+        assert sorted(got.tolist()) == sorted(order[:k])
 
 
 # ---------------------------------------------------------------------- the benchmark
