@@ -25,7 +25,7 @@ def test_bench_distributed_writes_json(tmp_path: Path) -> None:
             "--cache-rows",
             "20000",
             "--delay-ms",
-            "5",
+            "0,5",
             "--json",
             str(out),
         ]

@@ -88,6 +88,8 @@ def test_two_processes_equal_one(tmp_path: Path, lookahead: int, store: str, mul
         assert ranks[r]["stats"]["deferred_rows"] > 0
     if lookahead == 8:
         assert ranks[0]["stats"]["rows_evicted"] + ranks[1]["stats"]["rows_evicted"] > 0
+        # rows were fetched prefetch_depth steps early (on a sharded store: an all-to-all of their own)
+        assert ranks[0]["stats"]["early_rows"] > 0 and ranks[1]["stats"]["early_rows"] > 0
 
 
 @pytest.mark.parametrize("defer", [True, False], ids=["deferred", "in_step"])

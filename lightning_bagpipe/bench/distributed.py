@@ -11,9 +11,15 @@ invocation, each run a fresh pair of processes on the same data:
 * **replicate**: as prefetch, but with full-replication sync (``BagpipeDataModule(sync="replicated")``):
   every row of the step is all-reduced every step, no rank-local rows;
 
-each without and with an opt-in emulated network delay (``--delay-ms`` per fetch and per write-back
-batch, as if the sharded store were remote). Contenders are interleaved and repeated; medians are
-reported. Also reported: the bytes each rank sends per step for the embedding sync (LRPP: replicated rows
+each at every emulated store latency of ``--delay-ms`` (opt-in, as if the sharded store were remote: a
+fetch's rows arrive that long after it is issued, requests are pipelined; see
+:mod:`lightning_bagpipe.embedding.executor`). The prefetch contenders fetch ``--prefetch-depth`` steps
+ahead. Contenders are interleaved and repeated (each repeat starts at a different run); medians are
+reported, with each contender's milliseconds per step: synchronous fetching costs about compute +
+latency per step, prefetching about compute alone while the latency stays under ``prefetch_depth``
+steps of compute.
+
+Also reported: the bytes each rank sends per step for the embedding sync (LRPP: replicated rows
 only, by all-reduce or by exchange, whichever the plan finds cheaper) against the full-replication
 baseline (every row any rank touched, all-reduced every step), both counted per rank with the formulas of
 :mod:`lightning_bagpipe.embedding.driver` (ring all-reduce ``2 (W-1)/W * numel * 4`` bytes, padded
@@ -49,7 +55,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lookahead", type=int, default=16, help="lookahead of the prefetch contender")
     parser.add_argument("--cache-rows", type=int, default=200_000, help="cache slots per rank")
     parser.add_argument(
-        "--delay-ms", type=float, default=20.0, help="emulated store latency per batch of rows"
+        "--delay-ms",
+        type=str,
+        default="0,20,60",
+        help="emulated store latencies to run, comma-separated milliseconds (0: no delay)",
+    )
+    parser.add_argument(
+        "--prefetch-depth", type=int, default=4, help="steps ahead the prefetch contenders fetch rows"
     )
     parser.add_argument("--embedding-dim", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=1, help="runs per contender (medians reported)")
@@ -57,40 +69,55 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--worker", type=str, default=None, help=argparse.SUPPRESS)
 
 
+def _delays(text: str) -> list[float]:
+    try:
+        delays = [float(x) for x in str(text).split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--delay-ms must be comma-separated numbers, got {text!r}") from None
+    if not delays or any(d < 0 for d in delays):
+        raise ValueError(f"--delay-ms needs at least one latency, none negative; got {text!r}")
+    return delays
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    delays = _delays(args.delay_ms)
     runs: dict[str, list[dict[str, Any]]] = {}
-    for _ in range(args.repeats):
-        for delay in (0.0, args.delay_ms):
-            for name, (prefetch, sync) in CONTENDERS.items():
-                cfg = {
-                    "batch_size": args.batch_size,
-                    "steps": args.steps,
-                    "warmup": args.warmup,
-                    "scale": args.scale,
-                    "lookahead": args.lookahead if prefetch else 1,
-                    "prefetch": prefetch,
-                    "sync": sync,
-                    "cache_rows": args.cache_rows,
-                    "delay_ms": delay,
-                    "embedding_dim": args.embedding_dim,
-                }
-                runs.setdefault(f"{name}@{delay:g}ms", []).append(_launch(cfg, args.timeout))
+    order = [(delay, name) for delay in delays for name in CONTENDERS]
+    for r in range(args.repeats):
+        shift = r % len(order)  # repeat r starts at a different run, so none is always first
+        for delay, name in order[shift:] + order[:shift]:
+            prefetch, sync = CONTENDERS[name]
+            cfg = {
+                "batch_size": args.batch_size,
+                "steps": args.steps,
+                "warmup": args.warmup,
+                "scale": args.scale,
+                "lookahead": args.lookahead if prefetch else 1,
+                "prefetch": prefetch,
+                "prefetch_depth": args.prefetch_depth if prefetch else 1,
+                "sync": sync,
+                "cache_rows": args.cache_rows,
+                "delay_ms": delay,
+                "embedding_dim": args.embedding_dim,
+            }
+            runs.setdefault(f"{name}@{delay:g}ms", []).append(_launch(cfg, args.timeout))
     figures = {key: _median(rs) for key, rs in runs.items()}
     ratios = {
         f"prefetch_over_sync_fetch@{d:g}ms": figures[f"prefetch@{d:g}ms"]["samples_per_second"]
         / figures[f"sync_fetch@{d:g}ms"]["samples_per_second"]
-        for d in (0.0, args.delay_ms)
+        for d in delays
     }
-    for d in (0.0, args.delay_ms):
+    for d in delays:
         ratios[f"prefetch_over_replicate@{d:g}ms"] = (
             figures[f"prefetch@{d:g}ms"]["samples_per_second"]
             / figures[f"replicate@{d:g}ms"]["samples_per_second"]
         )
-    rep = figures[f"replicate@{0.0:g}ms"]
+    d0 = delays[0]
+    rep = figures[f"replicate@{d0:g}ms"]
     ratios["replicate_sync_bytes_over_full_replication"] = (  # 1.0 by construction: a check
         rep["sync_bytes_per_step"] / rep["replicated_baseline_bytes_per_step"]
     )
-    p, s1 = figures[f"prefetch@{0.0:g}ms"], figures[f"sync_fetch@{0.0:g}ms"]
+    p, s1 = figures[f"prefetch@{d0:g}ms"], figures[f"sync_fetch@{d0:g}ms"]
     ratios["sync_bytes_over_full_replication"] = (
         p["sync_bytes_per_step"] / p["replicated_baseline_bytes_per_step"]
     )
@@ -178,6 +205,7 @@ def _worker(cfg: dict[str, Any]) -> None:
         num_batches=cfg["steps"],
         val_batches=0,
         sync=cfg.get("sync", "partitioned"),
+        prefetch_depth=cfg.get("prefetch_depth", 1),
     )
     model = DeepFM(dm.tables, embedding_dim=cfg["embedding_dim"], hidden=(64, 32))
     clock = Clock()
@@ -214,6 +242,10 @@ def _worker(cfg: dict[str, Any]) -> None:
             json.dumps(
                 {
                     "samples_per_second": clock.samples / max(1e-9, clock.t1 - clock.t0),
+                    "ms_per_step": 1000.0
+                    * (clock.t1 - clock.t0)
+                    / max(1, clock.samples // cfg["batch_size"]),
+                    "early_rows_per_step": stats.early_rows / steps,
                     "hit_rate": stats.hit_rate,
                     "rows_fetched_per_step": stats.rows_fetched / steps,
                     "fetch_wait_ms_per_step": 1000.0 * stats.wait_s / steps,

@@ -331,8 +331,9 @@ class StepPlan:
 
     ``key`` identifies the step in the stream (``(epoch, step)``). Before the step the executor writes
     back ``evict`` rows (capacity evictions) and then loads ``fetch`` rows; after the step's optimizer
-    update it writes back ``writeback`` rows, which stay in their slots as clean copies. ``next_evict`` and
-    ``next_fetch`` are the next step's pre-step instructions, so they can start while this step computes.
+    update it writes back ``writeback`` rows, which stay in their slots as clean copies. ``next_evict``
+    and ``next_fetch`` are the next step's pre-step instructions, so they can start while this step
+    computes; ``ahead`` reaches further: rows of a later step fetched early into host memory (``early``).
     Each pair is ``(fused ids, slots)``. ``ids``/``slots`` are the distinct rows this rank's
     occurrences read (host copies of :class:`CacheLookup`). With several ranks (LRPP, see
     :mod:`lightning_bagpipe.oracle.partition`) ``sync`` lists the replicated rows whose gradients are
@@ -360,6 +361,14 @@ class StepPlan:
     next_ids: np.ndarray | None = None
     """Every distinct id of the next global step (all ranks): replicated rows outside it can finish their
     gradient sync one step late."""
+    early: np.ndarray | None = None
+    """Boolean mask over ``fetch``: the rows that may be fetched several steps before this step (no store
+    write can change them in between); ``None``: none."""
+    next_early: np.ndarray | None = None
+    """The same mask over ``next_fetch``."""
+    ahead: tuple[tuple[int, int], np.ndarray] | None = None
+    """``(key, ids)`` of a later step (``prefetch_depth`` steps on) whose early rows are fetched into host
+    memory by the job that prepares the next step, after its store write."""
     unique_ids: int = 0
     hits: int = 0
     clean_hits: int = 0

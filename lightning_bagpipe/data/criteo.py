@@ -48,7 +48,8 @@ class CriteoDataModule(BagpipeDataModule):
         source: ``"synthetic"`` or a path (kind detected by :func:`detect_kind`).
         val_path: validation data for file sources (``None``: no validation). Synthetic sources validate
             on ``val_batches`` batches of the ``"val"`` split (``0``: no validation).
-        batch_size, lookahead, cache_rows, queue_batches, sync: as in :class:`BagpipeDataModule`.
+        batch_size, lookahead, cache_rows, queue_batches, sync, prefetch_depth: as in
+            :class:`BagpipeDataModule`.
         scale, num_batches, val_batches, zipf, multi_hot, seed: the synthetic generator's options.
         hashing, table_sizes, vocab_threshold, vocab_path: TSV hash-to-row mapping (modulo with
             ``table_sizes``, default Criteo Kaggle's; or a vocabulary built with ``vocab_threshold`` or
@@ -80,6 +81,7 @@ class CriteoDataModule(BagpipeDataModule):
         skip_bad_lines: bool = False,
         drop_last: bool = False,
         sync: Literal["partitioned", "replicated"] = "partitioned",
+        prefetch_depth: int = 4,
     ) -> None:
         self.kind = "synthetic" if str(source) == "synthetic" else detect_kind(source)
         self._train: Source
@@ -117,6 +119,7 @@ class CriteoDataModule(BagpipeDataModule):
             cache_rows=cache_rows,
             queue_batches=queue_batches,
             sync=sync,
+            prefetch_depth=prefetch_depth,
         )
 
     def _file_source(

@@ -28,6 +28,12 @@ class BagpipeDataModule(pl.LightningDataModule):
         cache_rows: cache capacity in rows (slots) per :class:`~lightning_bagpipe.CachedEmbedding`;
             ``None`` lets the cache grow to whatever the oracle needs.
         queue_batches: planned batches buffered between the oracle thread and training.
+        prefetch_depth: ``D``, how many steps before it a step's rows are fetched (at most ``L``). ``1``
+            fetches step ``t+1``'s rows while step ``t`` computes; a larger ``D`` also reads the rows of
+            step ``t+D`` into host memory then, so a store whose latency exceeds a step's compute (a remote
+            or sharded store) still never makes a step wait. Rows a capacity eviction could change before
+            their step are fetched at ``D = 1`` instead. Costs ``D - 1`` steps of fetched rows in host
+            memory and ``D`` more batches held by the loader.
         sync: how several ranks keep cached rows consistent. ``"partitioned"`` (LRPP, the default): rows
             one rank uses and does not reuse soon stay on that rank, the others' gradients are summed by
             the cheaper of an all-reduce and an exchange (``docs/architecture.md``). ``"replicated"``:
@@ -44,8 +50,11 @@ class BagpipeDataModule(pl.LightningDataModule):
         cache_rows: int | None = None,
         queue_batches: int = 4,
         sync: Literal["partitioned", "replicated"] = "partitioned",
+        prefetch_depth: int = 4,
     ) -> None:
         super().__init__()
+        if prefetch_depth < 1:
+            raise ValueError(f"prefetch_depth must be >= 1, got {prefetch_depth}")
         if sync not in SYNC_MODES:
             raise ValueError(f"sync must be one of {SYNC_MODES}, got {sync!r}")
         if batch_size < 1:
@@ -60,6 +69,7 @@ class BagpipeDataModule(pl.LightningDataModule):
         self.cache_rows = cache_rows
         self.queue_batches = int(queue_batches)
         self.sync = sync
+        self.prefetch_depth = int(prefetch_depth)
         self._train_loader: BagpipeLoader | None = None
         self._pending_state: dict[str, Any] | None = None
         for stage in ("val", "test", "predict"):
@@ -104,6 +114,7 @@ class BagpipeDataModule(pl.LightningDataModule):
             world_size=world,
             queue_batches=self.queue_batches,
             sync=self.sync,
+            prefetch_depth=self.prefetch_depth,
         )
         if self._pending_state is not None:
             loader.load_state_dict(self._pending_state)

@@ -128,14 +128,19 @@ class BagpipeLoader(_LoaderBase):
         world_size: int = 1,
         queue_batches: int = 4,
         sync: str = "partitioned",
+        prefetch_depth: int = 1,
     ) -> None:
         super().__init__(source_fn, tables, rank, world_size, "train")
         if lookahead < 1:
             raise ValueError(f"lookahead must be >= 1, got {lookahead}")
+        if prefetch_depth < 1:
+            raise ValueError(f"prefetch_depth must be >= 1, got {prefetch_depth}")
         if sync not in SYNC_MODES:
             raise ValueError(f"sync must be one of {SYNC_MODES}, got {sync!r}")
         self.sync = sync
         self.lookahead = int(lookahead)
+        self.prefetch_depth = min(int(prefetch_depth), self.lookahead)
+        """How many steps ahead rows are fetched (at most ``L``: see :func:`early_mask`)."""
         self.cache_rows = cache_rows
         self.queue_batches = max(1, int(queue_batches))
         self.epoch = 0
@@ -264,7 +269,9 @@ class _OracleThread(threading.Thread):
             else None
         )
         pending: deque[tuple[Batch, np.ndarray]] = deque()  # batches waiting for their plan
-        ready: deque[_Planned] = deque()  # planned, waiting for the next step's plan
+        depth = ld.prefetch_depth
+        ready: deque[_Planned] = deque()  # planned, waiting for the plans of the next ``depth`` steps
+        evicted: deque[np.ndarray] = deque(maxlen=max(0, depth - 2))  # global evictions of recent steps
         step = self.skip
 
         def planned(plan: CachePlan) -> _Planned:
@@ -281,7 +288,20 @@ class _OracleThread(threading.Thread):
             else:
                 sp = batch.sparse
                 view = parts.view(plan, occurrence_ranks(sp.lengths.numpy(), sp.num_features, ld.world_size))
-            return _Planned(batch, plan, view)
+            early = early_mask(view.fetch[0], evicted) if depth > 1 else None
+            evicted.append(plan.evict_ids)
+            return _Planned(batch, plan, view, early)
+
+        def emit_ready(final: bool) -> bool:
+            nonlocal step
+            while len(ready) > (0 if final else depth):
+                cur = ready.popleft()
+                nxt = ready[0] if ready else None
+                ahead = ready[depth - 1] if depth > 1 and len(ready) >= depth else None
+                if not self._emit(cur, nxt, ahead, step):
+                    return False
+                step += 1
+            return True
 
         for i, batch in enumerate(ld._source_fn()):
             if self._stop_event.is_set():
@@ -293,19 +313,15 @@ class _OracleThread(threading.Thread):
             plan = oracle.push(ids)
             if plan is not None:
                 ready.append(planned(plan))
-            while len(ready) >= 2:
-                if not self._emit(ready.popleft(), ready[0], step):
-                    return
-                step += 1
+            if not emit_ready(final=False):
+                return
         for plan in oracle.finish():
             ready.append(planned(plan))
-        while ready:
-            cur = ready.popleft()
-            if not self._emit(cur, ready[0] if ready else None, step):
-                return
-            step += 1
+        emit_ready(final=True)
 
-    def _emit(self, cur: _Planned, nxt: _Planned | None, step: int) -> bool:
+    def _emit(self, cur: _Planned, nxt: _Planned | None, ahead: _Planned | None, step: int) -> bool:
+        """Queue ``cur`` as this rank's batch of ``step``; ``nxt`` is the next step's, ``ahead`` the one
+        ``prefetch_depth`` steps on (its early rows are fetched while ``cur`` trains)."""
         batch, plan, view = cur.batch, cur.plan, cur.view
         ld = self.loader
         local, (start, stop) = ld._local(batch)
@@ -339,6 +355,11 @@ class _OracleThread(threading.Thread):
             next_fetch=None if nxt is None else nxt.view.fetch,
             next_evict=None if nxt is None else nxt.view.evict,
             next_ids=None if nxt is None else nxt.plan.ids,
+            early=cur.early,
+            next_early=None if nxt is None else nxt.early,
+            ahead=None
+            if ahead is None or ahead.early is None
+            else ((self.epoch, step + ld.prefetch_depth), ahead.view.fetch[0][ahead.early]),
             unique_ids=int(plan.ids.size),
             hits=int(plan.hits),
             clean_hits=int(plan.clean_hits),
@@ -347,8 +368,24 @@ class _OracleThread(threading.Thread):
         return self._put(local)
 
 
+def early_mask(fetch_ids: np.ndarray, evicted: Iterable[np.ndarray]) -> np.ndarray:
+    """Which of step ``u``'s fetch rows may be read from the store ``D`` steps early.
+
+    The early read is issued by the job that prepares step ``u - D + 1``, after that job's store write.
+    Until step ``u``'s own job, the store can only change through later writes: end-of-use write-backs of
+    steps ``s >= u - D``, which never hold a row that step ``u`` fetches while ``D <= L`` (such a row is
+    used again within ``L`` steps, so it was kept), and capacity evictions of steps ``u - D + 2 .. u - 1``
+    (``evicted``, every rank's). A row evicted there is fetched at step ``u`` itself.
+    """
+    gone = [e for e in evicted if e.size]
+    if not gone or not fetch_ids.size:
+        return np.ones(fetch_ids.size, dtype=bool)
+    return ~np.isin(fetch_ids, np.concatenate(gone))
+
+
 @dataclass
 class _Planned:
     batch: Batch
     plan: CachePlan
     view: RankView
+    early: np.ndarray | None

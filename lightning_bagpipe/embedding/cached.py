@@ -170,15 +170,25 @@ class CachedEmbedding(nn.Module):
             self.store.read_into(ids, rows)
         else:
             rows = self.store.read(ids)  # (a collective call for a sharded store: even when empty)
-        if not ids.size:
+        self._put_rows(slots, rows)
+        if cache is not None and cache.device.type == "cuda":
+            torch.cuda.current_stream().synchronize()  # the staging buffer is reused by the next job
+
+    def _read_rows(self, ids: np.ndarray) -> Tensor:
+        """Store -> host tensor, for rows fetched several steps early (runs on the executor thread; a
+        collective call for a sharded store, even when empty)."""
+        return self.store.read(ids)
+
+    def _put_rows(self, slots: np.ndarray, rows: Tensor) -> None:
+        """Host rows -> cache ``slots`` (runs on the executor thread)."""
+        if not slots.size:
             return
+        cache = self._cache
         if cache is None or cache.shape[0] <= int(slots.max()):
             raise RuntimeError(f"slot {int(slots.max())} is outside the cache")
         cache.index_copy_(
             0, torch.from_numpy(slots).to(cache.device), rows.to(cache.device, non_blocking=True)
         )
-        if cache.device.type == "cuda":
-            torch.cuda.current_stream().synchronize()  # the staging buffer is reused by the next job
 
     def _staging(self, rows: int) -> Tensor:
         """A pinned host buffer of at least ``rows`` rows (grown on demand, reused between jobs)."""

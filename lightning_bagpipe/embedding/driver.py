@@ -5,7 +5,8 @@ Per training step ``t`` (called by the strategy):
 ``before_step(plan_t)``
     queue the write-back of step ``t-1``'s last-use rows, make sure step ``t``'s evictions and fetches
     are queued (they normally were, during step ``t-1``), wait for them, then queue step ``t+1``'s
-    evictions and fetches so they overlap step ``t``.
+    evictions and fetches so they overlap step ``t`` (and, with a prefetch depth ``D > 1``, the early
+    fetch of step ``t+D``'s rows into host memory).
 ``after_update(step)``
     apply the sparse optimizer to the rows step ``t`` touched (right after the dense optimizer step).
 
@@ -69,6 +70,9 @@ class TotalStats:
     """Steps that used the exchange (each rank sends only the replicated rows it used)."""
     deferred_rows: int = 0
     """Replicated rows whose sync finished one step late (the next step did not read them)."""
+    early_rows: int = 0
+    """Rows fetched ``prefetch_depth`` steps before their step (the rest of :attr:`rows_fetched` were
+    fetched one step before, or at the step's start without prefetch)."""
 
     @property
     def hit_rate(self) -> float:
@@ -87,6 +91,7 @@ class TotalStats:
             "allreduce_steps": self.allreduce_steps,
             "exchange_steps": self.exchange_steps,
             "deferred_rows": self.deferred_rows,
+            "early_rows": self.early_rows,
         }
 
 
@@ -181,9 +186,10 @@ class CacheDriver:
         if plan.key == self._queued_key:
             ticket = self._queued_ticket
         else:
-            ticket = self._submit_prestep(plan.evict, plan.fetch, writeback)
+            ticket = self._submit_prestep(plan.evict, plan.fetch, writeback, key=plan.key, early=plan.early)
             writeback = None
         waited = self.executor.wait(ticket)
+        early_rows = ticket.early_rows if ticket is not None else 0
         self._queued_key, self._queued_ticket = None, None
         if (
             self.prefetch
@@ -191,7 +197,14 @@ class CacheDriver:
             and plan.next_fetch is not None
             and plan.next_evict is not None
         ):
-            self._queued_ticket = self._submit_prestep(plan.next_evict, plan.next_fetch, writeback)
+            self._queued_ticket = self._submit_prestep(
+                plan.next_evict,
+                plan.next_fetch,
+                writeback,
+                key=plan.next_key,
+                early=plan.next_early,
+                ahead=plan.ahead,
+            )
             self._queued_key = plan.next_key
             writeback = None
         if writeback is not None:
@@ -214,6 +227,7 @@ class CacheDriver:
         t.rows_written_back += self.last.rows_written_back
         t.rows_evicted += self.last.rows_evicted
         t.wait_s += waited
+        t.early_rows += early_rows
 
     def after_update(self, step: int) -> None:
         """Apply the sparse optimizer to the rows this step touched (once per step)."""
@@ -448,7 +462,16 @@ class CacheDriver:
             assert self.executor is not None
             self.executor.submit_writeback(rows)
 
-    def _submit_prestep(self, evict: IdSlots, fetch: IdSlots, writeback: IdSlots | None = None) -> _Ticket:
+    def _submit_prestep(
+        self,
+        evict: IdSlots,
+        fetch: IdSlots,
+        writeback: IdSlots | None = None,
+        *,
+        key: tuple[int, int] | None = None,
+        early: np.ndarray | None = None,
+        ahead: tuple[tuple[int, int], np.ndarray] | None = None,
+    ) -> _Ticket:
         assert self.executor is not None
         need = int(max(fetch[1].max(initial=-1), evict[1].max(initial=-1))) + 1
         if need > self.rows:
@@ -456,7 +479,7 @@ class CacheDriver:
         self.dirty[evict[1]] = False
         self.dirty[fetch[1]] = False
         self.slot_ids[fetch[1]] = fetch[0]
-        return self.executor.submit_prestep(evict, fetch, writeback)
+        return self.executor.submit_prestep(evict, fetch, writeback, key=key, early=early, ahead=ahead)
 
     def _grow(self, need: int) -> None:
         """Unbounded caches grow by doubling (after draining queued copies into the old buffer)."""
