@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import sys
+import threading
 import time
 
 import numpy as np
@@ -9,8 +12,10 @@ import pytest
 import torch
 
 import lightning_bagpipe as lb
+from lightning_bagpipe import pipeline_threads
 from lightning_bagpipe.data.loader import early_mask
 from lightning_bagpipe.embedding.executor import RowExecutor
+from lightning_bagpipe.pipeline_threads import set_pipeline_nice
 
 DIM = 4
 
@@ -110,3 +115,22 @@ def test_early_mask_holds_back_rows_evicted_in_between() -> None:
     got = early_mask(fetch, [_ids(30, 31), _ids(), _ids(9)])
     assert got.tolist() == [True, False, True, False]
     assert early_mask(fetch, []).all() and early_mask(_ids(), [_ids(1)]).size == 0
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="per-thread priorities are a Linux feature")
+def test_the_executor_keeps_full_priority_when_its_collectives_have_peers() -> None:
+    def executor_nice(groups: object) -> int:
+        ex = RowExecutor([_module()], groups)  # type: ignore[arg-type]
+        seen: list[int] = []
+        ex.submit_deferred(lambda: seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id())))
+        ex.drain()
+        ex.close()
+        return seen[0] - os.getpriority(os.PRIO_PROCESS, 0)
+
+    old = pipeline_threads.PIPELINE_NICE
+    try:
+        set_pipeline_nice(3)
+        assert executor_nice(None) == min(3, 19 - os.getpriority(os.PRIO_PROCESS, 0))
+        assert executor_nice(object()) == 0  # several ranks: a starved executor would stall its peers
+    finally:
+        set_pipeline_nice(old)

@@ -95,7 +95,8 @@ class RowExecutor:
 
     # ------------------------------------------------------------------ worker
     def _run(self) -> None:
-        with pipeline_thread(self._process_threads):
+        # with several ranks the executor's collectives pair with its peers': it keeps full priority
+        with pipeline_thread(self._process_threads, nice=0 if self.groups is not None else None):
             self._serve()
 
     def _serve(self) -> None:
