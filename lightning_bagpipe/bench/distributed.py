@@ -57,7 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--delay-ms",
         type=str,
-        default="0,20,60",
+        default="0,20,40,60",
         help="emulated store latencies to run, comma-separated milliseconds (0: no delay)",
     )
     parser.add_argument(
