@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -450,3 +451,40 @@ def test_random_access_advice_only_for_files_large_against_memory(
     big = MmapStore(tmp_path / "b.f32", num_rows=1000, width=4)
     assert big.random_access is True
     big.close()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads RssFile from /proc/self/status")
+def test_a_random_access_mapping_lets_go_of_its_pages_and_keeps_every_row(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past MAPPED_BYTES_LIMIT the mapping drops its pages from the resident set; rows written before
+    (still only in dirty page-cache pages) read back intact."""
+    from lightning_bagpipe.embedding import store as store_module
+
+    def rss_file() -> int:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("RssFile:"):
+                return int(line.split()[1]) * 1024
+        raise AssertionError("no RssFile line")
+
+    monkeypatch.setattr(store_module, "RANDOM_ACCESS_FRACTION", 0.0)  # map this small file as a huge one
+    rows, width = 65_536, 256  # 64 MiB, one row per KiB
+    store = MmapStore(tmp_path / "t.f32", num_rows=rows, width=width)
+    store.MAPPED_BYTES_LIMIT = 1 << 62  # nothing let go while the rows go in
+    ids = np.arange(rows, dtype=np.int64)
+    values = torch.arange(rows, dtype=torch.float32)[:, None].expand(rows, width).contiguous()
+    store.write(ids, values)
+    mapped = rss_file()
+    assert store.releases == 0
+    store.MAPPED_BYTES_LIMIT = 32 * 2**20
+    got = store.read(ids[::7])  # crosses the limit
+    assert store.releases == 1
+    assert rss_file() < mapped - 48 * 2**20  # the 64 MiB of pages are no longer resident in this process
+    assert torch.equal(got, values[::7])
+    assert torch.equal(store.read(ids), values)  # every written row survived the release
+    released = store.releases
+    store.random_access = False  # read-ahead mappings never let go
+    store.read(ids)
+    store.read(ids)
+    assert store.releases == released
+    store.close()
