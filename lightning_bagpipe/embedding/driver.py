@@ -186,7 +186,10 @@ class CacheDriver:
         if plan.key == self._queued_key:
             ticket = self._queued_ticket
         else:
-            ticket = self._submit_prestep(plan.evict, plan.fetch, writeback, key=plan.key, early=plan.early)
+            self._reserve(plan.evict, plan.fetch)
+            ticket = self.executor.submit_prestep(
+                plan.evict, plan.fetch, writeback, key=plan.key, early=plan.early
+            )
             writeback = None
         waited = self.executor.wait(ticket)
         early_rows = ticket.early_rows if ticket is not None else 0
@@ -197,7 +200,8 @@ class CacheDriver:
             and plan.next_fetch is not None
             and plan.next_evict is not None
         ):
-            self._queued_ticket = self._submit_prestep(
+            self._reserve(plan.next_evict, plan.next_fetch)
+            self._queued_ticket = self.executor.submit_prestep(
                 plan.next_evict,
                 plan.next_fetch,
                 writeback,
@@ -462,24 +466,15 @@ class CacheDriver:
             assert self.executor is not None
             self.executor.submit_writeback(rows)
 
-    def _submit_prestep(
-        self,
-        evict: IdSlots,
-        fetch: IdSlots,
-        writeback: IdSlots | None = None,
-        *,
-        key: tuple[int, int] | None = None,
-        early: np.ndarray | None = None,
-        ahead: tuple[tuple[int, int], np.ndarray] | None = None,
-    ) -> _Ticket:
-        assert self.executor is not None
+    def _reserve(self, evict: IdSlots, fetch: IdSlots) -> None:
+        """Book a pre-step job's slots before it is queued: grow an unbounded cache to hold them, and
+        record which row each fetched slot will hold (evicted and fetched slots are clean)."""
         need = int(max(fetch[1].max(initial=-1), evict[1].max(initial=-1))) + 1
         if need > self.rows:
             self._grow(need)
         self.dirty[evict[1]] = False
         self.dirty[fetch[1]] = False
         self.slot_ids[fetch[1]] = fetch[0]
-        return self.executor.submit_prestep(evict, fetch, writeback, key=key, early=early, ahead=ahead)
 
     def _grow(self, need: int) -> None:
         """Unbounded caches grow by doubling (after draining queued copies into the old buffer)."""
