@@ -44,6 +44,17 @@ def test_each_batch_carries_its_plan_and_lookups_read_the_right_rows() -> None:
         assert torch.equal(b.sparse.values, src.sparse.values)
 
 
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_the_sources_batches_are_left_untouched(world_size: int) -> None:
+    # an in-memory source keeps its batches: a plan or lookup attached to them would stay alive (MBs per
+    # batch at Criteo size) for as long as the source does
+    tables = small_tables()
+    batches = random_batches(tables, 6, 8, multi_hot=2)
+    got = list(_loader(batches, tables, rank=world_size - 1, world_size=world_size))
+    assert all(b.plan is not None and b.sparse.lookup is not None for b in got)
+    assert all(b.plan is None and b.sparse.lookup is None for b in batches)
+
+
 def test_rank_slices_partition_the_global_batch() -> None:
     tables = small_tables()
     batches = random_batches(tables, 6, 10, multi_hot=2)

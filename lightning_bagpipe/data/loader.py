@@ -19,7 +19,7 @@ import threading
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -90,8 +90,11 @@ class _LoaderBase:
         return self._length
 
     def _local(self, batch: Batch) -> tuple[Batch, tuple[int, int]]:
+        """This rank's samples of ``batch`` in a new :class:`Batch` (sharing its tensors): the loader attaches
+        lookups and plans to it, never to the source's own objects, which an in-memory source keeps."""
         if self.world_size == 1:
-            return batch, (0, batch.batch_size)
+            shell = Batch(replace(batch.sparse, lookup=None), batch.dense, batch.labels)
+            return shell, (0, batch.batch_size)
         b = batch.batch_size
         if b < self.world_size:
             raise ValueError(
