@@ -9,9 +9,12 @@ region, and a background torch op that starts its own team of intra-op threads d
 
 * its torch ops run on **one intra-op thread** (OpenMP's thread count is per thread, so the training
   thread keeps its own);
-* on Linux it runs at a **lower scheduling priority** (``nice`` + :data:`PIPELINE_NICE`, a per-thread
-  setting there): the step's threads win a contended core and the pipeline fills the gaps. It cannot fall
-  behind for long: when it does, the step blocks on it and leaves it the cores.
+* on Linux it runs at the **lowest ``nice`` priority** (``nice`` + :data:`PIPELINE_NICE`, 19 by default,
+  a per-thread setting there): the step's threads win a contended core and the pipeline fills the gaps.
+  It cannot fall behind for long: when it does, the step blocks on it and leaves it the cores. (On two
+  cores, ``bench train``'s bagpipe step took ~5% less time at +19 than at +10: at +10 the pipeline still
+  took ~10% of a core the step's OpenMP team was waiting for. A CPU-bound job *outside* the process also
+  wins against it; set ``BAGPIPE_PIPELINE_NICE=0`` on a machine shared with one.)
 
 ``BAGPIPE_PIPELINE_NICE`` (environment) or :func:`set_pipeline_nice` changes the priority offset; 0 keeps
 the threads at the process's priority.
@@ -35,7 +38,7 @@ import torch
 __all__ = ["PIPELINE_NICE", "pipeline_thread", "set_pipeline_nice"]
 
 #: How much lower than the process's priority the pipeline threads run (Linux ``nice`` increment).
-PIPELINE_NICE: int = int(os.environ.get("BAGPIPE_PIPELINE_NICE", "10"))
+PIPELINE_NICE: int = int(os.environ.get("BAGPIPE_PIPELINE_NICE", "19"))
 
 
 def set_pipeline_nice(increment: int) -> None:
