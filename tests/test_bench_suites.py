@@ -87,6 +87,26 @@ def test_bench_train_skips_torchrec_with_the_reason(tmp_path: Path, monkeypatch:
     assert r["ratios"] == {}  # no bagpipe run, nothing to compare
 
 
+def test_floor_computes_the_embeddings_gradient_unless_told_not_to() -> None:
+    from lightning_bagpipe.data.batch import SparseFeatures
+
+    fixed = torch.randn(3, 2, 4)
+    features = SparseFeatures.from_dense(["a", "b"], torch.zeros(3, 2, dtype=torch.long))
+    floor = train_suite.FixedEmbedding(fixed)
+    out = floor(features)
+    (out * out).sum().backward()
+    assert out.grad is not None and torch.equal(out.grad, 2 * fixed)  # d(sum x^2)/dx, computed each step
+    assert floor.fixed.grad is None  # never applied to the tensor itself
+    assert not train_suite.FixedEmbedding(fixed, input_grad=False)(features).requires_grad
+
+
+def test_bench_train_runs_the_floor_without_input_gradient_on_request(tmp_path: Path) -> None:
+    r = _bench(tmp_path, "train", *TRAIN_FLAGS, "--contenders", "bagpipe,floor_no_input_grad")
+    assert r["contenders"]["floor_no_input_grad"]["samples_per_second"] > 0
+    assert set(r["ratios"]) == {"bagpipe_over_floor_no_input_grad"}
+    assert r["goals"] == {}  # the goal is stated against the floor with the gradient
+
+
 def test_bench_train_rejects_unknown_contenders(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="nope"):
         main(["bench", "train", "--contenders", "bagpipe,nope"])

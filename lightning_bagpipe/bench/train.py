@@ -20,8 +20,11 @@ dimension, dense layers, dense optimizer (Adam), number of steps and warm-up:
   inside the same LightningModule. Only when ``torchrec`` and ``fbgemm_gpu`` import; otherwise skipped
   with the reason. FBGEMM needs row widths divisible by 4, so its rows are ``dim + 1`` rounded up to a
   multiple of 4 (the extra columns are unused);
-* **floor**: the same dense part fed a fixed embedding tensor (no tables, no embedding gradients): the
-  speed no embedding system can pass.
+* **floor**: the same dense part fed a fixed embedding tensor (no tables, no lookups, no row updates):
+  the speed no embedding system can pass. The tensor is a fresh leaf that requires a gradient, so the
+  backward pass computes the gradient of the loss with respect to the pooled embeddings (and drops it):
+  every embedding system needs that gradient, so a floor without it would be a bound no system can
+  approach (``docs/benchmarks.md`` gives both).
 
 Every run is a fresh model and Trainer; contenders are interleaved over ``--repeats`` and medians are
 reported. A step's time is wall time from the end of one step to the end of the next (loader wait
@@ -78,6 +81,8 @@ from lightning_bagpipe.strategies.bagpipe import BagpipeStrategy
 from lightning_bagpipe.tables import Tables
 
 CONTENDERS = ("bagpipe", "ideal", "plain", "torchrec", "floor")
+#: Also accepted by ``--contenders``, not run by default: the floor without the embeddings' gradient.
+EXTRA_CONTENDERS = ("floor_no_input_grad",)
 #: Goals of the project, reported (never enforced): bagpipe's samples/s over each contender's.
 GOALS = {"ideal": 0.9, "floor": 0.8, "torchrec": 1.2, "plain": 1.4}
 #: Batches the loader buffers beyond the lookahead (BagpipeDataModule's default ``queue_batches``).
@@ -107,7 +112,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--contenders",
         type=str,
         default=",".join(CONTENDERS),
-        help=f"comma-separated subset of {','.join(CONTENDERS)}",
+        help=f"comma-separated subset of {','.join(CONTENDERS)} (also: {','.join(EXTRA_CONTENDERS)})",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
@@ -125,9 +130,9 @@ def _check(args: argparse.Namespace) -> list[str]:
         if not (v > 0 and math.isfinite(v)):
             raise ValueError(f"--{flag.replace('_', '-')} must be a positive number, got {v}")
     names = [c.strip() for c in args.contenders.split(",") if c.strip()]
-    unknown = [c for c in names if c not in CONTENDERS]
+    unknown = [c for c in names if c not in CONTENDERS + EXTRA_CONTENDERS]
     if unknown or not names:
-        raise ValueError(f"--contenders: unknown {unknown or names}; choose from {list(CONTENDERS)}")
+        raise ValueError(f"--contenders: unknown {unknown or names}; choose from {list(CONTENDERS + EXTRA_CONTENDERS)}")
     return list(dict.fromkeys(names))
 
 
@@ -498,30 +503,38 @@ def _run_plain(setup: _Setup) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------- floor: no tables at all
 class FixedEmbedding(nn.Module):
-    """The same ``[B, F, dim]`` tensor for every batch (no rows, no gradient): the dense part alone."""
+    """The same ``[B, F, dim]`` tensor for every batch (no rows): the dense part alone.
+
+    With ``input_grad`` (the default) each call returns a fresh leaf that requires a gradient, so the
+    backward pass also computes the gradient with respect to the embeddings, which every embedding system
+    must compute; it is never applied.
+    """
 
     fixed: Tensor
 
-    def __init__(self, fixed: Tensor) -> None:
+    def __init__(self, fixed: Tensor, input_grad: bool = True) -> None:
         super().__init__()
         self.register_buffer("fixed", fixed, persistent=False)
+        self.input_grad = input_grad
 
     def forward(self, features: SparseFeatures) -> Tensor:
         if features.batch_size != self.fixed.shape[0]:
             raise ValueError(
                 f"floor: batch of {features.batch_size} samples, fixed tensor has {self.fixed.shape[0]}"
             )
+        if self.input_grad and self.training and torch.is_grad_enabled():
+            return self.fixed.detach().requires_grad_()
         return self.fixed
 
 
-def _run_floor(setup: _Setup) -> dict[str, Any]:
+def _run_floor(setup: _Setup, input_grad: bool = True) -> dict[str, Any]:
     model = _deepfm(setup, DeepFM)
     cached = model.embedding
     assert isinstance(cached, CachedEmbedding)
     first = setup.batches[0].sparse
     with torch.no_grad():
         fixed = cached(first).detach().clone()  # the first batch's pooled rows, read from the store
-    model.embedding = FixedEmbedding(fixed)  # type: ignore[assignment]
+    model.embedding = FixedEmbedding(fixed, input_grad)  # type: ignore[assignment]
     del cached
     _, clock = _fit(setup, model, train_dataloaders=_Batches(setup.batches))
     return {**clock.figures(), "losses": clock.losses}
@@ -644,6 +657,7 @@ RUNNERS: dict[str, Callable[[_Setup], dict[str, Any]]] = {
     "plain": _run_plain,
     "torchrec": _run_torchrec,
     "floor": _run_floor,
+    "floor_no_input_grad": lambda setup: _run_floor(setup, input_grad=False),
 }
 
 
@@ -732,6 +746,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             ratio = bag["samples_per_second"] / o["samples_per_second"]
             out["ratios"][f"bagpipe_over_{other}"] = ratio
             out["goals"][f"bagpipe_at_least_{goal}x_{other}"] = ratio >= goal
+    for other in EXTRA_CONTENDERS:
+        o = contenders.get(other, {})
+        if "samples_per_second" in bag and "samples_per_second" in o:
+            out["ratios"][f"bagpipe_over_{other}"] = bag["samples_per_second"] / o["samples_per_second"]
     if "bagpipe" in losses and "ideal" in losses:
         diffs = [abs(x - y) for x, y in zip(losses["bagpipe"], losses["ideal"])]
         out["checks"]["max_abs_loss_diff_vs_ideal"] = max(diffs) if diffs else None
