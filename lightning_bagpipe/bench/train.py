@@ -132,7 +132,9 @@ def _check(args: argparse.Namespace) -> list[str]:
     names = [c.strip() for c in args.contenders.split(",") if c.strip()]
     unknown = [c for c in names if c not in CONTENDERS + EXTRA_CONTENDERS]
     if unknown or not names:
-        raise ValueError(f"--contenders: unknown {unknown or names}; choose from {list(CONTENDERS + EXTRA_CONTENDERS)}")
+        raise ValueError(
+            f"--contenders: unknown {unknown or names}; choose from {list(CONTENDERS + EXTRA_CONTENDERS)}"
+        )
     return list(dict.fromkeys(names))
 
 
