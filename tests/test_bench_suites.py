@@ -87,6 +87,25 @@ def test_bench_train_skips_torchrec_with_the_reason(tmp_path: Path, monkeypatch:
     assert r["ratios"] == {}  # no bagpipe run, nothing to compare
 
 
+def test_breakdown_times_every_way_rows_reach_the_cache_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    emb = CachedEmbedding([("a", 10), ("b", 5)], 4, RowWiseAdagrad(lr=0.1))
+    emb._activate(8)
+    breakdown = train_suite._Breakdown(0, {})
+    breakdown.wrap(emb)
+    clock = iter(range(100))  # every perf_counter() call is one second later than the last
+    monkeypatch.setattr(train_suite.time, "perf_counter", lambda: float(next(clock)))
+    ids, slots = np.array([1, 12]), np.array([0, 3])
+    emb._read_rows(ids)  # early fetch into host memory
+    assert breakdown.busy["fetch"] == 1.0
+    emb._put_rows(slots, emb.store.read(ids))  # its rows into the cache
+    assert breakdown.busy["fetch"] == 2.0
+    emb._load_rows(ids, slots)  # a direct fetch: its inner _put_rows is not counted again
+    assert breakdown.busy["fetch"] == 3.0
+    emb._store_rows(ids, slots)
+    assert breakdown.busy["writeback"] == 1.0
+    assert torch.equal(emb._cache[torch.from_numpy(slots)], emb.store.read(ids))
+
+
 def test_floor_computes_the_embeddings_gradient_unless_told_not_to() -> None:
     from lightning_bagpipe.data.batch import SparseFeatures
 
