@@ -35,8 +35,12 @@ def test_bench_distributed_writes_json(tmp_path: Path) -> None:
     assert set(result["contenders"]) == {
         f"{name}@{d}ms" for name in ("prefetch", "sync_fetch", "replicate") for d in (0, 5)
     }
-    for figures in result["contenders"].values():
+    for name, figures in result["contenders"].items():
         assert figures["samples_per_second"] > 0
+        bd = figures["breakdown_ms"]  # rank 0's step-time breakdown
+        assert bd["forward_ms"] > 0 and bd["backward_ms"] > 0 and bd["step_ms"] > 0
+        if name.startswith("replicate"):  # every row of every step is all-reduced
+            assert bd["cache_sync_ms"] > 0
         assert 0 < figures["sync_bytes_per_step"] <= figures["replicated_baseline_bytes_per_step"]
     assert result["ratios"]["sync_bytes_over_full_replication"] < 1.0
     # the replicated baseline sends exactly what the baseline formula says it does

@@ -17,8 +17,10 @@ import numpy as np
 import pytest
 import torch
 
+from lightning_bagpipe.bench import breakdown as breakdown_module
 from lightning_bagpipe.bench import scale as scale_suite
 from lightning_bagpipe.bench import train as train_suite
+from lightning_bagpipe.bench.breakdown import StepBreakdown
 from lightning_bagpipe.bench.common import interleaved, median_figures
 from lightning_bagpipe.cli import main
 from lightning_bagpipe.data.parquet import write_parquet
@@ -90,10 +92,10 @@ def test_bench_train_skips_torchrec_with_the_reason(tmp_path: Path, monkeypatch:
 def test_breakdown_times_every_way_rows_reach_the_cache_once(monkeypatch: pytest.MonkeyPatch) -> None:
     emb = CachedEmbedding([("a", 10), ("b", 5)], 4, RowWiseAdagrad(lr=0.1))
     emb._activate(8)
-    breakdown = train_suite._Breakdown(0, {})
+    breakdown = StepBreakdown(0, {})
     breakdown.wrap(emb)
     clock = iter(range(100))  # every perf_counter() call is one second later than the last
-    monkeypatch.setattr(train_suite.time, "perf_counter", lambda: float(next(clock)))
+    monkeypatch.setattr(breakdown_module.time, "perf_counter", lambda: float(next(clock)))
     ids, slots = np.array([1, 12]), np.array([0, 3])
     emb._read_rows(ids)  # early fetch into host memory
     assert breakdown.busy["fetch"] == 1.0
@@ -104,6 +106,29 @@ def test_breakdown_times_every_way_rows_reach_the_cache_once(monkeypatch: pytest
     emb._store_rows(ids, slots)
     assert breakdown.busy["writeback"] == 1.0
     assert torch.equal(emb._cache[torch.from_numpy(slots)], emb.store.read(ids))
+
+
+def test_breakdown_separates_the_cache_sync_from_its_update(monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    # perf_counter() readings in call order: batch start, sync start, update start and end, sync end, end
+    clock = iter([1.0, 10.0, 12.0, 13.0, 14.0, 15.0])
+    monkeypatch.setattr(breakdown_module.time, "perf_counter", lambda: next(clock))
+    marks: dict[str, float] = {}
+    bd = StepBreakdown(0, marks)
+    update = bd._timed(lambda: None, "sparse_update")
+    sync = bd._timed(update, "cache_sync")  # the driver's _sync_update: a collective, then the update
+    trainer = SimpleNamespace(global_step=1, strategy=None)
+    bd._prev_end = 0.0
+    bd.on_train_batch_start(trainer, None, None, 0)
+    marks.update(fwd0=2.0, fwd1=3.0, bwd0=4.0, bwd1=5.0, opt0=6.0)  # the dense optimizer: 6 to 10
+    sync()
+    bd.on_train_batch_end(trainer, None, None, None, 0)
+    row = bd.rows[-1]
+    assert row["dense_optimizer"] == 10.0 - 6.0
+    assert row["sparse_update"] == 13.0 - 12.0 and row["cache_sync"] == (14.0 - 10.0) - 1.0
+    assert row["other"] == (15.0 - 14.0) + (6.0 - 5.0)
+    assert row["step"] == 15.0
 
 
 def test_floor_computes_the_embeddings_gradient_unless_told_not_to() -> None:

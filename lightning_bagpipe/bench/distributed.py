@@ -19,6 +19,10 @@ reported, with each contender's milliseconds per step: synchronous fetching cost
 latency per step, prefetching about compute alone while the latency stays under ``prefetch_depth``
 steps of compute.
 
+Each contender also reports rank 0's step-time breakdown (``breakdown_ms``: forward, backward with DDP's
+dense all-reduce, fetch wait, cache sync, sparse update, dense optimizer, and the executor's fetches and
+write-backs beside the step; :mod:`lightning_bagpipe.bench.breakdown`).
+
 Also reported: the bytes each rank sends per step for the embedding sync (LRPP: replicated rows
 only, by all-reduce or by exchange, whichever the plan finds cheaper) against the full-replication
 baseline (every row any rank touched, all-reduced every step), both counted per rank with the formulas of
@@ -138,8 +142,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _median(rs: list[dict[str, Any]]) -> dict[str, Any]:
-    keys = [k for k, v in rs[0].items() if isinstance(v, (int, float))]
-    return {k: statistics.median(r[k] for r in rs) for k in keys}
+    """Medians over the repeats of every number (and of every number of a nested dict)."""
+    out: dict[str, Any] = {}
+    for k, v in rs[0].items():
+        if isinstance(v, (int, float)):
+            out[k] = statistics.median(r[k] for r in rs)
+        elif isinstance(v, dict):
+            out[k] = _median([r[k] for r in rs])
+    return out
 
 
 def _launch(cfg: dict[str, Any], timeout: float) -> dict[str, Any]:
@@ -174,8 +184,8 @@ def _worker(cfg: dict[str, Any]) -> None:
     import lightning.pytorch as pl
     from lightning.pytorch.callbacks import Callback
 
+    from lightning_bagpipe.bench.breakdown import StepBreakdown, TimedDeepFM
     from lightning_bagpipe.data.criteo import CriteoDataModule
-    from lightning_bagpipe.models.deepfm import DeepFM
     from lightning_bagpipe.strategies.bagpipe import BagpipeStrategy
 
     warnings.filterwarnings("ignore")
@@ -207,7 +217,10 @@ def _worker(cfg: dict[str, Any]) -> None:
         sync=cfg.get("sync", "partitioned"),
         prefetch_depth=cfg.get("prefetch_depth", 1),
     )
-    model = DeepFM(dm.tables, embedding_dim=cfg["embedding_dim"], hidden=(64, 32))
+    model = TimedDeepFM(dm.tables, embedding_dim=cfg["embedding_dim"], hidden=(64, 32))
+    model.marks = {}
+    breakdown = StepBreakdown(cfg["warmup"], model.marks)
+    breakdown.wrap(model.embedding)
     clock = Clock()
     strategy = BagpipeStrategy(
         store="sharded",
@@ -227,7 +240,7 @@ def _worker(cfg: dict[str, Any]) -> None:
         enable_model_summary=False,
         num_sanity_val_steps=0,
         limit_val_batches=0,
-        callbacks=[clock],
+        callbacks=[clock, breakdown],
     )
     trainer.fit(model, datamodule=dm)
     import torch.distributed as dist
@@ -252,6 +265,7 @@ def _worker(cfg: dict[str, Any]) -> None:
                     "sync_bytes_per_step": stats.sync_bytes / steps,
                     "replicated_baseline_bytes_per_step": stats.replicated_baseline_bytes / steps,
                     "exchange_step_fraction": stats.exchange_steps / steps,
+                    "breakdown_ms": breakdown.figures(),
                 }
             )
         )

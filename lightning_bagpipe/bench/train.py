@@ -60,6 +60,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 
+from lightning_bagpipe.bench.breakdown import StepBreakdown, TimedDeepFM
 from lightning_bagpipe.bench.common import (
     StepClock,
     interleaved,
@@ -246,121 +247,11 @@ def _fit(setup: _Setup, model: pl.LightningModule, strategy: Any = "auto", **fit
 
 
 # ---------------------------------------------------------------------- bagpipe (with a step breakdown)
-class _TimedDeepFM(DeepFM):
-    """DeepFM that marks the start and end of ``training_step`` (the forward pass) for the breakdown."""
-
-    marks: dict[str, float]
-
-    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
-        self.marks["fwd0"] = time.perf_counter()
-        loss = super().training_step(batch, batch_idx)
-        self.marks["fwd1"] = time.perf_counter()
-        return loss
-
-
-class _Breakdown(Callback):
-    """Per-step phase times of a bagpipe run (training thread) and the executor's busy time (background)."""
-
-    PHASES = ("data", "plan_and_fetch_wait", "forward", "zero_grad", "backward", "dense_optimizer",
-              "sparse_update", "other")  # fmt: skip
-
-    def __init__(self, warmup: int, marks: dict[str, float]) -> None:
-        self.warmup = warmup
-        self.marks = marks
-        self.rows: list[dict[str, float]] = []
-        self.busy = {"fetch": 0.0, "writeback": 0.0, "sparse_update": 0.0}
-        self._inside: dict[str, bool] = {}
-        self._prev_end: float | None = None
-
-    def wrap(self, emb: CachedEmbedding) -> None:
-        """Time the module's fetches and write-backs (executor thread) and its sparse update."""
-        for attr, key in (
-            ("_load_rows", "fetch"),  # store -> cache
-            ("_read_rows", "fetch"),  # store -> host, several steps early (prefetch_depth)
-            ("_put_rows", "fetch"),  # host -> cache (also called by _load_rows: counted once)
-            ("_store_rows", "writeback"),
-            ("_update_rows", "sparse_update"),
-        ):
-            setattr(emb, attr, self._timed(getattr(emb, attr), key))
-
-    def _timed(self, fn: Callable[..., Any], key: str) -> Callable[..., Any]:
-        def call(*a: Any, **k: Any) -> Any:
-            if self._inside.get(key):  # a timed method called by another of the same phase
-                return fn(*a, **k)
-            self._inside[key] = True
-            t0 = time.perf_counter()
-            try:
-                return fn(*a, **k)
-            finally:
-                self._inside[key] = False
-                self.busy[key] += time.perf_counter() - t0
-                if key == "sparse_update":
-                    self.marks.setdefault("sparse0", t0)
-
-        return call
-
-    def on_train_batch_start(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
-    ) -> None:
-        self.marks.clear()
-        self.marks["start"] = time.perf_counter()
-        self._busy0 = dict(self.busy)
-
-    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
-        self.marks["bwd0"] = time.perf_counter()
-
-    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.marks["bwd1"] = time.perf_counter()
-
-    def on_before_optimizer_step(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
-    ) -> None:
-        self.marks["opt0"] = time.perf_counter()
-
-    def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        end = time.perf_counter()
-        m = self.marks
-        prev, self._prev_end = self._prev_end, end
-        if trainer.global_step <= self.warmup or prev is None:
-            return
-        strategy = trainer.strategy
-        wait = (
-            strategy.driver.last.wait_ms / 1e3
-            if isinstance(strategy, BagpipeStrategy) and strategy.driver
-            else 0.0
-        )
-        sparse = self.busy["sparse_update"] - self._busy0["sparse_update"]
-        sparse0 = m.get("sparse0", end)
-        row = {
-            "data": m["start"] - prev,
-            "plan_and_fetch_wait": m["fwd0"] - m["start"],
-            "fetch_wait": wait,
-            "forward": m["fwd1"] - m["fwd0"],
-            "zero_grad": m["bwd0"] - m["fwd1"],
-            "backward": m["bwd1"] - m["bwd0"],
-            "dense_optimizer": sparse0 - m["opt0"],
-            "sparse_update": sparse,
-            "other": end - sparse0 - sparse + (m["opt0"] - m["bwd1"]),
-            "background_fetch": self.busy["fetch"] - self._busy0["fetch"],
-            "background_writeback": self.busy["writeback"] - self._busy0["writeback"],
-            "step": end - prev,
-        }
-        self.rows.append(row)
-
-    def figures(self) -> dict[str, float]:
-        """Median milliseconds per step of every phase."""
-        if not self.rows:
-            return {}
-        return {f"{k}_ms": 1000.0 * statistics.median(r[k] for r in self.rows) for k in self.rows[0]}
-
-
 def _run_bagpipe(setup: _Setup) -> dict[str, Any]:
-    model = _deepfm(setup, _TimedDeepFM)
-    assert isinstance(model, _TimedDeepFM)
+    model = _deepfm(setup, TimedDeepFM)
+    assert isinstance(model, TimedDeepFM)
     model.marks = {}
-    breakdown = _Breakdown(setup.args.warmup, model.marks)
+    breakdown = StepBreakdown(setup.args.warmup, model.marks)
     breakdown.wrap(model.embedding)
     clock = _Clock(setup.args.warmup, setup.args.batch_size)
     trainer = _trainer(setup, [clock, breakdown], "bagpipe")
@@ -792,7 +683,7 @@ def _plot(out: dict[str, Any], path: Path) -> None:
     bd = out.get("bagpipe_breakdown_ms")
     if bd:
         bottom = 0.0
-        for phase in _Breakdown.PHASES:
+        for phase in StepBreakdown.PHASES:
             v = bd.get(f"{phase}_ms", 0.0)
             bx.bar(["bagpipe step"], [v], bottom=[bottom], label=f"{phase} {v:.1f} ms")
             bottom += v
