@@ -337,7 +337,7 @@ class _OracleThread(threading.Thread):
             slots, ids = plan.slots[uniq], plan.ids[uniq]
         local.sparse.lookup = CacheLookup.from_inverse(
             torch.from_numpy(slots),
-            torch.from_numpy(inverse.astype(np.int64)),
+            torch.from_numpy(inverse.astype(np.int64, copy=False)),  # (the plan's own array: no copy)
             local.sparse.lengths,
             local.sparse.num_features,
         )
