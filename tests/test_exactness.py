@@ -57,7 +57,7 @@ def ref_update(name: str, hp: dict, w: torch.Tensor, state: torch.Tensor, ids: t
         raise AssertionError(name)
 
 
-def train_reference(model: TinyModel, batches: list[lb.Batch], name: str, hp: dict):
+def train_reference(model: TinyModel, batches: list[lb.Batch], name: str, hp: dict, twice: bool = False):
     tables = model.emb.tables
     full = model.emb.store.tensor().clone()
     table = full[:, :DIM].clone()
@@ -74,6 +74,8 @@ def train_reference(model: TinyModel, batches: list[lb.Batch], name: str, hp: di
             ids, leaf, sp.offsets[:-1], mode=model.emb.pooling, per_sample_weights=sp.weights
         )
         e = pooled.view(len(tables), BATCH, DIM).transpose(0, 1)
+        if twice:  # TwiceModel's second lookup of the same rows
+            e = e + 0.5 * e
         loss = F.binary_cross_entropy_with_logits(
             head(torch.cat([e.flatten(1), batch.dense], 1)).squeeze(1), batch.labels
         )
@@ -161,6 +163,39 @@ def test_weighted_and_mean_pooled_bags_train_exactly(opt_name: str, pooling: str
         tables, make_opt(), dense_lr=DENSE_LR, pooling="sum" if pooling == "weighted_sum" else "mean"
     )
     ref_table, ref_state, ref_head = train_reference(model, batches, opt_name, hp)
+    dm = ListDataModule(tables, batches, lookahead=4, cache_rows=110)
+    pl.Trainer(
+        strategy="bagpipe",
+        accelerator="cpu",
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    ).fit(model, datamodule=dm)
+    trained = model.emb.store.tensor()
+    assert torch.allclose(trained[:, :DIM], ref_table, atol=1e-6, rtol=0)
+    assert torch.allclose(trained[:, DIM:], ref_state, atol=1e-6, rtol=0)
+    for p, q in zip(model.head.parameters(), ref_head.parameters()):
+        assert torch.allclose(p, q, atol=1e-6, rtol=0)
+
+
+class TwiceModel(TinyModel):
+    """Looks its embeddings up twice per step: the cache sums both lookups' gradients per row."""
+
+    def forward(self, batch: lb.Batch) -> torch.Tensor:
+        e = (self.emb(batch.sparse) + 0.5 * self.emb(batch.sparse)).flatten(1)
+        return self.head(torch.cat([e, batch.dense], 1)).squeeze(1)
+
+
+@pytest.mark.parametrize("opt_name", ["sgd", "rowwise_adagrad"])
+def test_a_module_called_twice_in_a_step_trains_exactly(opt_name: str) -> None:
+    tables = small_tables((60, 45, 35))
+    batches = random_batches(tables, 20, BATCH, multi_hot=2, seed=11)
+    make_opt, hp = OPTIMIZERS[opt_name]
+    torch.manual_seed(0)
+    model = TwiceModel(tables, make_opt(), dense_lr=DENSE_LR)
+    ref_table, ref_state, ref_head = train_reference(model, batches, opt_name, hp, twice=True)
     dm = ListDataModule(tables, batches, lookahead=4, cache_rows=110)
     pl.Trainer(
         strategy="bagpipe",

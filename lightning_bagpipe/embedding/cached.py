@@ -210,14 +210,14 @@ class CachedEmbedding(nn.Module):
         grads = [(s, r.grad) for s, r in pending if r.grad is not None]
         if not grads:
             return None
+        if len(grads) == 1:  # the usual case: one call in the step (no copies)
+            return grads[0][0], grads[0][1]
         slots = torch.cat([s for s, _ in grads])
         grad = torch.cat([g for _, g in grads])
-        if len(grads) > 1:  # the module was called more than once in the step
-            slots, inv = torch.unique(slots, return_inverse=True)
-            grad = torch.zeros(slots.numel(), self.dim, device=grad.device, dtype=grad.dtype).index_add_(
-                0, inv, grad
-            )
-        return slots, grad
+        # the module was called more than once in the step: one summed gradient per slot
+        slots, inv = torch.unique(slots, return_inverse=True)
+        summed = torch.zeros(slots.numel(), self.dim, device=grad.device, dtype=grad.dtype)
+        return slots, summed.index_add_(0, inv, grad)
 
     def _update_rows(self, slots: Tensor, grad: Tensor, step: int) -> None:
         """Apply the sparse optimizer to cache rows ``slots`` (weights and state updated together)."""
