@@ -84,6 +84,22 @@ def test_fm_second_order_equals_sum_over_feature_pairs() -> None:
     torch.testing.assert_close(fm_second_order(emb), expect, rtol=1e-12, atol=1e-12)
 
 
+def test_fm_second_order_gradients_are_those_of_the_pairwise_sum() -> None:
+    g = torch.Generator().manual_seed(3)
+    emb = torch.randn(4, 5, 3, generator=g, dtype=torch.float64)
+    weights = torch.randn(4, generator=g, dtype=torch.float64)
+    a = emb.clone().requires_grad_()
+    (fm_second_order(a) * weights).sum().backward()
+    b = emb.clone().requires_grad_()
+    pairs = sum((b[:, f] * b[:, h]).sum(1) for f, h in itertools.combinations(range(5), 2))
+    (pairs * weights).sum().backward()
+    torch.testing.assert_close(a.grad, b.grad, rtol=1e-12, atol=1e-12)
+    # on a strided view (DeepFM splits the first-order column off the cached rows), and twice differentiable
+    rows = torch.randn(3, 4, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda r: fm_second_order(r[..., :5]), (rows,))
+    assert torch.autograd.gradgradcheck(lambda r: fm_second_order(r[..., :5]), (rows,))
+
+
 def test_pairwise_dot_interactions_equal_upper_triangle_dots_in_order() -> None:
     g = torch.Generator().manual_seed(1)
     vec = torch.randn(4, 5, 3, generator=g, dtype=torch.float64)

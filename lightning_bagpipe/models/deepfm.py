@@ -19,7 +19,7 @@ accumulator with the vector, as every column of a row does; element-wise optimiz
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -49,12 +49,35 @@ __all__ = ["DEFAULT_HIDDEN", "DeepFM", "fm_second_order"]
 DEFAULT_HIDDEN: tuple[int, ...] = (128, 64)
 
 
+class _FMSecondOrder(torch.autograd.Function):
+    """The FM term with its gradient in one expression: ``d/d e_f = g * (sum_h e_h - e_f)``.
+
+    Autograd's own backward of the forward formula builds several ``[B, F, D]`` temporaries from a
+    strided input (DeepFM's embeddings are a column split of the cached rows). Alone, with the split and
+    the deep input's concatenation, forward and backward took 8.8 ms with autograd's backward and 4.0
+    ms with this one (batch 4096, 26 features, 2 CPU threads); inside a whole DeepFM step the gain
+    measured about 1 ms (4%) and less than the noise for bagpipe. The backward is written in
+    differentiable ops from the saved input, so higher-order gradients still work.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, emb: Tensor) -> Tensor:
+        ctx.save_for_backward(emb)
+        total = emb.sum(dim=1)
+        return 0.5 * (total * total - (emb * emb).sum(dim=1)).sum(dim=1)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        (emb,) = ctx.saved_tensors
+        return grad[:, None, None] * (emb.sum(dim=1, keepdim=True) - emb)
+
+
 def fm_second_order(emb: Tensor) -> Tensor:
     """Factorization-machine pairwise term ``sum_{f<g} <emb[:, f], emb[:, g]>``: ``[B, F, D]`` -> ``[B]``."""
     if emb.dim() != 3:
         raise ValueError(f"fm_second_order expects [batch, features, dim], got shape {list(emb.shape)}")
-    total = emb.sum(dim=1)
-    return 0.5 * (total * total - (emb * emb).sum(dim=1)).sum(dim=1)
+    out: Tensor = _FMSecondOrder.apply(emb)
+    return out
 
 
 class DeepFM(ClickModel):
