@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 import lightning_bagpipe as lb
-from tests.helpers import ListDataModule, TinyModel, random_batches, small_tables
+from tests.helpers import ListDataModule, TinyModel, quiet_trainer, random_batches, small_tables
 
 STEPS = 50
 BATCH = 16
@@ -152,32 +152,34 @@ def test_bagpipe_equals_uncached_training(opt_name: str, lookahead: int, multi_h
     assert not math.isnan(float(trained.sum()))
 
 
-@pytest.mark.parametrize("opt_name", ["sgd", "adagrad"])
-@pytest.mark.parametrize("pooling", ["weighted_sum", "mean"])
-def test_weighted_and_mean_pooled_bags_train_exactly(opt_name: str, pooling: str) -> None:
-    tables = small_tables((60, 45, 35))
-    batches = random_batches(tables, 30, BATCH, multi_hot=3, seed=5, weighted=pooling == "weighted_sum")
-    make_opt, hp = OPTIMIZERS[opt_name]
-    torch.manual_seed(0)
-    model = TinyModel(
-        tables, make_opt(), dense_lr=DENSE_LR, pooling="sum" if pooling == "weighted_sum" else "mean"
+def assert_bagpipe_trains_like_reference(
+    model: TinyModel, batches: list[lb.Batch], opt_name: str, twice: bool = False
+) -> None:
+    """Train ``model`` with bagpipe (L=4, 110 cache rows) and compare with the plain reference loop."""
+    ref_table, ref_state, ref_head = train_reference(model, batches, opt_name, OPTIMIZERS[opt_name][1], twice)
+    quiet_trainer().fit(
+        model, datamodule=ListDataModule(model.emb.tables, batches, lookahead=4, cache_rows=110)
     )
-    ref_table, ref_state, ref_head = train_reference(model, batches, opt_name, hp)
-    dm = ListDataModule(tables, batches, lookahead=4, cache_rows=110)
-    pl.Trainer(
-        strategy="bagpipe",
-        accelerator="cpu",
-        max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    ).fit(model, datamodule=dm)
     trained = model.emb.store.tensor()
     assert torch.allclose(trained[:, :DIM], ref_table, atol=1e-6, rtol=0)
     assert torch.allclose(trained[:, DIM:], ref_state, atol=1e-6, rtol=0)
     for p, q in zip(model.head.parameters(), ref_head.parameters()):
         assert torch.allclose(p, q, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("opt_name", ["sgd", "adagrad"])
+@pytest.mark.parametrize("pooling", ["weighted_sum", "mean"])
+def test_weighted_and_mean_pooled_bags_train_exactly(opt_name: str, pooling: str) -> None:
+    tables = small_tables((60, 45, 35))
+    batches = random_batches(tables, 30, BATCH, multi_hot=3, seed=5, weighted=pooling == "weighted_sum")
+    torch.manual_seed(0)
+    model = TinyModel(
+        tables,
+        OPTIMIZERS[opt_name][0](),
+        dense_lr=DENSE_LR,
+        pooling="sum" if pooling == "weighted_sum" else "mean",
+    )
+    assert_bagpipe_trains_like_reference(model, batches, opt_name)
 
 
 class TwiceModel(TinyModel):
@@ -192,22 +194,6 @@ class TwiceModel(TinyModel):
 def test_a_module_called_twice_in_a_step_trains_exactly(opt_name: str) -> None:
     tables = small_tables((60, 45, 35))
     batches = random_batches(tables, 20, BATCH, multi_hot=2, seed=11)
-    make_opt, hp = OPTIMIZERS[opt_name]
     torch.manual_seed(0)
-    model = TwiceModel(tables, make_opt(), dense_lr=DENSE_LR)
-    ref_table, ref_state, ref_head = train_reference(model, batches, opt_name, hp, twice=True)
-    dm = ListDataModule(tables, batches, lookahead=4, cache_rows=110)
-    pl.Trainer(
-        strategy="bagpipe",
-        accelerator="cpu",
-        max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    ).fit(model, datamodule=dm)
-    trained = model.emb.store.tensor()
-    assert torch.allclose(trained[:, :DIM], ref_table, atol=1e-6, rtol=0)
-    assert torch.allclose(trained[:, DIM:], ref_state, atol=1e-6, rtol=0)
-    for p, q in zip(model.head.parameters(), ref_head.parameters()):
-        assert torch.allclose(p, q, atol=1e-6, rtol=0)
+    model = TwiceModel(tables, OPTIMIZERS[opt_name][0](), dense_lr=DENSE_LR)
+    assert_bagpipe_trains_like_reference(model, batches, opt_name, twice=True)

@@ -640,16 +640,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "machine": machine_info(),
     }
     bag = contenders.get("bagpipe", {})
-    for other, goal in GOALS.items():
-        o = contenders.get(other, {})
-        if "samples_per_second" in bag and "samples_per_second" in o:
-            ratio = bag["samples_per_second"] / o["samples_per_second"]
-            out["ratios"][f"bagpipe_over_{other}"] = ratio
-            out["goals"][f"bagpipe_at_least_{goal}x_{other}"] = ratio >= goal
-    for other in EXTRA_CONTENDERS:
-        o = contenders.get(other, {})
-        if "samples_per_second" in bag and "samples_per_second" in o:
-            out["ratios"][f"bagpipe_over_{other}"] = bag["samples_per_second"] / o["samples_per_second"]
+    for other, o in contenders.items():
+        if other == "bagpipe" or "samples_per_second" not in bag or "samples_per_second" not in o:
+            continue
+        ratio = bag["samples_per_second"] / o["samples_per_second"]
+        out["ratios"][f"bagpipe_over_{other}"] = ratio
+        if other in GOALS:  # (the extra contenders are reported, not judged)
+            out["goals"][f"bagpipe_at_least_{GOALS[other]}x_{other}"] = ratio >= GOALS[other]
     if "bagpipe" in losses and "ideal" in losses:
         diffs = [abs(x - y) for x, y in zip(losses["bagpipe"], losses["ideal"])]
         out["checks"]["max_abs_loss_diff_vs_ideal"] = max(diffs) if diffs else None

@@ -211,7 +211,7 @@ class CachedEmbedding(nn.Module):
         if not grads:
             return None
         if len(grads) == 1:  # the usual case: one call in the step (no copies)
-            return grads[0][0], grads[0][1]
+            return grads[0]
         slots = torch.cat([s for s, _ in grads])
         grad = torch.cat([g for _, g in grads])
         # the module was called more than once in the step: one summed gradient per slot
