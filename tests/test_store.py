@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from lightning_bagpipe.embedding.init import (
-    CHUNK_ROWS,
     initial_rows,
+    initial_rows_at,
     initial_weights,
     initialize_store,
 )
@@ -286,7 +286,7 @@ def test_mmap_create_and_open_errors(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------- initial weights
-TABLES = Tables([("a", 70_000), ("b", 3), ("c", 100_000), ("d", 1)])  # 170_004 rows: 3 chunks
+TABLES = Tables([("a", 70_000), ("b", 3), ("c", 100_000), ("d", 1)])  # 170_004 rows
 DIM, SEED = 4, 7
 
 
@@ -295,16 +295,36 @@ def whole() -> torch.Tensor:
     return initial_rows(TABLES, DIM, SEED, 0, TABLES.total_rows)
 
 
+M64 = 2**64 - 1
+
+
+def splitmix64(x: int) -> int:
+    """The splitmix64 finalizer on Python ints (the reference the recipe is checked against)."""
+    z = (x + 0x9E3779B97F4A7C15) & M64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & M64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & M64
+    return z ^ (z >> 31)
+
+
 def test_initial_rows_follow_the_documented_recipe(whole: torch.Tensor) -> None:
-    for k in range(3):
-        g = torch.Generator().manual_seed(SEED * 1_000_003 + k)
-        u = torch.rand(CHUNK_ROWS, DIM, generator=g)
-        lo, hi = k * CHUNK_ROWS, min((k + 1) * CHUNK_ROWS, TABLES.total_rows)
-        rows = np.arange(lo, hi)
-        table = np.searchsorted(TABLES.offsets, rows, side="right") - 1
-        bound = torch.tensor([np.float32(1 / math.sqrt(TABLES.sizes[j])) for j in range(len(TABLES))])
-        expected = (2 * u[: hi - lo] - 1) * bound[torch.from_numpy(table)].unsqueeze(1)
-        assert torch.equal(whole[lo:hi], expected)
+    salt = splitmix64(SEED)
+    for r in [0, 1, 65_535, 69_999, 70_000, 70_002, 70_003, 123_456, 170_003]:
+        j = int(np.searchsorted(TABLES.offsets, r, side="right") - 1)
+        bound = float(np.float32(1 / math.sqrt(TABLES.sizes[j])))
+        for c in range(DIM):
+            u = (splitmix64((r * DIM + c) ^ salt) >> 40) / 2**24
+            assert float(whole[r, c]) == float(np.float32((2 * u - 1) * bound)), (r, c)
+
+
+def test_initial_rows_at_any_ids_equal_the_whole(whole: torch.Tensor) -> None:
+    ids = np.random.default_rng(0).integers(0, TABLES.total_rows, 5000)
+    ids[:3] = [170_003, 0, 170_003]  # any order, repeats allowed
+    assert torch.equal(initial_rows_at(TABLES, DIM, SEED, ids), whole[torch.from_numpy(ids)])
+    assert initial_rows_at(TABLES, DIM, SEED, np.zeros(0, dtype=np.int64)).shape == (0, DIM)
+    with pytest.raises(ValueError, match="row id 170004 is not within the 170004 fused rows"):
+        initial_rows_at(TABLES, DIM, SEED, [5, 170_004])
+    with pytest.raises(ValueError, match="1-D integer"):
+        initial_rows_at(TABLES, DIM, SEED, np.array([1.5]))
 
 
 def test_initial_rows_subranges_equal_the_whole(whole: torch.Tensor) -> None:
@@ -337,7 +357,8 @@ def test_initial_rows_deterministic_and_seeded(whole: torch.Tensor) -> None:
     assert torch.equal(initial_rows(TABLES, DIM, SEED, 0, 1000), whole[:1000])
     other = initial_rows(TABLES, DIM, SEED + 1, 0, 1000)
     assert not torch.equal(other, whole[:1000])
-    assert not torch.equal(whole[:CHUNK_ROWS], whole[CHUNK_ROWS : 2 * CHUNK_ROWS])  # chunks differ
+    assert not torch.equal(whole[:1000], whole[1000:2000])  # rows differ
+    assert not torch.equal(whole[:, 0], whole[:, 1])  # columns differ
 
 
 def test_initial_weights_of_one_table(whole: torch.Tensor) -> None:
@@ -356,7 +377,7 @@ def test_initial_rows_bad_arguments() -> None:
         initial_rows(TABLES, 0, SEED, 0, 1)
 
 
-@pytest.mark.parametrize("chunk_rows", [CHUNK_ROWS * 4, 1000])
+@pytest.mark.parametrize("chunk_rows", [1 << 18, 1000])
 def test_initialize_store(tmp_path: Path, whole: torch.Tensor, chunk_rows: int) -> None:
     state = torch.tensor([0.5, -2.0, 3.0])
     s = MmapStore(tmp_path / "init.f32", TABLES.total_rows, DIM + 3)
@@ -370,6 +391,7 @@ def test_initialize_store(tmp_path: Path, whole: torch.Tensor, chunk_rows: int) 
         "dim": DIM,
         "state_width": 3,
         "tables_fingerprint": TABLES.fingerprint(),
+        "init_recipe": "splitmix64-v1",
     }
     s.close()
     assert json.loads((tmp_path / "init.f32.json").read_text())["metadata"]["initialized"] is True

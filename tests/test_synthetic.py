@@ -238,7 +238,7 @@ def test_datamodule_trains_a_model_that_beats_chance():
     from lightning_bagpipe.models.deepfm import DeepFM
 
     dm = CriteoDataModule(
-        "synthetic", scale=SMALL, batch_size=512, num_batches=40, val_batches=4, lookahead=8
+        "synthetic", scale=SMALL, batch_size=512, num_batches=80, val_batches=4, lookahead=8
     )
     assert dm.kind == "synthetic" and dm.tables == SyntheticCriteo(8, 1, scale=SMALL).tables
     assert dm.val_data is not None and dm.val_data.split == "val" and len(dm.val_data) == 4
@@ -254,7 +254,8 @@ def test_datamodule_trains_a_model_that_beats_chance():
         enable_model_summary=False,
     )
     trainer.fit(model, dm)
-    # 40 steps of 512 samples learn much of the planted model (true AUC about 0.8; chance is 0.5).
+    # 80 steps of 512 samples learn much of the planted model (true AUC about 0.8; chance is 0.5). Over
+    # model seeds 0-7 this run reached 0.72-0.75; 40 steps spread over 0.65-0.73, too close to the bar.
     assert float(trainer.callback_metrics["val_auc"]) > 0.68
 
 
