@@ -26,7 +26,6 @@ from lightning_bagpipe.cli import main
 from lightning_bagpipe.data.parquet import write_parquet
 from lightning_bagpipe.data.synthetic import SyntheticCriteo, write_criteo_tsv
 from lightning_bagpipe.embedding.cached import CachedEmbedding
-from lightning_bagpipe.embedding.store import MemoryStore
 from lightning_bagpipe.optim.sparse import RowWiseAdagrad
 from lightning_bagpipe.trace import Bounds, parse_capacities
 
@@ -189,36 +188,52 @@ def test_bench_scale_runs_its_contenders(tmp_path: Path, monkeypatch: pytest.Mon
     monkeypatch.setattr(scale_suite, "_launch", in_process)
     flags = ["--rows", "6000", "--small-rows", "3000", "--steps", "3", "--warmup", "2", "--repeats", "1",
              "--batch-size", "64", "--cache-rows", "3000", "--lookahead", "2"]  # fmt: skip
-    flags += ["--dir", str(tmp_path / "st")]
+    flags += ["--dir", str(tmp_path / "st"), "--buffer-mib", "1"]
     r = _bench(tmp_path, "scale", *flags)
-    assert set(r["contenders"]) == {"mmap_big", "mmap_small", "memory_small", "oracle_big"}
-    for name in ("mmap_big", "mmap_small", "memory_small"):
+    assert set(r["contenders"]) == {"tiered_big", "mmap_big", "mmap_small", "memory_small", "oracle_big"}
+    for name in ("tiered_big", "mmap_big", "mmap_small", "memory_small"):
         f = r["contenders"][name]
         assert f["samples_per_second"] > 0 and f["vm_hwm_bytes"] > 0, name
     big = r["contenders"]["mmap_big"]
     assert 0 < big["init"]["rows_initialized"] < big["total_rows"]
     assert big["disk"]["apparent_bytes"] == big["total_rows"] * (16 + 2) * 4
-    # same rows in a file and in RAM: the same training, step for step
+    # the same initial rows in every store: the same training, step for step
     assert r["checks"]["max_abs_loss_diff_mmap_small_vs_memory_small"] == 0.0
-    assert set(r["ratios"]) == {"mmap_big_over_memory_small", "mmap_small_over_memory_small"}
-    assert not (tmp_path / "st" / "big.f32").exists()  # files removed unless --keep-files
+    assert r["checks"]["max_abs_loss_diff_tiered_big_vs_mmap_big"] == 0.0
+    assert r["contenders"]["tiered_big"]["spills"] >= 1  # at least the flush at the end of fit
+    assert set(r["ratios"]) == {
+        "tiered_big_over_memory_small",
+        "mmap_big_over_memory_small",
+        "mmap_small_over_memory_small",
+    }
+    assert set(r["goals"]) == {"tiered_big_peak_rss_under_2GiB", "tiered_big_at_least_0.8x_memory_small"}
+    for name in ("big.f32", "tiered.f32", "tiered.f32.written"):  # files removed unless --keep-files
+        assert not (tmp_path / "st" / name).exists()
 
 
-def test_lazy_initialize_writes_only_the_given_rows() -> None:
+def test_bench_scale_contenders_flag_keeps_the_baseline_and_names_unknown_ones() -> None:
+    import argparse
+
+    p = argparse.ArgumentParser()
+    scale_suite.add_arguments(p)
+    assert scale_suite._names(p.parse_args(["--contenders", "tiered_big"])) == ["tiered_big", "memory_small"]
+    assert scale_suite._names(p.parse_args([])) == list(scale_suite.CONTENDERS)
+    with pytest.raises(ValueError, match=r"unknown contender.*mmap_huge"):
+        scale_suite._check(p.parse_args(["--contenders", "tiered_big,mmap_huge"]))
+
+
+def test_lazy_initialize_file_writes_only_the_given_rows_with_the_librarys_values(tmp_path: Path) -> None:
     src = SyntheticCriteo(8, 1, scale=0.0005)
     tables, dim, opt = src.tables, 5, RowWiseAdagrad(lr=0.1)
-    store = MemoryStore(tables.total_rows, opt.row_width(dim), pin_memory=False)
     ids = np.array([0, 3, int(tables.offsets[2]) + 1, tables.total_rows - 1])
-    assert scale_suite.lazy_initialize(store, tables, dim, opt, seed=1, ids=np.r_[ids, ids]) == 4
-    rows = store.tensor()
-    bound = 1.0 / np.sqrt(tables.sizes[np.searchsorted(tables.offsets, ids, side="right") - 1])
-    assert torch.all(rows[ids, :dim].abs() <= torch.from_numpy(bound).float()[:, None])
-    assert torch.all(rows[ids, :dim] != 0) and torch.all(rows[ids, dim:] == 0)
+    path = tmp_path / "lazy.f32"
+    assert scale_suite.lazy_initialize_file(path, tables, dim, opt, 1, np.r_[ids, ids]) == 4
+    in_ram = CachedEmbedding(tables, dim, opt, seed=1)  # every row, as the library initialises them
+    opened = CachedEmbedding(tables, dim, opt, store=path, seed=1)  # opened as initialised: not refilled
+    rows = opened.store.tensor()
+    assert torch.equal(rows[ids], in_ram.store.tensor()[ids])
     others = np.setdiff1d(np.arange(tables.total_rows), ids)
     assert torch.all(rows[others] == 0)
-    before = rows.clone()
-    CachedEmbedding(tables, dim, opt, store=store)  # opens the store as initialised: rows unchanged
-    assert torch.equal(store.tensor(), before)
 
 
 # ---------------------------------------------------------------------- trace

@@ -6,19 +6,24 @@ Kaggle's, scaled), each row ``dim`` weights + 1 first-order weight + 1 row-wise 
 in an :class:`~lightning_bagpipe.MmapStore` file. Contenders, each in a fresh process (so its peak
 resident set, ``VmHWM``, is its own) and interleaved over ``--repeats``:
 
-* **mmap_big**: ``--rows`` rows in a memory-mapped file;
+* **tiered_big**: ``--rows`` rows in a :class:`~lightning_bagpipe.TieredStore` (the library's store for
+  tables far larger than RAM): a new file, initialised lazily, with a RAM write buffer of
+  ``--buffer-mib``;
+* **mmap_big**: the same rows in a plain :class:`~lightning_bagpipe.MmapStore` file;
 * **mmap_small** and **memory_small**: ``--small-rows`` rows (a table that fits in RAM) in a
   memory-mapped file and in a :class:`~lightning_bagpipe.MemoryStore`, on the same data: the store's
   own cost at equal size;
 * **oracle_big**: the lookahead oracle alone on the big run's id stream, for its resident memory.
 
-Initialisation: the library initialises every row of a new store (``2**28`` rows are 19 GB of writes).
-This benchmark instead creates the file sparse (``ftruncate``) and writes only the rows the run will
-touch (known in advance: the synthetic stream is deterministic), with a cheap hash-based
-``uniform(-1/sqrt(n), 1/sqrt(n))`` of the fused id, then marks the store initialised so
-``CachedEmbedding`` opens it as is. Rows never touched stay zero and are never read. The in-RAM store
-gets the same rows, so both small contenders train the same model (their losses must match). This
-shortcut lives in this file only and is for benchmarks, not for training real models.
+Initialisation: the library fills every row of a new ``MmapStore`` (``2**28`` rows are 19 GB of
+writes). For the two plain-file contenders this benchmark instead creates the file sparse
+(``ftruncate``) and writes only the rows the run will touch (known in advance: the synthetic stream is
+deterministic), with the library's own initial values
+(:func:`~lightning_bagpipe.embedding.init.initial_rows_at`), then marks the store initialised so
+``CachedEmbedding`` opens it as is. Rows never touched stay zero and are never read. This shortcut lives
+in this file only and is for benchmarks. ``tiered_big`` and ``memory_small`` need none: the library
+initialises them (lazily, and in full). Every contender therefore starts from the same initial rows, so
+the two big ones train the same model, and so do the two small ones (their losses must match).
 
 Before every run on a file its pages are flushed and dropped from the page cache
 (``posix_fadvise(DONTNEED)``), so rows come from disk as for a table larger than RAM (``--warm`` keeps
@@ -30,6 +35,7 @@ every 50 ms, cache figures, and the file's apparent and allocated size on disk.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import mmap
 import os
@@ -56,12 +62,13 @@ from lightning_bagpipe.bench.common import (
     suite_config,
 )
 from lightning_bagpipe.data.criteo_shape import CRITEO_KAGGLE_CARDINALITIES
-from lightning_bagpipe.data.synthetic import mix64
+from lightning_bagpipe.embedding.init import INIT_RECIPE, initial_rows_at
 from lightning_bagpipe.embedding.store import EmbeddingStore, MmapStore
+from lightning_bagpipe.embedding.tiered_store import TieredStore
 from lightning_bagpipe.optim.sparse import RowWiseAdagrad, SparseOptimizer
 from lightning_bagpipe.tables import Tables
 
-CONTENDERS = ("mmap_big", "mmap_small", "memory_small")
+CONTENDERS = ("tiered_big", "mmap_big", "mmap_small", "memory_small")
 _PAGE = 4096
 _QUEUE = 4
 _GIB = 2**30
@@ -81,6 +88,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lookahead", type=int, default=16, help="oracle lookahead L")
     parser.add_argument("--cache-rows", type=int, default=262144, help="cache capacity in rows")
     parser.add_argument("--zipf", type=float, default=1.0, help="Zipf exponent of the synthetic ids")
+    parser.add_argument(
+        "--contenders",
+        default=",".join(CONTENDERS),
+        help=f"comma-separated subset of {','.join(CONTENDERS)} (memory_small, the baseline, always runs)",
+    )
+    parser.add_argument(
+        "--buffer-mib", type=int, default=256, help="RAM write buffer of the tiered_big store, in MiB (256)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--dir", type=Path, default=None, help="where the store files go (default: a temp dir)"
@@ -98,6 +113,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _check(args: argparse.Namespace) -> None:
+    unknown = sorted(set(_names(args)) - {*CONTENDERS, "mmap_big_random"})
+    if unknown:
+        raise ValueError(f"--contenders: unknown contender(s) {', '.join(unknown)}; choose from {CONTENDERS}")
     for flag in ("rows", "small_rows", "batch_size", "steps", "warmup", "repeats", "embedding_dim",
                  "lookahead", "cache_rows"):  # fmt: skip
         if getattr(args, flag) < 1:
@@ -105,6 +123,13 @@ def _check(args: argparse.Namespace) -> None:
     for flag in ("rows", "small_rows"):
         if getattr(args, flag) < 26 * 2:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 52 (26 tables of >= 2 rows)")
+
+
+def _names(args: argparse.Namespace) -> list[str]:
+    """The contenders to run, in the suite's order, the baseline ``memory_small`` always among them."""
+    chosen = {n.strip() for n in str(args.contenders).split(",") if n.strip()} | {"memory_small"}
+    extra = ["mmap_big_random"] if args.madvise_random else []
+    return [n for n in CONTENDERS if n in chosen] + extra + sorted(chosen - {*CONTENDERS})
 
 
 def scale_for(rows: int) -> float:
@@ -128,8 +153,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "cache_rows": args.cache_rows,
         "zipf": args.zipf,
         "seed": args.seed,
+        "buffer_bytes": args.buffer_mib * 2**20,
     }
+    names = _names(args)
     files = {"mmap_big": (root / "big.f32", args.rows), "mmap_small": (root / "small.f32", args.small_rows)}
+    files = {n: f for n, f in files.items() if n in names or (n == "mmap_big" and args.madvise_random)}
     out: dict[str, Any] = {"suite": "scale", "config": suite_config(args), "dir": str(root)}
     load0 = os.getloadavg()[0]
     try:
@@ -139,12 +167,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for stale in (path, Path(str(path) + ".json")):
                 stale.unlink(missing_ok=True)
             inits[name] = _launch({**base, "role": "init", "rows": rows, "path": str(path)}, args.timeout)
-        names = [*CONTENDERS, *(["mmap_big_random"] if args.madvise_random else [])]
         runs: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
         losses: dict[str, list[float]] = {}
+        tiered = root / "tiered.f32"
         for _, name in interleaved(names, args.repeats):
             if name == "memory_small":
                 cfg = {**base, "role": "train", "store": "memory", "rows": args.small_rows}
+            elif name == "tiered_big":
+                _remove_store_files(tiered)  # every run starts from a new, lazily initialised file
+                cfg = {**base, "role": "train", "store": "tiered", "rows": args.rows, "path": str(tiered)}
             else:
                 path, rows = files[name.removesuffix("_random")]
                 if not args.warm:
@@ -158,31 +189,33 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for name, (path, _) in files.items():
             contenders[name]["init"] = inits[name]
             contenders[name]["disk"] = disk_usage(path)
+        if tiered.exists() and "tiered_big" in contenders:
+            contenders["tiered_big"]["disk"] = disk_usage(tiered)
         if not args.no_oracle:
             contenders["oracle_big"] = _launch({**base, "role": "oracle", "rows": args.rows}, args.timeout)
     finally:
         if not args.keep_files:
-            for path, _ in files.values():
-                for f in (path, Path(str(path) + ".json")):
-                    f.unlink(missing_ok=True)
+            for path in [*(p for p, _ in files.values()), root / "tiered.f32"]:
+                _remove_store_files(path)
             if own_dir:
                 shutil.rmtree(root, ignore_errors=True)
-    big, mem = contenders["mmap_big"], contenders["memory_small"]
+    mem = contenders["memory_small"]
     out["contenders"] = contenders
     out["ratios"] = {
         f"{n}_over_memory_small": contenders[n]["samples_per_second"] / mem["samples_per_second"]
         for n in names
         if n != "memory_small"
     }
-    diffs = [abs(x - y) for x, y in zip(losses["mmap_small"], losses["memory_small"])]
     out["checks"] = {
         **{f"{n}_loss_decreased": bool(contenders[n].get("loss_decreased")) for n in names},
-        "max_abs_loss_diff_mmap_small_vs_memory_small": max(diffs) if diffs else None,
+        "max_abs_loss_diff_mmap_small_vs_memory_small": _max_diff(losses, "mmap_small", "memory_small"),
+        "max_abs_loss_diff_tiered_big_vs_mmap_big": _max_diff(losses, "tiered_big", "mmap_big"),
     }
-    out["goals"] = {
-        "mmap_big_peak_rss_under_2GiB": big["vm_hwm_bytes"] < 2 * _GIB,
-        "mmap_big_at_least_0.8x_memory_small": out["ratios"]["mmap_big_over_memory_small"] >= 0.8,
-    }
+    if "tiered_big" in contenders:
+        out["goals"] = {
+            "tiered_big_peak_rss_under_2GiB": contenders["tiered_big"]["vm_hwm_bytes"] < 2 * _GIB,
+            "tiered_big_at_least_0.8x_memory_small": out["ratios"]["tiered_big_over_memory_small"] >= 0.8,
+        }
     out["machine"] = {
         **machine_info(),
         "load_average_1m_before": load0,
@@ -191,16 +224,29 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def _max_diff(losses: dict[str, list[float]], a: str, b: str) -> float | None:
+    if a not in losses or b not in losses:
+        return None
+    diffs = [abs(x - y) for x, y in zip(losses[a], losses[b])]
+    return max(diffs) if diffs else None
+
+
+def _remove_store_files(path: Path) -> None:
+    for suffix in ("", ".json", ".written"):
+        Path(str(path) + suffix).unlink(missing_ok=True)
+
+
 def _check_disk(root: Path, args: argparse.Namespace) -> None:
     """Refuse to start when the two sparse files might not fit: a file allocates at most one page per id
     occurrence of the stream, and at most its full size (the kernel can allocate whole large folios)."""
     width = args.embedding_dim + 2
     occurrences = (args.warmup + args.steps + args.lookahead + _QUEUE) * args.batch_size * 26
-    worst = sum(min(rows * width * 4, occurrences * _PAGE) for rows in (args.rows, args.small_rows))
+    sizes = (args.rows, args.rows, args.small_rows)  # mmap_big, tiered_big, mmap_small
+    worst = sum(min(rows * width * 4, occurrences * _PAGE) for rows in sizes)
     free = shutil.disk_usage(root).free
     if worst > free * 0.9:
         raise ValueError(
-            f"bench scale: the store file under {root} may allocate up to {worst / _GIB:.1f} GiB but only "
+            f"bench scale: the store files under {root} may allocate up to {worst / _GIB:.1f} GiB but only "
             f"{free / _GIB:.1f} GiB are free; pass --dir on a larger disk or lower --rows/--steps"
         )
 
@@ -240,24 +286,14 @@ def _launch(cfg: dict[str, Any], timeout: float) -> dict[str, Any]:
 def lazy_rows(
     tables: Tables, dim: int, optimizer: SparseOptimizer, seed: int, ids: np.ndarray, chunk: int = 1 << 20
 ) -> Iterator[tuple[np.ndarray, Tensor]]:
-    """Initial ``(ids, rows)`` for the distinct ``ids`` only, ``chunk`` rows at a time, ids ascending.
-
-    Weights are ``(2u - 1) / sqrt(n_table)`` with ``u`` uniform in ``[0, 1)`` from a 64-bit hash of
-    ``(seed, fused id, column)``; the optimizer state is its initial state.
-    """
+    """Initial ``(ids, rows)`` of the distinct ``ids`` only, ``chunk`` rows at a time, ids ascending: the
+    library's initial weights (:func:`initial_rows_at`) followed by the optimizer's initial state."""
     uniq = np.unique(np.asarray(ids, dtype=np.int64))
     state = optimizer.initial_state(dim)
-    bounds = (1.0 / np.sqrt(tables.sizes.astype(np.float64))).astype(np.float32)
-    cols = np.arange(dim, dtype=np.uint64)
-    salt = np.uint64((int(seed) * 0x9E3779B1 + 0x5CA1E) % 2**64)
     for lo in range(0, uniq.size, chunk):
         part = uniq[lo : lo + chunk]
-        h = part.astype(np.uint64)[:, None] * np.uint64(dim) + cols[None, :]
-        h ^= salt
-        u = (mix64(h) >> np.uint64(40)).astype(np.float32) * np.float32(2.0**-24)
-        table_of = np.searchsorted(tables.offsets, part, side="right") - 1
         rows = torch.empty(part.size, dim + state.numel(), dtype=torch.float32)
-        rows[:, :dim] = torch.from_numpy((2.0 * u - 1.0) * bounds[table_of][:, None])
+        rows[:, :dim] = initial_rows_at(tables, dim, seed, part)
         rows[:, dim:] = state
         yield part, rows
 
@@ -274,24 +310,9 @@ def mark_initialized(
         optimizer=optimizer.name,
         state_width=optimizer.state_width(dim),
         seed=int(seed),
-        init="bench scale: touched rows only, hash-based uniform",
+        init_recipe=INIT_RECIPE,
+        init="bench scale: only the rows the run touches",
     )
-
-
-def lazy_initialize(
-    store: EmbeddingStore, tables: Tables, dim: int, optimizer: SparseOptimizer, seed: int, ids: np.ndarray
-) -> int:
-    """Write the initial rows of the distinct ``ids`` into ``store`` and mark it initialised.
-
-    Returns the number of rows written. Every other row keeps what the store holds (zeros when new).
-    """
-    written = 0
-    for part, rows in lazy_rows(tables, dim, optimizer, seed, ids):
-        store.write(part, rows, check_unique=False)
-        written += part.size
-    store.flush()
-    mark_initialized(store, tables, dim, optimizer, seed)
-    return written
 
 
 def lazy_initialize_file(
@@ -374,7 +395,6 @@ def _worker_train(cfg: dict[str, Any]) -> dict[str, Any]:
 
     from lightning_bagpipe.bench.train import _Clock
     from lightning_bagpipe.data.criteo import CriteoDataModule
-    from lightning_bagpipe.embedding.store import MemoryStore
     from lightning_bagpipe.models.deepfm import DeepFM
     from lightning_bagpipe.strategies.bagpipe import BagpipeStrategy
 
@@ -396,8 +416,9 @@ def _worker_train(cfg: dict[str, Any]) -> dict[str, Any]:
     opt = RowWiseAdagrad(lr=0.02)
     store: Any
     if cfg["store"] == "memory":
-        store = MemoryStore(dm.tables.total_rows, opt.row_width(dim), pin_memory=False)
-        lazy_initialize(store, dm.tables, dim, opt, cfg["seed"], _touched(_source(cfg)))
+        store = None  # a MemoryStore, every row initialised by the library
+    elif cfg["store"] == "tiered":
+        store = functools.partial(TieredStore, cfg["path"], buffer_bytes=cfg["buffer_bytes"])
     elif cfg.get("advise_random"):
         store = AdvisedMmapStore(cfg["path"])
     else:
@@ -433,6 +454,9 @@ def _worker_train(cfg: dict[str, Any]) -> dict[str, Any]:
         "vm_hwm_before_fit_bytes": before["VmHWM"],
         **sampler.peaks(),
     }
+    emb_store = model.embedding.store if hasattr(model, "embedding") else None
+    if isinstance(emb_store, TieredStore):
+        out.update(spills=emb_store.spills, buffered_rows_at_end=emb_store.buffered_rows)
     if stats is not None:
         steps = max(1, stats.steps)
         out.update(

@@ -2,5 +2,6 @@
 
 from lightning_bagpipe.embedding.cached import CachedEmbedding
 from lightning_bagpipe.embedding.store import EmbeddingStore, MemoryStore, MmapStore
+from lightning_bagpipe.embedding.tiered_store import TieredStore
 
-__all__ = ["CachedEmbedding", "EmbeddingStore", "MemoryStore", "MmapStore"]
+__all__ = ["CachedEmbedding", "EmbeddingStore", "MemoryStore", "MmapStore", "TieredStore"]

@@ -11,6 +11,7 @@ from the store, without the cache and without gradients, so a trained model is u
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,6 +24,7 @@ from lightning_bagpipe.data.batch import PoolingIndex, SparseFeatures
 from lightning_bagpipe.embedding.init import initialize_store
 from lightning_bagpipe.embedding.pooling import pooled_lookup
 from lightning_bagpipe.embedding.store import EmbeddingStore, MemoryStore, MmapStore
+from lightning_bagpipe.embedding.tiered_store import TieredStore
 from lightning_bagpipe.optim.sparse import SparseOptimizer
 from lightning_bagpipe.tables import Tables, TableSpec
 
@@ -37,7 +39,12 @@ class CachedEmbedding(nn.Module):
         optimizer: the row-wise sparse optimizer that trains this module's rows
             (:mod:`lightning_bagpipe.optim`).
         store: where the full tables live: ``None`` (host RAM), a path (a memory-mapped file, created or
-            reopened), or an :class:`~lightning_bagpipe.embedding.store.EmbeddingStore`.
+            reopened; a file a ``TieredStore`` wrote reopens as one), an
+            :class:`~lightning_bagpipe.embedding.store.EmbeddingStore`, or a callable
+            ``(num_rows, width) -> EmbeddingStore`` such as ``functools.partial(TieredStore, path)``.
+            A new store is filled with the initial rows, except one that initialises lazily
+            (:class:`~lightning_bagpipe.embedding.tiered_store.TieredStore`), which computes them on
+            first read.
         seed: seed of the deterministic initialisation
             (:func:`~lightning_bagpipe.embedding.init.initial_rows`).
         pooling: ``"sum"`` or ``"mean"`` over each bag.
@@ -55,7 +62,7 @@ class CachedEmbedding(nn.Module):
         dim: int,
         optimizer: SparseOptimizer,
         *,
-        store: EmbeddingStore | str | Path | None = None,
+        store: EmbeddingStore | str | Path | Callable[[int, int], EmbeddingStore] | None = None,
         seed: int = 0,
         pooling: Literal["sum", "mean"] = "sum",
     ) -> None:
@@ -96,17 +103,28 @@ class CachedEmbedding(nn.Module):
             "seed": self.seed,
         }
 
-    def _open_store(self, store: EmbeddingStore | str | Path | None) -> EmbeddingStore:
+    def _open_store(
+        self, store: EmbeddingStore | str | Path | Callable[[int, int], EmbeddingStore] | None
+    ) -> EmbeddingStore:
         n = self.tables.total_rows
         what = f"CachedEmbedding({len(self.tables)} tables, dim={self.dim}, optimizer={self.optimizer.name})"
         if store is None:
             s: EmbeddingStore = MemoryStore(n, self.width)
         elif isinstance(store, (str, Path)):
             s = MmapStore(store, num_rows=n, width=self.width, mode="auto")
+            if s.metadata.get("lazy"):  # written by a TieredStore: only it knows which rows the file holds
+                s.close()
+                s = TieredStore(store, num_rows=n, width=self.width, mode="open")
         elif isinstance(store, EmbeddingStore):
             s = store
+        elif callable(store):
+            s = store(n, self.width)
+            if not isinstance(s, EmbeddingStore):
+                raise TypeError(f"store factory {store!r} returned {type(s).__name__}, not an EmbeddingStore")
         else:
-            raise TypeError(f"store must be None, a path or an EmbeddingStore, got {type(store).__name__}")
+            raise TypeError(
+                f"store must be None, a path, an EmbeddingStore or a callable, got {type(store).__name__}"
+            )
         s.validate(n, self.width, what=what)
         meta = s.metadata
         if meta.get("initialized"):
@@ -118,6 +136,8 @@ class CachedEmbedding(nn.Module):
                     f"store {s!r} holds {meta['optimizer']} optimizer state, but {what} uses "
                     f"{self.optimizer.name}"
                 )
+        elif isinstance(s, TieredStore):
+            s.initialize_lazily(self.tables, self.dim, self.optimizer.initial_state(self.dim), self.seed)
         else:
             initialize_store(s, self.tables, self.dim, self.optimizer.initial_state(self.dim), self.seed)
             s.set_metadata(initialized=True, **self._store_metadata())

@@ -26,6 +26,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from lightning_bagpipe.embedding.store import EmbeddingStore, MmapStore
+from lightning_bagpipe.embedding.tiered_store import TieredStore
 
 
 @dataclass
@@ -71,6 +72,11 @@ def share_store(
     back into each rank's own in-RAM store and removes the file (``end(collective=False)`` after a failure
     on another rank: no barrier).
     """
+    if isinstance(store, TieredStore):
+        raise ValueError(
+            f"{store.describe()} keeps written rows in its own process's RAM, so the ranks of a node "
+            "cannot share it: use BagpipeStrategy(store='sharded')"
+        )
     if isinstance(store, MmapStore):
         store.flush()
         groups.barrier()
@@ -128,7 +134,7 @@ class ShardedStore(EmbeddingStore):
         self.local = local
         self.groups = groups
         self.metadata = local.metadata
-        self._table = local.tensor()
+        self._table = local._t()  # for closed checks only: rows go through local's read and write
         w = groups.world_size
         self.bounds = (np.arange(w + 1, dtype=np.int64) * self.num_rows) // w
         self.bytes_sent = 0

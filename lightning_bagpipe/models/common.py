@@ -17,7 +17,7 @@ layers and ``forward(batch) -> logits``:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -30,6 +30,7 @@ from torchmetrics.classification import BinaryAUROC
 
 from lightning_bagpipe.data.batch import Batch
 from lightning_bagpipe.embedding.store import EmbeddingStore, MmapStore
+from lightning_bagpipe.embedding.tiered_store import TieredStore
 from lightning_bagpipe.optim.sparse import RowWiseAdagrad, SparseOptimizer, from_hparams
 from lightning_bagpipe.tables import Tables, TableSpec
 
@@ -57,7 +58,7 @@ DEFAULT_DENSE_LR = 1e-3
 
 TablesLike = Tables | Iterable[TableSpec | tuple[str, int] | Sequence[Any]]
 SparseOptimizerLike = SparseOptimizer | Mapping[str, Any] | None
-StoreLike = EmbeddingStore | str | Path | None
+StoreLike = EmbeddingStore | str | Path | Callable[[int, int], EmbeddingStore] | None
 
 
 def mlp(in_features: int, sizes: Sequence[int], *, last_activation: bool) -> nn.Sequential:
@@ -99,7 +100,8 @@ def resolve_sparse_optimizer(spec: SparseOptimizerLike, default_lr: float) -> Sp
 
 
 def store_hparam(store: StoreLike) -> str | None:
-    """What to record for ``store`` in the hyper-parameters: a memory-mapped file's path, else ``None``.
+    """What to record for ``store`` in the hyper-parameters: a file store's path, else ``None`` (also for a
+    store factory, whose path this cannot know).
 
     A checkpoint holds every table row, so a model rebuilt from it with ``store=None`` is complete; the
     path only tells ``load_from_checkpoint`` where the original kept its tables (override it with
@@ -111,9 +113,13 @@ def store_hparam(store: StoreLike) -> str | None:
         return str(store)
     if isinstance(store, MmapStore):
         return str(store.path)
-    if isinstance(store, EmbeddingStore):
+    if isinstance(store, TieredStore):
+        return str(store.file.path)
+    if isinstance(store, EmbeddingStore) or callable(store):
         return None
-    raise TypeError(f"store must be None, a path or an EmbeddingStore, got {type(store).__name__}")
+    raise TypeError(
+        f"store must be None, a path, an EmbeddingStore or a callable, got {type(store).__name__}"
+    )
 
 
 def coerce_tables(tables: TablesLike) -> Tables:

@@ -96,8 +96,10 @@ class DeepFM(ClickModel):
         sparse_lr: learning rate of the default sparse optimizer (ignored when ``sparse_optimizer`` is given).
         dense_optimizer: ``"adam"`` or ``"adagrad"`` for the MLP and linear weights.
         dense_lr: learning rate of the dense optimizer.
-        store: where the full tables live: ``None`` (RAM), a file path (memory-mapped) or an
-            :class:`~lightning_bagpipe.embedding.store.EmbeddingStore`.
+        store: where the full tables live: ``None`` (RAM), a file path (memory-mapped), an
+            :class:`~lightning_bagpipe.embedding.store.EmbeddingStore`, or a callable
+            ``(num_rows, width) -> EmbeddingStore`` such as ``functools.partial(TieredStore, path)``
+            (see :class:`~lightning_bagpipe.embedding.cached.CachedEmbedding`).
         seed: seed of the embedding rows' deterministic initialisation.
         pooling: ``"sum"`` or ``"mean"`` over multi-hot bags.
 

@@ -1,0 +1,390 @@
+"""A file store for tables far larger than RAM: rows start lazily and write-backs gather in RAM.
+
+A plain :class:`~lightning_bagpipe.embedding.store.MmapStore` pays for every row it touches with a whole
+4 KiB page of its file: each fetched row is a page fault (or a disk read), each written-back row dirties
+a page the kernel must write out later. On a ``2**28``-row table whose rows are spread over 18 GiB, that
+per-page work, not the disk, limits training (``docs/benchmarks.md``). :class:`TieredStore` keeps the same
+file and avoids most of those pages:
+
+* **Lazy initialisation.** A new file is not filled (``2**28`` rows would be 19 GB of writes). A bitmap
+  of one bit per row records which rows the file holds; any other row is still its initial value, which
+  the store computes when it is read (:func:`~lightning_bagpipe.embedding.init.initial_rows_at`: the
+  same values every store starts from).
+* **A RAM write buffer** of ``buffer_bytes``. Written rows go to RAM, where a later write of the same row
+  replaces them and a later read finds them. When the buffer is full, its rows are written to the file
+  at once, sorted by row id, and the buffer starts empty again (a *spill*).
+
+So a row costs file pages only when it is read after a spill or written by one. Reads take the newest
+copy: the buffer, else the file if its bit is set, else the initial value.
+
+:meth:`flush` spills and saves the bitmap next to the file (``path + ".written"``), so a flushed store
+reopens as it was. :meth:`tensor` must return every row as a view of the file, so it first writes every
+row still at its initial value: on a huge table, that is the full initialisation the store avoided.
+State dicts and checkpoints of a whole table call it. A ``TieredStore`` is one process's store: its
+buffer is private, so it cannot be shared between the ranks of a node (``store="shared"``); use
+``store="sharded"``.
+
+Thread-safety: every method holds one lock, so the executor's fetches and write-backs and the main
+thread's reads never see the buffer half-updated.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from lightning_bagpipe.embedding.init import INIT_RECIPE, initial_rows_at
+from lightning_bagpipe.embedding.store import (
+    EmbeddingStore,
+    Ids,
+    MmapStore,
+    _as_ids,
+    _check_unique,
+    fsync_dir,
+)
+from lightning_bagpipe.tables import Tables
+
+__all__ = ["DEFAULT_BUFFER_BYTES", "TieredStore"]
+
+#: Default size of the RAM write buffer (rows and their index).
+DEFAULT_BUFFER_BYTES = 256 * 2**20
+
+_EMPTY = -1
+_FIB = np.uint64(0x9E3779B97F4A7C15)
+_MATERIALIZE_ROWS = 1 << 18
+
+
+class RowMap:
+    """Row id -> buffer slot, an open-addressing hash table with linear probing, vectorised over ids.
+
+    Holds at most ``capacity`` ids at a load of at most one half. Ids are only added (distinct ones not
+    yet present) or all dropped at once (:meth:`clear`), which is all a write buffer needs.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        bits = max(4, int(2 * capacity - 1).bit_length())
+        self._shift = np.uint64(64 - bits)
+        self._mask = (1 << bits) - 1
+        self._keys = np.full(1 << bits, _EMPTY, dtype=np.int64)
+        self._vals = np.zeros(1 << bits, dtype=np.int32)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self._keys.nbytes + self._vals.nbytes)
+
+    def _home(self, ids: np.ndarray) -> np.ndarray:
+        return ((ids.astype(np.uint64) * _FIB) >> self._shift).astype(np.int64)
+
+    def find(self, ids: np.ndarray) -> np.ndarray:
+        """The slot of every id, ``-1`` where absent."""
+        out = np.full(ids.size, _EMPTY, dtype=np.int64)
+        idx = np.arange(ids.size)
+        pos = self._home(ids)
+        while idx.size:
+            k = self._keys[pos]
+            want = ids[idx]
+            hit = k == want
+            out[idx[hit]] = self._vals[pos[hit]]
+            go = ~hit & (k != _EMPTY)
+            idx, pos = idx[go], (pos[go] + 1) & self._mask
+        return out
+
+    def add(self, ids: np.ndarray, slots: np.ndarray) -> None:
+        """Insert distinct ``ids`` that are not present, mapped to ``slots``."""
+        idx = np.arange(ids.size)
+        pos = self._home(ids)
+        while idx.size:
+            free = np.flatnonzero(self._keys[pos] == _EMPTY)
+            _, first = np.unique(pos[free], return_index=True)  # one claimant per free position
+            win = free[first]
+            self._keys[pos[win]] = ids[idx[win]]
+            self._vals[pos[win]] = slots[idx[win]]
+            rest = np.ones(idx.size, dtype=bool)
+            rest[win] = False
+            idx, pos = idx[rest], (pos[rest] + 1) & self._mask
+
+    def clear(self) -> None:
+        self._keys.fill(_EMPTY)
+
+
+class TieredStore(EmbeddingStore):
+    """An :class:`MmapStore` file behind a lazily initialised bitmap and a RAM write buffer.
+
+    Args:
+        path: the row file (same format and sidecar as :class:`MmapStore`, so either class opens it).
+        num_rows, width: needed to create a file; checked when given for an existing one.
+        buffer_bytes: RAM for written rows and their index (at least one row).
+        mode: ``"auto"`` (open if ``path`` exists, else create), ``"create"`` or ``"open"``.
+
+    ``CachedEmbedding`` calls :meth:`initialize_lazily` on a new store instead of writing every row. Pass
+    the store itself, or ``functools.partial(TieredStore, path)`` to let the module supply the shape.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        num_rows: int | None = None,
+        width: int | None = None,
+        *,
+        buffer_bytes: int = DEFAULT_BUFFER_BYTES,
+        mode: Literal["auto", "create", "open"] = "auto",
+    ) -> None:
+        self.file = MmapStore(path, num_rows, width, mode=mode)
+        super().__init__(self.file.num_rows, self.file.width)
+        self.metadata = self.file.metadata
+        self._table = self.file.tensor()
+        self.bitmap_path = Path(str(self.file.path) + ".written")
+        row_bytes = self.width * 4 + 32  # the row, its id, and two index entries (8 + 4 bytes each)
+        if isinstance(buffer_bytes, bool) or not isinstance(buffer_bytes, int) or buffer_bytes < row_bytes:
+            raise ValueError(
+                f"TieredStore('{self.file.path}'): buffer_bytes must be an int of at least one row "
+                f"({row_bytes} bytes), got {buffer_bytes!r}"
+            )
+        self.capacity = min(buffer_bytes // row_bytes, self.num_rows)
+        self._lock = threading.RLock()
+        self._buf = torch.empty(self.capacity, self.width, dtype=torch.float32)
+        self._ids = np.empty(self.capacity, dtype=np.int64)
+        self._map = RowMap(self.capacity)
+        self._count = 0
+        self.spills = 0
+        """How many times the buffer was written to the file."""
+        self._init: tuple[Tables, int, int, Tensor] | None = None
+        self._written = self._load_bitmap()
+        if self.metadata.get("lazy"):
+            self._init = self._recipe_from_metadata()
+
+    def describe(self) -> str:
+        return f"TieredStore('{self.file.path}')"
+
+    # ------------------------------------------------------------------ lazy initialisation
+    def initialize_lazily(self, tables: Tables, dim: int, state_init: Tensor, seed: int) -> None:
+        """Make every row not yet written read as its initial weights followed by ``state_init``.
+
+        Nothing is written to the row file; the recipe is recorded in the metadata, so a reopened store
+        produces the same rows.
+        """
+        state = torch.as_tensor(state_init, dtype=torch.float32).reshape(-1)
+        what = f"{len(tables)} tables with dim={dim}"
+        self.validate(tables.total_rows, int(dim) + state.numel(), what=what)
+        with self._lock:
+            self.set_metadata(
+                initialized=True,
+                lazy=True,
+                init_recipe=INIT_RECIPE,
+                tables=tables.to_list(),
+                tables_fingerprint=tables.fingerprint(),
+                seed=int(seed),
+                dim=int(dim),
+                state_width=state.numel(),
+                state_init=[float(x) for x in state.tolist()],
+            )
+            self._init = self._recipe_from_metadata()
+            self._save_bitmap()
+
+    def _recipe_from_metadata(self) -> tuple[Tables, int, int, Tensor]:
+        meta = self.metadata
+        if meta.get("init_recipe") != INIT_RECIPE:
+            raise ValueError(
+                f"{self.describe()}: rows not yet written follow init recipe {meta.get('init_recipe')!r}, "
+                f"but this version of lightning-bagpipe computes {INIT_RECIPE!r}"
+            )
+        try:
+            tables = Tables.coerce([(str(name), int(rows)) for name, rows in meta["tables"]])
+            state = torch.tensor(meta["state_init"], dtype=torch.float32)
+            dim, seed = int(meta["dim"]), int(meta["seed"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{self.describe()}: lazy init metadata is incomplete ({e!r})") from None
+        return tables, dim, seed, state
+
+    def _initial(self, ids: np.ndarray) -> Tensor:
+        if self._init is None:
+            return torch.zeros(ids.size, self.width)  # not initialised: like a new file, zeros
+        tables, dim, seed, state = self._init
+        out = torch.empty(ids.size, self.width)
+        out[:, :dim] = initial_rows_at(tables, dim, seed, ids)
+        out[:, dim:] = state
+        return out
+
+    # ------------------------------------------------------------------ the bitmap
+    def _load_bitmap(self) -> np.ndarray:
+        n = (self.num_rows + 7) // 8
+        if self.bitmap_path.exists():
+            bits = np.fromfile(self.bitmap_path, dtype=np.uint8)
+            if bits.size != n:
+                raise ValueError(
+                    f"{self.describe()}: {self.bitmap_path} has {bits.size} bytes, expected {n} "
+                    f"(one bit per row of {self.num_rows})"
+                )
+            return bits
+        if self.metadata.get("lazy"):
+            raise ValueError(
+                f"{self.describe()}: the file was initialised lazily but its bitmap {self.bitmap_path} "
+                "is missing, so which rows the file holds is unknown"
+            )
+        # a file written by MmapStore (or a new one): it holds every row
+        return np.full(n, 0xFF if self.metadata.get("initialized") else 0, dtype=np.uint8)
+
+    def _save_bitmap(self) -> None:
+        tmp = Path(f"{self.bitmap_path}.tmp{os.getpid()}")
+        with open(tmp, "wb") as f:
+            self._written.tofile(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.bitmap_path)
+        fsync_dir(self.bitmap_path.parent)
+
+    def _in_file(self, ids: np.ndarray) -> np.ndarray:
+        return ((self._written[ids >> 3] >> (ids & 7).astype(np.uint8)) & 1).astype(bool)
+
+    def _mark(self, ids: np.ndarray) -> None:
+        """Set the bits of ``ids`` (sorted ascending)."""
+        if not ids.size:
+            return
+        byte = ids >> 3
+        bit = np.left_shift(np.uint8(1), (ids & 7).astype(np.uint8))
+        starts = np.flatnonzero(np.r_[True, byte[1:] != byte[:-1]])
+        self._written[byte[starts]] |= np.bitwise_or.reduceat(bit, starts)
+
+    # ------------------------------------------------------------------ the buffer
+    def _spill(self) -> None:
+        """Write every buffered row to the file (sorted by id) and empty the buffer."""
+        n = self._count
+        if not n:
+            return
+        order = np.argsort(self._ids[:n], kind="stable")
+        self._write_file(self._ids[:n][order], self._buf, order)
+        self._map.clear()
+        self._count = 0
+        self.spills += 1
+
+    #: Rows per file write of a spill: each write lets the file store release the pages it mapped
+    #: (:attr:`MmapStore.MAPPED_BYTES_LIMIT`), so a spill of a large buffer does not map gigabytes at once.
+    SPILL_CHUNK_ROWS = 1 << 15
+
+    def _write_file(self, ids: np.ndarray, rows: Tensor, order: np.ndarray) -> None:
+        """Write ``rows[order]`` at sorted ``ids`` into the file, a chunk at a time, and mark them held."""
+        for lo in range(0, ids.size, self.SPILL_CHUNK_ROWS):
+            part = slice(lo, lo + self.SPILL_CHUNK_ROWS)
+            self.file.write(ids[part], rows[torch.from_numpy(order[part])], check_unique=False)
+            self._mark(ids[part])
+
+    @property
+    def buffered_rows(self) -> int:
+        """Rows in the RAM buffer now."""
+        return self._count
+
+    # ------------------------------------------------------------------ access
+    def read(self, ids: Ids) -> Tensor:
+        where = f"{self.describe()}.read"
+        idx = _as_ids(ids, self.num_rows, where).numpy()
+        with self._lock:
+            self._t()
+            out = torch.empty(idx.size, self.width)
+            slots = self._map.find(idx) if self._count else np.full(idx.size, _EMPTY, dtype=np.int64)
+            hit = slots >= 0
+            if hit.any():
+                out[torch.from_numpy(np.flatnonzero(hit))] = self._buf[torch.from_numpy(slots[hit])]
+            rest = np.flatnonzero(~hit)
+            if rest.size:
+                ids_rest = idx[rest]
+                disk = self._in_file(ids_rest)
+                if disk.any():
+                    out[torch.from_numpy(rest[disk])] = self.file.read(ids_rest[disk])
+                if not disk.all():
+                    out[torch.from_numpy(rest[~disk])] = self._initial(ids_rest[~disk])
+            return out
+
+    def read_into(self, ids: Ids, out: Tensor) -> None:
+        rows = self.read(ids)
+        if tuple(out.shape) != tuple(rows.shape) or out.dtype != torch.float32 or out.device.type != "cpu":
+            raise ValueError(
+                f"{self.describe()}.read_into: out must be a float32 CPU tensor of shape {list(rows.shape)}, "
+                f"got {out.dtype} on {out.device} with shape {list(out.shape)}"
+            )
+        out.copy_(rows)
+
+    def write(self, ids: Ids, rows: Tensor, *, check_unique: bool = True) -> None:
+        where = f"{self.describe()}.write"
+        t = _as_ids(ids, self.num_rows, where)
+        src = self._rows(rows, t.numel(), where)
+        if check_unique:
+            _check_unique(t, where)
+        idx = t.numpy()
+        with self._lock:
+            self._t()
+            slots = self._map.find(idx) if self._count else np.full(idx.size, _EMPTY, dtype=np.int64)
+            new = slots < 0
+            m = int(new.sum())
+            if self._count + m > self.capacity:
+                self._spill()
+                slots, new, m = np.full(idx.size, _EMPTY, dtype=np.int64), np.ones(idx.size, bool), idx.size
+            if m > self.capacity:  # more rows than the buffer holds: straight to the file
+                order = np.argsort(idx, kind="stable")
+                self._write_file(idx[order], src, order)
+                return
+            old = np.flatnonzero(~new)
+            if old.size:
+                self._buf[torch.from_numpy(slots[old])] = src[torch.from_numpy(old)]
+            if m:
+                fresh = np.flatnonzero(new)
+                slot = np.arange(self._count, self._count + m, dtype=np.int64)
+                self._buf[self._count : self._count + m] = src[torch.from_numpy(fresh)]
+                self._ids[self._count : self._count + m] = idx[fresh]
+                self._map.add(idx[fresh], slot)
+                self._count += m
+
+    def read_range(self, start: int, stop: int) -> Tensor:
+        start, stop = self._range(start, stop, "read_range")
+        return self.read(np.arange(start, stop, dtype=np.int64))
+
+    def write_range(self, start: int, rows: Tensor) -> None:
+        where = f"{self.describe()}.write_range"
+        k = rows.shape[0] if rows.dim() else 0
+        start, stop = self._range(start, int(start) + k, "write_range")
+        src = self._rows(rows, k, where)
+        with self._lock:
+            self._spill()  # no buffered copy may outlive the rows written here
+            self.file.write_range(start, src)
+            for lo in range(start, stop, _MATERIALIZE_ROWS):
+                self._mark(np.arange(lo, min(stop, lo + _MATERIALIZE_ROWS), dtype=np.int64))
+
+    def tensor(self) -> Tensor:
+        """Every row as a zero-copy view of the file: spills, then writes each row still at its initial
+        value (the whole initialisation, on a table never materialised before)."""
+        with self._lock:
+            self._spill()
+            t = self.file.tensor()
+            for lo in range(0, self.num_rows, _MATERIALIZE_ROWS):
+                hi = min(self.num_rows, lo + _MATERIALIZE_ROWS)
+                ids = np.arange(lo, hi, dtype=np.int64)
+                todo = ids[~self._in_file(ids)]
+                if todo.size:
+                    self.file.write(todo, self._initial(todo), check_unique=False)
+                    self._mark(todo)
+            return t
+
+    def set_metadata(self, **kv: Any) -> None:
+        self.file.set_metadata(**kv)
+        self.metadata = self.file.metadata
+
+    def flush(self) -> None:
+        """Spill the buffer, ``msync`` the file, then save the bitmap: the file reopens as it is now."""
+        with self._lock:
+            self._t()
+            self._spill()
+            self.file.flush()
+            self._save_bitmap()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._table is None:
+                return
+            self.flush()
+            self._table = None
+            self.file.close()

@@ -1,0 +1,212 @@
+"""TieredStore: lazily initialised rows and a RAM write buffer in front of a memory-mapped file."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import lightning_bagpipe as lb
+from lightning_bagpipe.embedding.distributed import share_store
+from lightning_bagpipe.embedding.init import initial_rows
+from lightning_bagpipe.embedding.store import MmapStore
+from lightning_bagpipe.embedding.tiered_store import RowMap, TieredStore
+from lightning_bagpipe.tables import Tables
+from tests.helpers import ListDataModule, TinyModel, quiet_trainer, random_batches, small_tables
+from tests.test_exactness import DENSE_LR, DIM, OPTIMIZERS, train_reference
+
+TABLES = Tables([("a", 300), ("b", 7), ("c", 900)])
+SEED = 3
+STATE = torch.tensor([0.25, -1.0])
+WIDTH = DIM + 2
+
+
+def initial_table() -> torch.Tensor:
+    """Every row's initial value: the recipe's weights, then the optimizer state."""
+    full = torch.empty(TABLES.total_rows, WIDTH)
+    full[:, :DIM] = initial_rows(TABLES, DIM, SEED, 0, TABLES.total_rows)
+    full[:, DIM:] = STATE
+    return full
+
+
+def lazy_store(path: Path, rows_in_buffer: int) -> TieredStore:
+    s = TieredStore(path, TABLES.total_rows, WIDTH, buffer_bytes=rows_in_buffer * (WIDTH * 4 + 32))
+    s.initialize_lazily(TABLES, DIM, STATE, SEED)
+    s.SPILL_CHUNK_ROWS = 5  # spills write the file in several chunks
+    return s
+
+
+# ---------------------------------------------------------------------- the hash map
+@pytest.mark.parametrize("capacity", [1, 5, 300])
+def test_row_map_finds_what_was_added_and_nothing_else(capacity: int) -> None:
+    rng = np.random.default_rng(capacity)
+    m = RowMap(capacity)
+    ref: dict[int, int] = {}
+    for _ in range(3):  # fill, clear, fill again
+        ids = rng.choice(10**12, size=capacity, replace=False)
+        for part in np.array_split(ids, 3):
+            slots = np.arange(len(ref), len(ref) + part.size)
+            m.add(part, slots)
+            ref.update(zip(part.tolist(), slots.tolist()))
+            probe = np.concatenate([ids, rng.integers(0, 10**12, 50)])
+            expected = [ref.get(int(i), -1) for i in probe]
+            assert m.find(probe).tolist() == expected
+        m.clear()
+        ref.clear()
+        assert (m.find(ids) == -1).all()
+
+
+def test_row_map_resolves_ids_that_collide_in_one_call() -> None:
+    m = RowMap(64)
+    ids = np.arange(64, dtype=np.int64) << 40  # same low bits: many share a home position
+    m.add(ids, np.arange(64) * 3)
+    assert m.find(ids).tolist() == (np.arange(64) * 3).tolist()
+
+
+# ---------------------------------------------------------------------- the store against a plain table
+@pytest.mark.parametrize("rows_in_buffer", [1, 37, 5000])
+def test_reads_return_the_newest_write_or_the_initial_value(tmp_path: Path, rows_in_buffer: int) -> None:
+    s = lazy_store(tmp_path / "t.f32", rows_in_buffer)
+    ref = initial_table()
+    rng = np.random.default_rng(rows_in_buffer)
+    for step in range(60):
+        ids = rng.choice(TABLES.total_rows, size=int(rng.integers(1, 80)), replace=False)
+        rows = torch.randn(ids.size, WIDTH)
+        s.write(ids, rows, check_unique=bool(step % 2))
+        ref[torch.from_numpy(ids)] = rows
+        probe = rng.integers(0, TABLES.total_rows, 200)
+        assert torch.equal(s.read(probe), ref[torch.from_numpy(probe)]), step
+    if rows_in_buffer < 80:
+        assert s.spills > 0  # the buffer overflowed and was written to the file
+    else:
+        assert s.spills == 0 and s.buffered_rows > 0
+    out = torch.empty(4, WIDTH)
+    s.read_into([0, 5, 5, 1206], out)
+    assert torch.equal(out, ref[[0, 5, 5, 1206]])
+    assert torch.equal(s.read_range(290, 320), ref[290:320])
+    s.write_range(100, torch.ones(50, WIDTH))
+    ref[100:150] = 1.0
+    assert torch.equal(s.read(np.arange(TABLES.total_rows)), ref)
+    assert torch.equal(s.tensor(), ref)  # materialised: every row, as a view of the file
+    s.close()
+
+
+def test_a_new_store_writes_nothing_to_its_file_until_a_spill(tmp_path: Path) -> None:
+    s = lazy_store(tmp_path / "t.f32", 100)
+    s.write([5, 700], torch.full((2, WIDTH), 2.0))
+    assert torch.equal(s.file.tensor(), torch.zeros(TABLES.total_rows, WIDTH))  # all in RAM
+    assert s.read([5, 6])[0].eq(2.0).all() and torch.equal(s.read([6]), initial_table()[6:7])
+    s.flush()
+    on_disk = s.file.tensor()
+    assert on_disk[[5, 700]].eq(2.0).all() and on_disk[6].eq(0).all()  # only the written rows
+    s.close()
+
+
+def test_a_flushed_store_reopens_as_it_was(tmp_path: Path) -> None:
+    path = tmp_path / "t.f32"
+    s = lazy_store(path, 10)
+    ref = initial_table()
+    ids = np.arange(0, 1200, 7)
+    s.write(ids, torch.arange(ids.size * WIDTH, dtype=torch.float32).view(-1, WIDTH))
+    ref[torch.from_numpy(ids)] = torch.arange(ids.size * WIDTH, dtype=torch.float32).view(-1, WIDTH)
+    s.write([3], torch.full((1, WIDTH), -4.0))  # stays in the buffer until flush
+    ref[3] = -4.0
+    s.close()
+    again = TieredStore(path, buffer_bytes=2**20)
+    assert again.metadata["lazy"] is True
+    assert torch.equal(again.read(np.arange(TABLES.total_rows)), ref)
+    again.close()
+
+
+def test_a_lazy_file_without_its_bitmap_or_with_another_recipe_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "t.f32"
+    lazy_store(path, 10).close()
+    bitmap = Path(str(path) + ".written")
+    saved = bitmap.read_bytes()
+    bitmap.unlink()
+    with pytest.raises(ValueError, match=r"t\.f32\.written is missing"):
+        TieredStore(path)
+    bitmap.write_bytes(saved[:-1])
+    with pytest.raises(ValueError, match="has 150 bytes, expected 151"):
+        TieredStore(path)
+    bitmap.write_bytes(saved)
+    plain = MmapStore(path)
+    plain.set_metadata(init_recipe="torch-chunks")
+    plain.close()
+    with pytest.raises(ValueError, match="'torch-chunks'"):
+        TieredStore(path)
+
+
+def test_an_mmap_store_file_opens_with_every_row_held(tmp_path: Path) -> None:
+    path = tmp_path / "m.f32"
+    m = MmapStore(path, TABLES.total_rows, WIDTH)
+    m.write_range(0, torch.full((TABLES.total_rows, WIDTH), 9.0))
+    m.set_metadata(initialized=True)
+    m.close()
+    s = TieredStore(path, buffer_bytes=2**20)
+    assert s.read([0, 1206]).eq(9.0).all()
+    s.close()
+
+
+def test_bad_arguments_are_named(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="buffer_bytes must be an int of at least one row"):
+        TieredStore(tmp_path / "a.f32", 10, WIDTH, buffer_bytes=8)
+    s = lazy_store(tmp_path / "b.f32", 10)
+    with pytest.raises(ValueError, match=r"row id 1207 at position 1 is outside \[0, 1207\)"):
+        s.read([0, 1207])
+    with pytest.raises(ValueError, match="row id 4 appears more than once"):
+        s.write([4, 4], torch.zeros(2, WIDTH))
+    with pytest.raises(ValueError, match="cannot share it: use BagpipeStrategy"):
+        share_store(s, None, "emb")  # type: ignore[arg-type]
+    s.close()
+
+
+# ---------------------------------------------------------------------- training
+@pytest.mark.parametrize("opt_name", ["sgd", "rowwise_adagrad"])
+def test_training_on_a_tiered_store_equals_uncached_training(tmp_path: Path, opt_name: str) -> None:
+    """A 12-row buffer spills many times during the run; the model must still equal the plain loop's,
+    which starts from the RAM store's fully written initial rows."""
+    tables = small_tables((60, 45, 35))
+    batches = random_batches(tables, 30, 16, multi_hot=2, seed=4)
+    make_opt, hp = OPTIMIZERS[opt_name]
+    torch.manual_seed(0)
+    in_ram = TinyModel(tables, make_opt(), dense_lr=DENSE_LR)
+    ref_table, ref_state, ref_head = train_reference(in_ram, batches, opt_name, hp)
+    width = DIM + make_opt().state_width(DIM)
+    factory = functools.partial(TieredStore, tmp_path / "emb.f32", buffer_bytes=12 * (width * 4 + 32))
+    torch.manual_seed(0)
+    model = TinyModel(tables, make_opt(), dense_lr=DENSE_LR, store=factory)
+    store = model.emb.store
+    assert isinstance(store, TieredStore) and store.metadata["lazy"]
+    quiet_trainer().fit(model, datamodule=ListDataModule(tables, batches, lookahead=4, cache_rows=110))
+    assert store.spills > 1
+    trained = store.read(np.arange(tables.total_rows))
+    assert torch.allclose(trained[:, :DIM], ref_table, atol=1e-6, rtol=0)
+    assert torch.allclose(trained[:, DIM:], ref_state, atol=1e-6, rtol=0)
+    for p, q in zip(model.head.parameters(), ref_head.parameters()):
+        assert torch.allclose(p, q, atol=1e-6, rtol=0)
+    for name, table in model.emb.export().items():  # export materialises the file: same rows
+        j = tables.index(name)
+        lo = int(tables.offsets[j])
+        assert torch.allclose(table, ref_table[lo : lo + table.shape[0]], atol=1e-6, rtol=0)
+
+
+def test_a_store_factory_must_return_a_store() -> None:
+    with pytest.raises(TypeError, match="returned int, not an EmbeddingStore"):
+        lb.CachedEmbedding(TABLES, DIM, lb.optim.SGD(lr=0.1), store=lambda n, w: n)  # type: ignore[arg-type,return-value]
+
+
+def test_a_path_to_a_file_a_tiered_store_wrote_reopens_as_one(tmp_path: Path) -> None:
+    """Opened as a plain MmapStore, rows never written would read as zeros instead of their initial value."""
+    path = tmp_path / "emb.f32"
+    first = lb.CachedEmbedding(TABLES, DIM, lb.optim.SGD(lr=0.1), store=functools.partial(TieredStore, path))
+    first.store.write([2], torch.full((1, DIM), 5.0))
+    first.store.close()
+    again = lb.CachedEmbedding(TABLES, DIM, lb.optim.SGD(lr=0.1), store=path)
+    assert isinstance(again.store, TieredStore)
+    expected = initial_rows(TABLES, DIM, 0, 0, 4)
+    expected[2] = 5.0
+    assert torch.equal(again.store.read([0, 1, 2, 3]), expected)
