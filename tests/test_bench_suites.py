@@ -186,7 +186,7 @@ def test_bench_scale_runs_its_contenders(tmp_path: Path, monkeypatch: pytest.Mon
         return json.loads(json.dumps(roles[cfg["role"]](cfg)))
 
     monkeypatch.setattr(scale_suite, "_launch", in_process)
-    flags = ["--rows", "6000", "--small-rows", "3000", "--steps", "3", "--warmup", "2", "--repeats", "1",
+    flags = ["--rows", "6000", "--small-rows", "3000", "--steps", "3", "--warmup", "2", "--repeats", "2",
              "--batch-size", "64", "--cache-rows", "3000", "--lookahead", "2"]  # fmt: skip
     flags += ["--dir", str(tmp_path / "st"), "--buffer-mib", "1"]
     r = _bench(tmp_path, "scale", *flags)
@@ -200,6 +200,8 @@ def test_bench_scale_runs_its_contenders(tmp_path: Path, monkeypatch: pytest.Mon
     # the same initial rows in every store: the same training, step for step
     assert r["checks"]["max_abs_loss_diff_mmap_small_vs_memory_small"] == 0.0
     assert r["checks"]["max_abs_loss_diff_tiered_big_vs_mmap_big"] == 0.0
+    # every repeat starts from the initial rows (a reused file would start from the trained ones)
+    assert r["checks"]["max_abs_loss_diff_between_repeats"] == 0.0
     assert r["contenders"]["tiered_big"]["spills"] >= 1  # at least the flush at the end of fit
     assert set(r["ratios"]) == {
         "tiered_big_over_memory_small",

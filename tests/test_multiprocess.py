@@ -92,6 +92,21 @@ def test_two_processes_equal_one(tmp_path: Path, lookahead: int, store: str, mul
         assert ranks[0]["stats"]["early_rows"] > 0 and ranks[1]["stats"]["early_rows"] > 0
 
 
+def test_two_processes_on_tiered_stores_equal_one_in_ram(tmp_path: Path) -> None:
+    """store="sharded" over each rank's own TieredStore, whose 6-row buffer spills many times, trains what
+    one process trains on a RAM store (every store starts from the same initial rows)."""
+    args = ["--lookahead", "8", "--store", "sharded", "--optimizer", "rowwise_adagrad"]
+    done = _launch([*args, "--tiered-buffer-rows", "6"], tmp_path)
+    assert done.returncode == 0, done.stdout[-4000:]
+    ref = mp_train.run(mp_train.parse([*args, "--devices", "1"]))
+    for r in range(2):
+        got = torch.load(tmp_path / f"rank{r}.pt", weights_only=True)
+        assert got["steps"] == 30 and got["spills"] > 1
+        assert (got["rows"] - ref["rows"]).abs().max() <= 1e-5, f"rank {r}"
+        for k, v in ref["head"].items():
+            assert torch.allclose(got["head"][k], v, atol=1e-5, rtol=0), k
+
+
 @pytest.mark.parametrize("defer", [True, False], ids=["deferred", "in_step"])
 def test_full_replication_baseline_equals_one_process(tmp_path: Path, defer: bool) -> None:
     """sync="replicated" (the benchmark baseline): no local rows, every row all-reduced; same model, with

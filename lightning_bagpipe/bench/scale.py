@@ -25,11 +25,14 @@ in this file only and is for benchmarks. ``tiered_big`` and ``memory_small`` nee
 initialises them (lazily, and in full). Every contender therefore starts from the same initial rows, so
 the two big ones train the same model, and so do the two small ones (their losses must match).
 
-Before every run on a file its pages are flushed and dropped from the page cache
-(``posix_fadvise(DONTNEED)``), so rows come from disk as for a table larger than RAM (``--warm`` keeps
-them cached). Reported per run: samples/s (timed after ``--warmup`` steps), ``VmHWM``, the peaks of
-``RssAnon`` (process memory) and ``RssFile`` (mapped file pages, which the kernel can reclaim) sampled
-every 50 ms, cache figures, and the file's apparent and allocated size on disk.
+Before every run on a plain file the file is written anew (training writes its rows back, so a reused
+file would start trained) and dropped from the page cache (``posix_fadvise(DONTNEED)``), so rows come
+from disk as for a table larger than RAM (``--warm`` keeps them cached). Every run of a contender must
+then produce the same losses (``max_abs_loss_diff_between_repeats``).
+
+Reported per run: samples/s (timed after ``--warmup`` steps), ``VmHWM``, the peaks of ``RssAnon``
+(process memory) and ``RssFile`` (mapped file pages, which the kernel can reclaim) sampled every 50 ms,
+cache figures, the tiered store's spills, and the file's apparent and allocated size on disk.
 """
 
 from __future__ import annotations
@@ -162,13 +165,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     load0 = os.getloadavg()[0]
     try:
         _check_disk(root, args)
-        inits = {}
-        for name, (path, rows) in files.items():
-            for stale in (path, Path(str(path) + ".json")):
-                stale.unlink(missing_ok=True)
-            inits[name] = _launch({**base, "role": "init", "rows": rows, "path": str(path)}, args.timeout)
+        inits: dict[str, dict[str, Any]] = {}
+
+        def initialize(name: str) -> None:
+            """A new file with the initial rows: training writes its rows back, so every run needs one."""
+            path, rows = files[name]
+            _remove_store_files(path)
+            cfg = {**base, "role": "init", "rows": rows, "path": str(path), "drop_cache": not args.warm}
+            inits.setdefault(name, _launch(cfg, args.timeout))
+
         runs: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
-        losses: dict[str, list[float]] = {}
+        losses: dict[str, list[list[float]]] = {}
         tiered = root / "tiered.f32"
         for _, name in interleaved(names, args.repeats):
             if name == "memory_small":
@@ -177,18 +184,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 _remove_store_files(tiered)  # every run starts from a new, lazily initialised file
                 cfg = {**base, "role": "train", "store": "tiered", "rows": args.rows, "path": str(tiered)}
             else:
+                initialize(name.removesuffix("_random"))
                 path, rows = files[name.removesuffix("_random")]
-                if not args.warm:
-                    drop_page_cache(path)
                 cfg = {**base, "role": "train", "store": "mmap", "rows": rows, "path": str(path)}
                 cfg["advise_random"] = name.endswith("_random")
             result = _launch(cfg, args.timeout)
-            losses.setdefault(name, result.pop("losses"))
+            losses.setdefault(name, []).append(result.pop("losses"))
             runs[name].append(result)
         contenders: dict[str, Any] = {n: median_figures(r) for n, r in runs.items()}
         for name, (path, _) in files.items():
-            contenders[name]["init"] = inits[name]
-            contenders[name]["disk"] = disk_usage(path)
+            if name in contenders:
+                contenders[name]["init"] = inits[name]
+                contenders[name]["disk"] = disk_usage(path)
         if tiered.exists() and "tiered_big" in contenders:
             contenders["tiered_big"]["disk"] = disk_usage(tiered)
         if not args.no_oracle:
@@ -210,6 +217,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         **{f"{n}_loss_decreased": bool(contenders[n].get("loss_decreased")) for n in names},
         "max_abs_loss_diff_mmap_small_vs_memory_small": _max_diff(losses, "mmap_small", "memory_small"),
         "max_abs_loss_diff_tiered_big_vs_mmap_big": _max_diff(losses, "tiered_big", "mmap_big"),
+        # the same rows and data in every run of a contender: the same losses, step for step
+        "max_abs_loss_diff_between_repeats": max(
+            (d for n in names if (d := _max_diff(losses, n, n)) is not None), default=None
+        ),
     }
     if "tiered_big" in contenders:
         out["goals"] = {
@@ -224,10 +235,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def _max_diff(losses: dict[str, list[float]], a: str, b: str) -> float | None:
+def _max_diff(losses: dict[str, list[list[float]]], a: str, b: str) -> float | None:
+    """The largest step-by-step loss difference between any run of ``a`` and any run of ``b``."""
     if a not in losses or b not in losses:
         return None
-    diffs = [abs(x - y) for x, y in zip(losses[a], losses[b])]
+    diffs = [abs(x - y) for ra in losses[a] for rb in losses[b] for x, y in zip(ra, rb)]
     return max(diffs) if diffs else None
 
 
@@ -379,7 +391,8 @@ def _worker_init(cfg: dict[str, Any]) -> dict[str, Any]:
     dim = cfg["embedding_dim"] + 1  # DeepFM's rows: the embedding and the first-order weight
     opt = RowWiseAdagrad(lr=0.02)
     written = lazy_initialize_file(cfg["path"], src.tables, dim, opt, cfg["seed"], _touched(src))
-    drop_page_cache(Path(cfg["path"]))
+    if cfg.get("drop_cache", True):
+        drop_page_cache(Path(cfg["path"]))
     return {
         "total_rows": src.tables.total_rows,
         "rows_initialized": written,

@@ -7,6 +7,7 @@ the other ranks). Each rank writes ``OUT/rank{r}.pt`` with its final tables, den
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import os
 import sys
@@ -36,6 +37,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--devices", type=int, default=2)
     p.add_argument("--lookahead", type=int, default=4)
     p.add_argument("--store", default="shared")
+    p.add_argument(
+        "--tiered-buffer-rows", type=int, default=0, help="each rank keeps its rows in its own TieredStore"
+    )
     p.add_argument("--multi-hot", type=int, default=1)
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--batch", type=int, default=16)
@@ -75,7 +79,18 @@ def run(args: argparse.Namespace) -> dict:
         + 4
     )
     pl.seed_everything(0, verbose=False)
-    model = _FailOnRank1(tables, OPTIMIZERS[args.optimizer]())
+    store = None
+    if args.tiered_buffer_rows:
+        opt = OPTIMIZERS[args.optimizer]()
+        row_bytes = (4 + opt.state_width(4)) * 4 + 32
+        if args.out is None:
+            raise SystemExit("--tiered-buffer-rows needs --out (the stores' files go there)")
+        folder = args.out / f"tiered-rank{rank}"
+        folder.mkdir(parents=True, exist_ok=True)
+        store = functools.partial(
+            lb.TieredStore, folder / "rows.f32", buffer_bytes=args.tiered_buffer_rows * row_bytes
+        )
+    model = _FailOnRank1(tables, OPTIMIZERS[args.optimizer](), store=store)
     model.fail_at = args.fail_rank1_at
     strategy = lb.BagpipeStrategy(
         store=args.store, defer_sync=not args.no_defer_sync, timeout=timedelta(seconds=60)
@@ -99,6 +114,8 @@ def run(args: argparse.Namespace) -> dict:
         "steps": trainer.global_step,
         "stats": stats.as_dict() if stats is not None else {},
     }
+    if isinstance(model.emb.store, lb.TieredStore):
+        result["spills"] = model.emb.store.spills
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         torch.save(result, args.out / f"rank{trainer.global_rank}.pt")
