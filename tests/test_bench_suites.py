@@ -190,8 +190,9 @@ def test_bench_scale_runs_its_contenders(tmp_path: Path, monkeypatch: pytest.Mon
              "--batch-size", "64", "--cache-rows", "3000", "--lookahead", "2"]  # fmt: skip
     flags += ["--dir", str(tmp_path / "st"), "--buffer-mib", "1"]
     r = _bench(tmp_path, "scale", *flags)
-    assert set(r["contenders"]) == {"tiered_big", "mmap_big", "mmap_small", "memory_small", "oracle_big"}
-    for name in ("tiered_big", "mmap_big", "mmap_small", "memory_small"):
+    contenders = ("tiered_big", "mmap_big", "tiered_small", "mmap_small", "memory_small")
+    assert set(r["contenders"]) == {*contenders, "oracle_big"}
+    for name in contenders:
         f = r["contenders"][name]
         assert f["samples_per_second"] > 0 and f["vm_hwm_bytes"] > 0, name
     big = r["contenders"]["mmap_big"]
@@ -200,12 +201,14 @@ def test_bench_scale_runs_its_contenders(tmp_path: Path, monkeypatch: pytest.Mon
     # the same initial rows in every store: the same training, step for step
     assert r["checks"]["max_abs_loss_diff_mmap_small_vs_memory_small"] == 0.0
     assert r["checks"]["max_abs_loss_diff_tiered_big_vs_mmap_big"] == 0.0
+    assert r["checks"]["max_abs_loss_diff_tiered_small_vs_memory_small"] == 0.0
     # every repeat starts from the initial rows (a reused file would start from the trained ones)
     assert r["checks"]["max_abs_loss_diff_between_repeats"] == 0.0
     assert r["contenders"]["tiered_big"]["spills"] >= 1  # at least the flush at the end of fit
     assert set(r["ratios"]) == {
         "tiered_big_over_memory_small",
         "mmap_big_over_memory_small",
+        "tiered_small_over_memory_small",
         "mmap_small_over_memory_small",
     }
     assert set(r["goals"]) == {"tiered_big_peak_rss_under_2GiB", "tiered_big_at_least_0.8x_memory_small"}

@@ -13,7 +13,8 @@ import lightning_bagpipe as lb
 from lightning_bagpipe.embedding.distributed import share_store
 from lightning_bagpipe.embedding.init import initial_rows
 from lightning_bagpipe.embedding.store import MmapStore
-from lightning_bagpipe.embedding.tiered_store import RowMap, TieredStore
+from lightning_bagpipe.embedding.tiered_store import TieredStore, buffer_capacity
+from lightning_bagpipe.id_map import IdMap
 from lightning_bagpipe.tables import Tables
 from tests.helpers import ListDataModule, TinyModel, quiet_trainer, random_batches, small_tables
 from tests.test_exactness import DENSE_LR, DIM, OPTIMIZERS, train_reference
@@ -32,38 +33,32 @@ def initial_table() -> torch.Tensor:
     return full
 
 
+def buffer_for(rows: int, width: int = WIDTH) -> int:
+    """The smallest buffer_bytes that holds ``rows`` rows."""
+    nbytes = rows * (width * 4 + 8)
+    while buffer_capacity(nbytes, width) < rows:
+        nbytes += 8
+    return nbytes
+
+
 def lazy_store(path: Path, rows_in_buffer: int) -> TieredStore:
-    s = TieredStore(path, TABLES.total_rows, WIDTH, buffer_bytes=rows_in_buffer * (WIDTH * 4 + 32))
+    s = TieredStore(path, TABLES.total_rows, WIDTH, buffer_bytes=buffer_for(rows_in_buffer))
+    assert s.capacity == min(rows_in_buffer, TABLES.total_rows)
     s.initialize_lazily(TABLES, DIM, STATE, SEED)
     s.SPILL_CHUNK_ROWS = 5  # spills write the file in several chunks
     return s
 
 
-# ---------------------------------------------------------------------- the hash map
-@pytest.mark.parametrize("capacity", [1, 5, 300])
-def test_row_map_finds_what_was_added_and_nothing_else(capacity: int) -> None:
-    rng = np.random.default_rng(capacity)
-    m = RowMap(capacity)
-    ref: dict[int, int] = {}
-    for _ in range(3):  # fill, clear, fill again
-        ids = rng.choice(10**12, size=capacity, replace=False)
-        for part in np.array_split(ids, 3):
-            slots = np.arange(len(ref), len(ref) + part.size)
-            m.add(part, slots)
-            ref.update(zip(part.tolist(), slots.tolist()))
-            probe = np.concatenate([ids, rng.integers(0, 10**12, 50)])
-            expected = [ref.get(int(i), -1) for i in probe]
-            assert m.find(probe).tolist() == expected
-        m.clear()
-        ref.clear()
-        assert (m.find(ids) == -1).all()
-
-
-def test_row_map_resolves_ids_that_collide_in_one_call() -> None:
-    m = RowMap(64)
-    ids = np.arange(64, dtype=np.int64) << 40  # same low bits: many share a home position
-    m.add(ids, np.arange(64) * 3)
-    assert m.find(ids).tolist() == (np.arange(64) * 3).tolist()
+# ---------------------------------------------------------------------- the buffer's size
+@pytest.mark.parametrize("nbytes", [300, 1000, 4096, 10**6, 256 * 2**20])
+def test_the_buffer_and_its_index_fit_in_buffer_bytes(nbytes: int) -> None:
+    rows = buffer_capacity(nbytes, WIDTH)
+    assert rows >= 1
+    index = IdMap(rows).nbytes  # what the store allocates for that many rows
+    assert rows * (WIDTH * 4 + 8) + index <= nbytes
+    if nbytes >= 4096:  # (below that the smallest index, 256 bytes, dominates)
+        # one row more would need more than twice the budget's share per row: little is left unused
+        assert (rows + 1) * (WIDTH * 4 + 8) + 2 * 12 * (rows + 1) > nbytes * 0.5
 
 
 # ---------------------------------------------------------------------- the store against a plain table
@@ -152,8 +147,11 @@ def test_an_mmap_store_file_opens_with_every_row_held(tmp_path: Path) -> None:
 
 
 def test_bad_arguments_are_named(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="buffer_bytes must be an int of at least one row"):
-        TieredStore(tmp_path / "a.f32", 10, WIDTH, buffer_bytes=8)
+    with pytest.raises(
+        ValueError, match=r"at least one row and its index \(224 bytes for rows of 6 floats\)"
+    ):
+        TieredStore(tmp_path / "a.f32", 10, WIDTH, buffer_bytes=223)
+    assert TieredStore(tmp_path / "a.f32", buffer_bytes=224).capacity == 1
     s = lazy_store(tmp_path / "b.f32", 10)
     with pytest.raises(ValueError, match=r"row id 1207 at position 1 is outside \[0, 1207\)"):
         s.read([0, 1207])
@@ -176,7 +174,7 @@ def test_training_on_a_tiered_store_equals_uncached_training(tmp_path: Path, opt
     in_ram = TinyModel(tables, make_opt(), dense_lr=DENSE_LR)
     ref_table, ref_state, ref_head = train_reference(in_ram, batches, opt_name, hp)
     width = DIM + make_opt().state_width(DIM)
-    factory = functools.partial(TieredStore, tmp_path / "emb.f32", buffer_bytes=12 * (width * 4 + 32))
+    factory = functools.partial(TieredStore, tmp_path / "emb.f32", buffer_bytes=buffer_for(12, width))
     torch.manual_seed(0)
     model = TinyModel(tables, make_opt(), dense_lr=DENSE_LR, store=factory)
     store = model.emb.store

@@ -10,9 +10,9 @@ resident set, ``VmHWM``, is its own) and interleaved over ``--repeats``:
   tables far larger than RAM): a new file, initialised lazily, with a RAM write buffer of
   ``--buffer-mib``;
 * **mmap_big**: the same rows in a plain :class:`~lightning_bagpipe.MmapStore` file;
-* **mmap_small** and **memory_small**: ``--small-rows`` rows (a table that fits in RAM) in a
-  memory-mapped file and in a :class:`~lightning_bagpipe.MemoryStore`, on the same data: the store's
-  own cost at equal size;
+* **tiered_small**, **mmap_small** and **memory_small**: ``--small-rows`` rows (a table that fits in
+  RAM) in a ``TieredStore``, a plain memory-mapped file and a :class:`~lightning_bagpipe.MemoryStore`,
+  on the same data: each store's own cost at equal size;
 * **oracle_big**: the lookahead oracle alone on the big run's id stream, for its resident memory.
 
 Initialisation: the library fills every row of a new ``MmapStore`` (``2**28`` rows are 19 GB of
@@ -71,7 +71,7 @@ from lightning_bagpipe.embedding.tiered_store import TieredStore
 from lightning_bagpipe.optim.sparse import RowWiseAdagrad, SparseOptimizer
 from lightning_bagpipe.tables import Tables
 
-CONTENDERS = ("tiered_big", "mmap_big", "mmap_small", "memory_small")
+CONTENDERS = ("tiered_big", "mmap_big", "tiered_small", "mmap_small", "memory_small")
 _PAGE = 4096
 _QUEUE = 4
 _GIB = 2**30
@@ -180,15 +180,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for _, name in interleaved(names, args.repeats):
             if name == "memory_small":
                 cfg = {**base, "role": "train", "store": "memory", "rows": args.small_rows}
-            elif name == "tiered_big":
+            elif name.startswith("tiered_"):
                 _remove_store_files(tiered)  # every run starts from a new, lazily initialised file
-                cfg = {**base, "role": "train", "store": "tiered", "rows": args.rows, "path": str(tiered)}
+                rows = args.rows if name == "tiered_big" else args.small_rows
+                cfg = {**base, "role": "train", "store": "tiered", "rows": rows, "path": str(tiered)}
             else:
                 initialize(name.removesuffix("_random"))
                 path, rows = files[name.removesuffix("_random")]
                 cfg = {**base, "role": "train", "store": "mmap", "rows": rows, "path": str(path)}
                 cfg["advise_random"] = name.endswith("_random")
             result = _launch(cfg, args.timeout)
+            if name.startswith("tiered_"):
+                result["disk"] = disk_usage(tiered)
             losses.setdefault(name, []).append(result.pop("losses"))
             runs[name].append(result)
         contenders: dict[str, Any] = {n: median_figures(r) for n, r in runs.items()}
@@ -196,8 +199,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if name in contenders:
                 contenders[name]["init"] = inits[name]
                 contenders[name]["disk"] = disk_usage(path)
-        if tiered.exists() and "tiered_big" in contenders:
-            contenders["tiered_big"]["disk"] = disk_usage(tiered)
         if not args.no_oracle:
             contenders["oracle_big"] = _launch({**base, "role": "oracle", "rows": args.rows}, args.timeout)
     finally:
@@ -217,6 +218,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         **{f"{n}_loss_decreased": bool(contenders[n].get("loss_decreased")) for n in names},
         "max_abs_loss_diff_mmap_small_vs_memory_small": _max_diff(losses, "mmap_small", "memory_small"),
         "max_abs_loss_diff_tiered_big_vs_mmap_big": _max_diff(losses, "tiered_big", "mmap_big"),
+        "max_abs_loss_diff_tiered_small_vs_memory_small": _max_diff(losses, "tiered_small", "memory_small"),
         # the same rows and data in every run of a contender: the same losses, step for step
         "max_abs_loss_diff_between_repeats": max(
             (d for n in names if (d := _max_diff(losses, n, n)) is not None), default=None

@@ -10,8 +10,9 @@ file and avoids most of those pages:
   of one bit per row records which rows the file holds; any other row is still its initial value, which
   the store computes when it is read (:func:`~lightning_bagpipe.embedding.init.initial_rows_at`: the
   same values every store starts from).
-* **A RAM write buffer** of ``buffer_bytes``. Written rows go to RAM, where a later write of the same row
-  replaces them and a later read finds them. When the buffer is full, its rows are written to the file
+* **A RAM write buffer** of ``buffer_bytes`` (the rows and their :class:`~lightning_bagpipe.id_map.IdMap`
+  index). Written rows go to RAM, where a later write of the same row replaces them and a later read
+  finds them. When the buffer is full, its rows are written to the file
   at once, sorted by row id, and the buffer starts empty again (a *spill*).
 
 So a row costs file pages only when it is read after a spill or written by one. Reads take the newest
@@ -48,6 +49,7 @@ from lightning_bagpipe.embedding.store import (
     _check_unique,
     fsync_dir,
 )
+from lightning_bagpipe.id_map import IdMap
 from lightning_bagpipe.tables import Tables
 
 __all__ = ["DEFAULT_BUFFER_BYTES", "TieredStore"]
@@ -56,61 +58,20 @@ __all__ = ["DEFAULT_BUFFER_BYTES", "TieredStore"]
 DEFAULT_BUFFER_BYTES = 256 * 2**20
 
 _EMPTY = -1
-_FIB = np.uint64(0x9E3779B97F4A7C15)
 _MATERIALIZE_ROWS = 1 << 18
+_ENTRY_BYTES = 12  # one IdMap entry: id and value
 
 
-class RowMap:
-    """Row id -> buffer slot, an open-addressing hash table with linear probing, vectorised over ids.
-
-    Holds at most ``capacity`` ids at a load of at most one half. Ids are only added (distinct ones not
-    yet present) or all dropped at once (:meth:`clear`), which is all a write buffer needs.
-    """
-
-    def __init__(self, capacity: int) -> None:
-        bits = max(4, int(2 * capacity - 1).bit_length())
-        self._shift = np.uint64(64 - bits)
-        self._mask = (1 << bits) - 1
-        self._keys = np.full(1 << bits, _EMPTY, dtype=np.int64)
-        self._vals = np.zeros(1 << bits, dtype=np.int32)
-
-    @property
-    def nbytes(self) -> int:
-        return int(self._keys.nbytes + self._vals.nbytes)
-
-    def _home(self, ids: np.ndarray) -> np.ndarray:
-        return ((ids.astype(np.uint64) * _FIB) >> self._shift).astype(np.int64)
-
-    def find(self, ids: np.ndarray) -> np.ndarray:
-        """The slot of every id, ``-1`` where absent."""
-        out = np.full(ids.size, _EMPTY, dtype=np.int64)
-        idx = np.arange(ids.size)
-        pos = self._home(ids)
-        while idx.size:
-            k = self._keys[pos]
-            want = ids[idx]
-            hit = k == want
-            out[idx[hit]] = self._vals[pos[hit]]
-            go = ~hit & (k != _EMPTY)
-            idx, pos = idx[go], (pos[go] + 1) & self._mask
-        return out
-
-    def add(self, ids: np.ndarray, slots: np.ndarray) -> None:
-        """Insert distinct ``ids`` that are not present, mapped to ``slots``."""
-        idx = np.arange(ids.size)
-        pos = self._home(ids)
-        while idx.size:
-            free = np.flatnonzero(self._keys[pos] == _EMPTY)
-            _, first = np.unique(pos[free], return_index=True)  # one claimant per free position
-            win = free[first]
-            self._keys[pos[win]] = ids[idx[win]]
-            self._vals[pos[win]] = slots[idx[win]]
-            rest = np.ones(idx.size, dtype=bool)
-            rest[win] = False
-            idx, pos = idx[rest], (pos[rest] + 1) & self._mask
-
-    def clear(self) -> None:
-        self._keys.fill(_EMPTY)
+def buffer_capacity(buffer_bytes: int, width: int) -> int:
+    """Rows a write buffer of ``buffer_bytes`` holds: each row (``width`` floats and its id) plus the
+    index, a power-of-two table of 2 to 4 entries of 12 bytes per row (0 when not even one row fits)."""
+    row = width * 4 + 8
+    rows = buffer_bytes // (row + 2 * _ENTRY_BYTES)
+    if rows < 1:
+        return 0
+    size = IdMap._size_for(rows)  # the table for that many rows, or the next smaller one, holds most
+    fits = [min(n // 2, (buffer_bytes - _ENTRY_BYTES * n) // row) for n in (size, size // 2) if n >= 16]
+    return int(max(0, *fits))
 
 
 class TieredStore(EmbeddingStore):
@@ -140,17 +101,21 @@ class TieredStore(EmbeddingStore):
         self.metadata = self.file.metadata
         self._table = self.file.tensor()
         self.bitmap_path = Path(str(self.file.path) + ".written")
-        row_bytes = self.width * 4 + 32  # the row, its id, and two index entries (8 + 4 bytes each)
-        if isinstance(buffer_bytes, bool) or not isinstance(buffer_bytes, int) or buffer_bytes < row_bytes:
+        if (
+            isinstance(buffer_bytes, bool)
+            or not isinstance(buffer_bytes, int)
+            or buffer_capacity(buffer_bytes, self.width) < 1
+        ):
+            smallest = self.width * 4 + 8 + _ENTRY_BYTES * IdMap._size_for(1)
             raise ValueError(
-                f"TieredStore('{self.file.path}'): buffer_bytes must be an int of at least one row "
-                f"({row_bytes} bytes), got {buffer_bytes!r}"
+                f"TieredStore('{self.file.path}'): buffer_bytes must be an int of at least one row and its "
+                f"index ({smallest} bytes for rows of {self.width} floats), got {buffer_bytes!r}"
             )
-        self.capacity = min(buffer_bytes // row_bytes, self.num_rows)
+        self.capacity = min(buffer_capacity(buffer_bytes, self.width), self.num_rows)
         self._lock = threading.RLock()
         self._buf = torch.empty(self.capacity, self.width, dtype=torch.float32)
         self._ids = np.empty(self.capacity, dtype=np.int64)
-        self._map = RowMap(self.capacity)
+        self._map = IdMap(self.capacity)
         self._count = 0
         self.spills = 0
         """How many times the buffer was written to the file."""

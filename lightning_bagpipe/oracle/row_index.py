@@ -8,7 +8,8 @@ distinct ids of every batch. Two interchangeable indexes hold them; the plans do
   and scatters; the fields of a row share a cache line), 12 bytes per fused row (16 with frequency
   ties), whatever the stream touches.
 * :class:`CompactRowIndex`: entries only for *live* rows (resident in the cache or used in the
-  lookahead window), found through a sorted array of their ids (``np.searchsorted``). Memory is
+  lookahead window), found through a hash table of their ids (:class:`~lightning_bagpipe.id_map.IdMap`;
+  a sorted array with ``np.searchsorted`` cost a copy of every live id per batch). Memory is
   proportional to the cache capacity plus the distinct ids of the window, not to the id space, so it
   suits id spaces too large for per-row arrays (``2**28`` rows and up, or sparse ``int64`` ids). With
   frequency ties a row's use count must outlive its residency, so no entry is ever dropped and memory
@@ -23,6 +24,8 @@ the index each time.
 from __future__ import annotations
 
 import numpy as np
+
+from lightning_bagpipe.id_map import IdMap
 
 _LAST_OCC, _SLOT, _USES = 0, 1, 2
 """Field columns (the dense index adds a scratch column in front)."""
@@ -88,7 +91,7 @@ class DenseRowIndex:
 
 
 class CompactRowIndex:
-    """Fields of the live rows only, found by binary search in a sorted array of their ids.
+    """Fields of the live rows only, found through a hash table of their ids.
 
     Args:
         uses: keep a use count per row (frequency ties); entries are then never released.
@@ -103,8 +106,7 @@ class CompactRowIndex:
         self._keep_all = uses
         self._fields = np.empty((0, 3 if uses else 2), dtype=np.int32)
         self._id_of = np.empty(0, dtype=np.int64)  # id of every allocated handle
-        self._sorted_ids = np.empty(0, dtype=np.int64)  # ids of the live entries, ascending
-        self._sorted_handles = np.empty(0, dtype=np.int64)  # their handles
+        self._handle_of = IdMap()  # id -> handle of the live entries
         self._free = np.empty(0, dtype=np.int64)  # released handles, reused first
         self._used = 0  # handles [0, used) were handed out at least once
         self._released: list[np.ndarray] = []  # released since the last handles() call
@@ -118,13 +120,13 @@ class CompactRowIndex:
     @property
     def live(self) -> int:
         """Rows with an entry."""
-        return int(self._sorted_ids.size)
+        return len(self._handle_of)
 
     @property
     def nbytes(self) -> int:
         """Bytes held by the index's arrays."""
-        arrays = (self._fields, self._id_of, self._sorted_ids, self._sorted_handles, self._free)
-        return int(sum(a.nbytes for a in arrays))
+        arrays = (self._fields, self._id_of, self._free)
+        return int(sum(a.nbytes for a in arrays) + self._handle_of.nbytes)
 
     def unique(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Distinct ids (ascending, ``int64``) and the index of every occurrence's id among them.
@@ -143,17 +145,11 @@ class CompactRowIndex:
         return ordered[first], inverse
 
     def handles(self, uniq: np.ndarray) -> np.ndarray:
-        """Handles of the rows ``uniq`` (distinct, ascending); rows without an entry get a fresh one
-        (latest occurrence and slot -1, no uses)."""
+        """Handles of the rows ``uniq`` (distinct); rows without an entry get a fresh one (latest
+        occurrence and slot -1, no uses)."""
         self._drop_released()
-        keys = self._sorted_ids
-        pos = np.searchsorted(keys, uniq)
-        found = np.zeros(uniq.size, dtype=bool)
-        inside = np.flatnonzero(pos < keys.size)
-        found[inside] = keys[pos[inside]] == uniq[inside]
-        out = np.empty(uniq.size, dtype=np.int64)
-        out[found] = self._sorted_handles[pos[found]]
-        new = ~found
+        out = self._handle_of.find(uniq)
+        new = out < 0
         if new.any():
             new_ids = uniq[new]
             fresh = self._allocate(new_ids.size)
@@ -162,9 +158,7 @@ class CompactRowIndex:
             self._fields[fresh] = -1
             if self._keep_all:
                 self.uses[fresh] = 0
-            # uniq is ascending, so equal insertion points keep the new ids in order
-            self._sorted_ids = np.insert(keys, pos[new], new_ids)
-            self._sorted_handles = np.insert(self._sorted_handles, pos[new], fresh)
+            self._handle_of.add(new_ids, fresh)
         return out
 
     def ids(self, handles: np.ndarray) -> np.ndarray:
@@ -182,10 +176,7 @@ class CompactRowIndex:
             return
         handles = np.concatenate(self._released)
         self._released = []
-        keep = np.ones(self._sorted_ids.size, dtype=bool)
-        keep[np.searchsorted(self._sorted_ids, self._id_of[handles])] = False
-        self._sorted_ids = self._sorted_ids[keep]
-        self._sorted_handles = self._sorted_handles[keep]
+        self._handle_of.remove(self._id_of[handles])
         self._free = np.concatenate([self._free, handles])
 
     def _allocate(self, n: int) -> np.ndarray:
