@@ -12,6 +12,7 @@ Run ``python -m tests.test_resume`` to print checkpoint size and save/load times
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import random
 import signal
@@ -234,6 +235,22 @@ def test_resume_mid_epoch_is_bitwise_the_uninterrupted_run(evicting: Scenario, w
         assert ev[k] >= 4  # in the uninterrupted run, step k evicts dirty rows to make room
     run = evicting.resume(k)
     assert run.seen == list(range(k, len(evicting.train)))  # continues at the next unseen batch
+    _assert_same_result(run, evicting.reference)
+
+
+def test_resume_into_a_spilling_tiered_store_is_bitwise_the_uninterrupted_run(
+    evicting: Scenario, tmp_path: Path
+) -> None:
+    """The checkpoint's rows are written into a TieredStore (a small buffer, which spills during the
+    rest of the run); the run ends as the uninterrupted one on a RAM store."""
+    factory = functools.partial(lb.TieredStore, tmp_path / "rows.f32", buffer_bytes=1024)
+    model = _model(evicting.tables, sparse=evicting.sparse, store=factory)
+    store = model.emb.store
+    assert isinstance(store, lb.TieredStore) and store.capacity < 20
+    k = 4
+    run = _fit(model, evicting.dm(), evicting.train, seed=12345, ckpt_path=evicting.ckpt(k))
+    assert run.seen == list(range(k, len(evicting.train)))
+    assert store.spills > 1
     _assert_same_result(run, evicting.reference)
 
 
