@@ -28,8 +28,8 @@ class IdMap:
     Args:
         capacity: live entries to make room for up front; the table grows (rehashing) beyond it.
 
-    :meth:`add` takes ids that are *not* present and :meth:`remove` ids that *are*; the callers (which
-    know) keep those preconditions, so no operation pays for checking them.
+    :meth:`add` takes ids that are *not* present (the callers know; checking would cost a lookup) and
+    :meth:`remove` ids that *are* (a KeyError names one that is not).
     """
 
     def __init__(self, capacity: int = 0) -> None:

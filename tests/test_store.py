@@ -321,6 +321,11 @@ def test_initial_rows_at_any_ids_equal_the_whole(whole: torch.Tensor) -> None:
     ids[:3] = [170_003, 0, 170_003]  # any order, repeats allowed
     assert torch.equal(initial_rows_at(TABLES, DIM, SEED, ids), whole[torch.from_numpy(ids)])
     assert initial_rows_at(TABLES, DIM, SEED, np.zeros(0, dtype=np.int64)).shape == (0, DIM)
+    rows = torch.zeros(ids.size, DIM + 2)  # into the weight columns of wider rows
+    initial_rows_at(TABLES, DIM, SEED, ids, out=rows[:, :DIM])
+    assert torch.equal(rows[:, :DIM], whole[torch.from_numpy(ids)]) and not rows[:, DIM:].any()
+    with pytest.raises(ValueError, match=r"out must be a float32 CPU tensor of shape \[5000, 4\]"):
+        initial_rows_at(TABLES, DIM, SEED, ids, out=rows)
     with pytest.raises(ValueError, match="row id 170004 is not within the 170004 fused rows"):
         initial_rows_at(TABLES, DIM, SEED, [5, 170_004])
     with pytest.raises(ValueError, match="1-D integer"):

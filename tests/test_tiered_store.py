@@ -204,7 +204,15 @@ def test_a_path_to_a_file_a_tiered_store_wrote_reopens_as_one(tmp_path: Path) ->
     first.store.write([2], torch.full((1, DIM), 5.0))
     first.store.close()
     again = lb.CachedEmbedding(TABLES, DIM, lb.optim.SGD(lr=0.1), store=path)
-    assert isinstance(again.store, TieredStore)
+    assert isinstance(again.store, TieredStore) and again.store.metadata["optimizer"] == "sgd"
     expected = initial_rows(TABLES, DIM, 0, 0, 4)
     expected[2] = 5.0
     assert torch.equal(again.store.read([0, 1, 2, 3]), expected)
+
+
+def test_a_lazily_initialised_file_records_its_optimizer(tmp_path: Path) -> None:
+    """At dim 1 Adagrad's and RowWiseAdagrad's rows have the same width: the metadata tells them apart."""
+    path = tmp_path / "emb.f32"
+    lb.CachedEmbedding(TABLES, 1, lb.optim.RowWiseAdagrad(lr=0.1), store=functools.partial(TieredStore, path))
+    with pytest.raises(ValueError, match=r"holds rowwise_adagrad optimizer state, but .* uses adagrad"):
+        lb.CachedEmbedding(TABLES, 1, lb.optim.Adagrad(lr=0.1), store=path)

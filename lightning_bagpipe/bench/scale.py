@@ -469,9 +469,8 @@ def _worker_train(cfg: dict[str, Any]) -> dict[str, Any]:
         "vm_hwm_before_fit_bytes": before["VmHWM"],
         **sampler.peaks(),
     }
-    emb_store = model.embedding.store if hasattr(model, "embedding") else None
-    if isinstance(emb_store, TieredStore):
-        out.update(spills=emb_store.spills, buffered_rows_at_end=emb_store.buffered_rows)
+    if isinstance(model.embedding.store, TieredStore):
+        out["spills"] = model.embedding.store.spills  # (the flush as fit ends included)
     if stats is not None:
         steps = max(1, stats.steps)
         out.update(

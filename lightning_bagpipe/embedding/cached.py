@@ -136,10 +136,12 @@ class CachedEmbedding(nn.Module):
                     f"store {s!r} holds {meta['optimizer']} optimizer state, but {what} uses "
                     f"{self.optimizer.name}"
                 )
-        elif isinstance(s, TieredStore):
-            s.initialize_lazily(self.tables, self.dim, self.optimizer.initial_state(self.dim), self.seed)
         else:
-            initialize_store(s, self.tables, self.dim, self.optimizer.initial_state(self.dim), self.seed)
+            state = self.optimizer.initial_state(self.dim)
+            if isinstance(s, TieredStore):  # rows computed on first read instead of written now
+                s.initialize_lazily(self.tables, self.dim, state, self.seed)
+            else:
+                initialize_store(s, self.tables, self.dim, state, self.seed)
             s.set_metadata(initialized=True, **self._store_metadata())
         return s
 

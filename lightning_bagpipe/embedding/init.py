@@ -66,8 +66,11 @@ def _fill(out: np.ndarray, ids: np.ndarray, tables: Tables, dim: int, seed: int)
         out[lo : lo + part.size] = u
 
 
-def initial_rows_at(tables: Tables, dim: int, seed: int, ids: np.ndarray | Tensor) -> Tensor:
-    """Initial weights of the fused rows ``ids`` (any order, repeats allowed) as ``[K, dim]`` float32."""
+def initial_rows_at(
+    tables: Tables, dim: int, seed: int, ids: np.ndarray | Tensor, out: Tensor | None = None
+) -> Tensor:
+    """Initial weights of the fused rows ``ids`` (any order, repeats allowed) as ``[K, dim]`` float32,
+    written into ``out`` when given (a float32 CPU tensor of that shape, e.g. a column slice of rows)."""
     _check(tables, dim, seed)
     a = ids.detach().cpu().numpy() if isinstance(ids, Tensor) else np.asarray(ids)
     if a.ndim != 1 or not (np.issubdtype(a.dtype, np.integer) or a.size == 0):
@@ -76,9 +79,15 @@ def initial_rows_at(tables: Tables, dim: int, seed: int, ids: np.ndarray | Tenso
     if a.size and (int(a.min()) < 0 or int(a.max()) >= tables.total_rows):
         bad = a[(a < 0) | (a >= tables.total_rows)][0]
         raise ValueError(f"row id {int(bad)} is not within the {tables.total_rows} fused rows")
-    out = np.empty((a.size, int(dim)), dtype=np.float32)
-    _fill(out, a, tables, int(dim), int(seed))
-    return torch.from_numpy(out)
+    if out is None:
+        out = torch.empty(a.size, int(dim), dtype=torch.float32)
+    elif tuple(out.shape) != (a.size, int(dim)) or out.dtype != torch.float32 or out.device.type != "cpu":
+        raise ValueError(
+            f"out must be a float32 CPU tensor of shape {[a.size, int(dim)]}, got {out.dtype} on "
+            f"{out.device} with shape {list(out.shape)}"
+        )
+    _fill(out.numpy(), a, tables, int(dim), int(seed))
+    return out
 
 
 def initial_rows(tables: Tables, dim: int, seed: int, start: int, stop: int) -> Tensor:

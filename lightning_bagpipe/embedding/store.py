@@ -198,12 +198,7 @@ class EmbeddingStore(ABC):
         """Like :meth:`read`, into a preallocated ``[K, width]`` float32 CPU tensor (e.g. pinned)."""
         t = self._t()
         idx = _as_ids(ids, self.num_rows, f"{self.describe()}.read_into")
-        expected = (idx.numel(), self.width)
-        if tuple(out.shape) != expected or out.dtype != torch.float32 or out.device.type != "cpu":
-            raise ValueError(
-                f"{self.describe()}.read_into: out must be a float32 CPU tensor of shape {list(expected)}, "
-                f"got {out.dtype} on {out.device} with shape {list(out.shape)}"
-            )
+        self._check_out(out, idx.numel())
         self._will_read(idx)
         torch.index_select(t, 0, idx, out=out)
 
@@ -260,6 +255,15 @@ class EmbeddingStore(ABC):
         self.close()
 
     # ------------------------------------------------------------------ helpers
+    def _check_out(self, out: Tensor, k: int) -> None:
+        """ValueError unless ``out`` can receive ``k`` rows: a float32 CPU tensor of shape ``[k, width]``."""
+        expected = (k, self.width)
+        if tuple(out.shape) != expected or out.dtype != torch.float32 or out.device.type != "cpu":
+            raise ValueError(
+                f"{self.describe()}.read_into: out must be a float32 CPU tensor of shape {list(expected)}, "
+                f"got {out.dtype} on {out.device} with shape {list(out.shape)}"
+            )
+
     def _rows(self, rows: Tensor, k: int, where: str) -> Tensor:
         if not isinstance(rows, Tensor):
             raise ValueError(f"{where}: rows must be a torch.Tensor, got {type(rows).__name__}")

@@ -168,11 +168,11 @@ class TieredStore(EmbeddingStore):
         return tables, dim, seed, state
 
     def _initial(self, ids: np.ndarray) -> Tensor:
-        if self._init is None:
-            return torch.zeros(ids.size, self.width)  # not initialised: like a new file, zeros
-        tables, dim, seed, state = self._init
         out = torch.empty(ids.size, self.width)
-        out[:, :dim] = initial_rows_at(tables, dim, seed, ids)
+        if self._init is None:
+            return out.zero_()  # not initialised: like a new file, zeros
+        tables, dim, seed, state = self._init
+        initial_rows_at(tables, dim, seed, ids, out=out[:, :dim])
         out[:, dim:] = state
         return out
 
@@ -246,11 +246,20 @@ class TieredStore(EmbeddingStore):
 
     # ------------------------------------------------------------------ access
     def read(self, ids: Ids) -> Tensor:
-        where = f"{self.describe()}.read"
-        idx = _as_ids(ids, self.num_rows, where).numpy()
+        idx = _as_ids(ids, self.num_rows, f"{self.describe()}.read").numpy()
+        out = torch.empty(idx.size, self.width)
+        self._gather(idx, out)
+        return out
+
+    def read_into(self, ids: Ids, out: Tensor) -> None:
+        idx = _as_ids(ids, self.num_rows, f"{self.describe()}.read_into").numpy()
+        self._check_out(out, idx.size)
+        self._gather(idx, out)
+
+    def _gather(self, idx: np.ndarray, out: Tensor) -> None:
+        """Rows ``idx`` into ``out``, each from its newest copy: the buffer, the file or the recipe."""
         with self._lock:
             self._t()
-            out = torch.empty(idx.size, self.width)
             slots = self._map.find(idx) if self._count else np.full(idx.size, _EMPTY, dtype=np.int64)
             hit = slots >= 0
             if hit.any():
@@ -263,16 +272,6 @@ class TieredStore(EmbeddingStore):
                     out[torch.from_numpy(rest[disk])] = self.file.read(ids_rest[disk])
                 if not disk.all():
                     out[torch.from_numpy(rest[~disk])] = self._initial(ids_rest[~disk])
-            return out
-
-    def read_into(self, ids: Ids, out: Tensor) -> None:
-        rows = self.read(ids)
-        if tuple(out.shape) != tuple(rows.shape) or out.dtype != torch.float32 or out.device.type != "cpu":
-            raise ValueError(
-                f"{self.describe()}.read_into: out must be a float32 CPU tensor of shape {list(rows.shape)}, "
-                f"got {out.dtype} on {out.device} with shape {list(out.shape)}"
-            )
-        out.copy_(rows)
 
     def write(self, ids: Ids, rows: Tensor, *, check_unique: bool = True) -> None:
         where = f"{self.describe()}.write"
@@ -335,8 +334,7 @@ class TieredStore(EmbeddingStore):
             return t
 
     def set_metadata(self, **kv: Any) -> None:
-        self.file.set_metadata(**kv)
-        self.metadata = self.file.metadata
+        self.file.set_metadata(**kv)  # (updates the dict self.metadata shares with the file)
 
     def flush(self) -> None:
         """Spill the buffer, ``msync`` the file, then save the bitmap: the file reopens as it is now."""
