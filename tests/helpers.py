@@ -130,3 +130,12 @@ def quiet_trainer(**kwargs: object) -> pl.Trainer:
     }
     defaults.update(kwargs)
     return pl.Trainer(**defaults)  # type: ignore[arg-type]
+
+
+def has_matplotlib() -> bool:
+    """Whether the optional ``plot`` extra is installed (plot tests check the file only then)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from lightning_bagpipe.cli import main
+from tests.helpers import has_matplotlib
 
 
 def test_bench_distributed_writes_json(tmp_path: Path) -> None:
     out = tmp_path / "dist.json"
+    plot = tmp_path / "dist.png"
     code = main(
         [
             "bench",
@@ -28,10 +31,14 @@ def test_bench_distributed_writes_json(tmp_path: Path) -> None:
             "0,5",
             "--json",
             str(out),
+            *(["--plot", str(plot)] if has_matplotlib() else []),
         ]
     )
     assert code == 0
     result = json.loads(out.read_text())
+    if has_matplotlib():
+        assert plot.stat().st_size > 0 and result["plot"] == str(plot)
+    assert result["machine"]["cpus"] == os.cpu_count() and "load_average" in result["machine"]
     assert set(result["contenders"]) == {
         f"{name}@{d}ms" for name in ("prefetch", "sync_fetch", "replicate") for d in (0, 5)
     }

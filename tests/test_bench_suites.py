@@ -28,6 +28,7 @@ from lightning_bagpipe.data.synthetic import SyntheticCriteo, write_criteo_tsv
 from lightning_bagpipe.embedding.cached import CachedEmbedding
 from lightning_bagpipe.optim.sparse import RowWiseAdagrad
 from lightning_bagpipe.trace import Bounds, parse_capacities
+from tests.helpers import has_matplotlib
 
 
 def _bench(tmp_path: Path, suite: str, *flags: str) -> dict[str, Any]:
@@ -159,7 +160,7 @@ def test_bench_train_rejects_unknown_contenders(tmp_path: Path) -> None:
 def test_bench_cache_sweeps_every_policy(tmp_path: Path) -> None:
     plot = tmp_path / "cache.png"
     flags = ["--batches", "12", "--batch-size", "128", "--scale", "0.001", "--lookahead", "1,4"]
-    flags += ["--capacity", "auto"] + (["--plot", str(plot)] if _has_matplotlib() else [])
+    flags += ["--capacity", "auto"] + (["--plot", str(plot)] if has_matplotlib() else [])
     r = _bench(tmp_path, "cache", *flags)
     assert set(r["contenders"]) == {"oracle_L1", "oracle_L4", "lru", "lfu", "belady"}
     distinct = r["stream"]["distinct_rows"]
@@ -170,7 +171,7 @@ def test_bench_cache_sweeps_every_policy(tmp_path: Path) -> None:
         assert all(v is None or v >= distinct for v in fetched), name  # every row read is fetched once
         assert fetched[-1] == distinct, name  # a cache holding every row fetches each exactly once
     assert len(r["ratios"]) == len(caps)
-    if _has_matplotlib():
+    if has_matplotlib():
         assert plot.stat().st_size > 0
 
 
@@ -189,7 +190,12 @@ def test_bench_scale_runs_its_contenders(tmp_path: Path, monkeypatch: pytest.Mon
     flags = ["--rows", "6000", "--small-rows", "3000", "--steps", "3", "--warmup", "2", "--repeats", "2",
              "--batch-size", "64", "--cache-rows", "3000", "--lookahead", "2"]  # fmt: skip
     flags += ["--dir", str(tmp_path / "st"), "--buffer-mib", "1"]
+    plot = tmp_path / "scale.png"
+    if has_matplotlib():
+        flags += ["--plot", str(plot)]
     r = _bench(tmp_path, "scale", *flags)
+    if has_matplotlib():
+        assert plot.stat().st_size > 0 and r["plot"] == str(plot)
     contenders = ("tiered_big", "mmap_big", "tiered_small", "mmap_small", "memory_small")
     assert set(r["contenders"]) == {*contenders, "oracle_big"}
     for name in contenders:
@@ -284,12 +290,12 @@ def test_trace_reads_criteo_tsv_and_plots(tmp_path: Path, capsys: pytest.Capture
     write_criteo_tsv(batches, tmp_path / "day.tsv")
     flags = ["--batch-size", "100", "--batches", "0", "--table-size", "500", "--lookahead", "4"]
     plot = tmp_path / "trace.png"
-    if _has_matplotlib():
+    if has_matplotlib():
         flags += ["--plot", str(plot)]
     assert main(["trace", str(tmp_path / "day.tsv"), *flags]) == 0
     text = capsys.readouterr().out
     assert "access skew" in text and "recommendation: cache_rows=" in text
-    if _has_matplotlib():
+    if has_matplotlib():
         assert plot.stat().st_size > 0
 
 
@@ -305,11 +311,3 @@ def test_trace_bad_input_names_the_culprit(tmp_path: Path) -> None:
     assert parse_capacities("auto", bounds)[0] == 10 and parse_capacities("auto", bounds)[-1] == 80
     with pytest.raises(ValueError, match="--lookahead"):
         main(["trace", "synthetic", "--lookahead", "4,0"])
-
-
-def _has_matplotlib() -> bool:
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        return False
-    return True

@@ -43,6 +43,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from lightning_bagpipe.bench.breakdown import StepBreakdown
+from lightning_bagpipe.bench.common import machine_info, require_matplotlib, suite_config
+
 #: name -> (prefetch with the full lookahead?, BagpipeDataModule sync mode)
 CONTENDERS = {
     "prefetch": (True, "partitioned"),
@@ -70,6 +73,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--embedding-dim", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=1, help="runs per contender (medians reported)")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds before a run is killed")
+    parser.add_argument(
+        "--plot", type=Path, default=None, help="draw samples/s by store latency and the step breakdowns here"
+    )
     parser.add_argument("--worker", type=str, default=None, help=argparse.SUPPRESS)
 
 
@@ -128,17 +134,48 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     ratios["sync_bytes_over_full_replication@L1"] = (
         s1["sync_bytes_per_step"] / s1["replicated_baseline_bytes_per_step"]
     )
-    return {
+    out = {
         "suite": "distributed",
-        "config": {
-            k: v for k, v in vars(args).items() if k not in ("worker", "json", "_run", "command", "suite")
-        },
+        "config": suite_config(args),
         "world_size": 2,
         "store": "sharded",
         "contenders": figures,
         "ratios": ratios,
-        "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
+        "machine": machine_info(),
     }
+    if args.plot is not None:
+        _plot(out, delays, args.plot)
+        out["plot"] = str(args.plot)
+    return out
+
+
+def _plot(out: dict[str, Any], delays: list[float], path: Path) -> None:
+    """Left: samples/s of each contender against the store latency. Right: rank 0's step breakdown of
+    each contender at the lowest and the highest latency (stacked phases, then the executor's wall time)."""
+    plt = require_matplotlib()
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 4.8))
+    figures = out["contenders"]
+    for name in CONTENDERS:
+        ax.plot(delays, [figures[f"{name}@{d:g}ms"]["samples_per_second"] for d in delays], "o-", label=name)
+    ax.set_xlabel("emulated store latency (ms)")
+    ax.set_ylabel("samples / s (median)")
+    ax.set_title("2 processes, sharded store")
+    ax.set_ylim(bottom=0)
+    ax.legend()
+    keys = [f"{name}@{d:g}ms" for d in sorted({delays[0], delays[-1]}) for name in CONTENDERS]
+    labels = [k.replace("@", "\n") for k in keys]
+    bottom = [0.0] * len(keys)
+    for i, phase in enumerate(StepBreakdown.PHASES):
+        vals = [figures[k]["breakdown_ms"].get(f"{phase}_ms", 0.0) for k in keys]
+        bx.bar(labels, vals, bottom=bottom, label=phase, color=f"C{i % 10}")
+        bottom = [b + v for b, v in zip(bottom, vals)]
+    bx.set_ylabel("ms per step, rank 0 (median)")
+    bx.set_title("where a step's time goes")
+    bx.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def _median(rs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -184,7 +221,7 @@ def _worker(cfg: dict[str, Any]) -> None:
     import lightning.pytorch as pl
     from lightning.pytorch.callbacks import Callback
 
-    from lightning_bagpipe.bench.breakdown import StepBreakdown, TimedDeepFM
+    from lightning_bagpipe.bench.breakdown import TimedDeepFM
     from lightning_bagpipe.data.criteo import CriteoDataModule
     from lightning_bagpipe.strategies.bagpipe import BagpipeStrategy
 

@@ -62,6 +62,7 @@ from lightning_bagpipe.bench.common import (
     machine_info,
     median_figures,
     proc_status_bytes,
+    require_matplotlib,
     suite_config,
 )
 from lightning_bagpipe.data.criteo_shape import CRITEO_KAGGLE_CARDINALITIES
@@ -112,6 +113,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="also run the big table with its mapping advised MADV_RANDOM (an experiment: mmap_big_random)",
     )
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds before a run is killed")
+    parser.add_argument(
+        "--plot", type=Path, default=None, help="draw samples/s and peak RSS per contender here"
+    )
     parser.add_argument("--worker", type=str, default=None, help=argparse.SUPPRESS)
 
 
@@ -234,7 +238,42 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "load_average_1m_before": load0,
         "load_average_1m_after": os.getloadavg()[0],
     }
+    if args.plot is not None:
+        _plot(out, names, args.plot)
+        out["plot"] = str(args.plot)
     return out
+
+
+def _plot(out: dict[str, Any], names: list[str], path: Path) -> None:
+    """Samples/s (with min-max and the ratio to ``memory_small``) and peak RSS (with the 2 GiB line)."""
+    plt = require_matplotlib()
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.5))
+    figures = out["contenders"]
+    colors = ["C3" if n == "tiered_big" else "C7" if n == "memory_small" else "C0" for n in names]
+    med = [figures[n]["samples_per_second"] for n in names]
+    err = [
+        [m - figures[n].get("samples_per_second_min", m) for m, n in zip(med, names)],
+        [figures[n].get("samples_per_second_max", m) - m for m, n in zip(med, names)],
+    ]
+    ax.bar(names, med, yerr=err, capsize=4, color=colors)
+    for i, n in enumerate(names):
+        ratio = out["ratios"].get(f"{n}_over_memory_small")
+        if ratio is not None:
+            ax.annotate(f"{ratio:.2f}x", (i, med[i]), ha="center", va="bottom", xytext=(0, 3),
+                        textcoords="offset points")  # fmt: skip
+    ax.set_ylabel("samples / s (median, min-max)")
+    ax.set_title(f"DeepFM, {out['config']['rows']:,} rows (big) vs {out['config']['small_rows']:,} (small)")
+    ax.tick_params(axis="x", labelrotation=20)
+    bx.bar(names, [figures[n]["vm_hwm_bytes"] / _GIB for n in names], color=colors)
+    bx.axhline(2.0, color="k", linestyle="--", linewidth=1, label="2 GiB goal")
+    bx.set_ylabel("peak RSS (VmHWM), GiB")
+    bx.set_title("memory of the training process")
+    bx.tick_params(axis="x", labelrotation=20)
+    bx.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def _max_diff(losses: dict[str, list[list[float]]], a: str, b: str) -> float | None:
