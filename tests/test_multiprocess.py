@@ -78,6 +78,8 @@ def test_two_processes_equal_one(tmp_path: Path, lookahead: int, store: str, mul
         assert diff <= 1e-5, f"rank {r}: tables and optimizer state differ by {diff}"
         for k, v in ref["head"].items():
             assert torch.allclose(got["head"][k], v, atol=1e-5, rtol=0), k
+    # DDP broadcasts the model's own buffer each step, not the CachedEmbedding's constant ones
+    assert ranks[0]["ddp_buffers"] == ranks[1]["ddp_buffers"] == ["seen"]
     stats = ranks[0]["stats"]
     # the cache worked under pressure and only part of the touched rows needed a gradient exchange
     assert stats["rows_fetched"] > 0 and stats["sync_bytes"] < stats["replicated_baseline_bytes"]

@@ -18,6 +18,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.nn import Module
+from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 from typing_extensions import override
 
@@ -200,6 +201,7 @@ class BagpipeStrategy(DDPStrategy):
     def _setup_model(self, model: Module) -> Module:  # type: ignore[override]
         if self.world_size == 1:
             return model  # one process: nothing to all-reduce, keep the plain module
+        _ignore_cache_buffers(model)
         return super()._setup_model(model)
 
     @override
@@ -442,3 +444,21 @@ class _CacheStatsLogger(Callback):
 
 def _batch_size(batch: Any) -> int:
     return batch.batch_size if isinstance(batch, Batch) else 1
+
+
+def _ignore_cache_buffers(model: Module) -> None:
+    """Keep DDP away from every :class:`CachedEmbedding` buffer (device anchor, table offsets and sizes).
+
+    They are constants, equal on every rank by construction, and DDP would otherwise broadcast them from
+    rank 0 at the start of every forward pass: a collective per step, and a point where every rank waits
+    for rank 0. The model's other buffers (batch-norm statistics, ...) are still broadcast as usual.
+    """
+    names = [
+        f"{prefix}.{name}" if prefix else name
+        for prefix, module in model.named_modules()
+        if isinstance(module, CachedEmbedding)
+        for name, _ in module.named_buffers(recurse=False)
+    ]
+    if names:  # (the documented workaround torch offers until it has a public API for this)
+        previous = list(getattr(model, "_ddp_params_and_buffers_to_ignore", []))
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, previous + names)

@@ -56,6 +56,17 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 class _FailOnRank1(TinyModel):
     fail_at = -1
 
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        # a buffer of the model's own, which DDP must keep broadcasting (unlike the CachedEmbedding's)
+        self.register_buffer("seen", torch.zeros(1))
+        self.ddp_buffers: list[str] | None = None
+
+    def on_train_start(self) -> None:
+        ddp = self.trainer.strategy.model  # (unwrapped again at teardown)
+        if isinstance(ddp, torch.nn.parallel.DistributedDataParallel):
+            self.ddp_buffers = sorted(ddp.named_module_buffers)  # the buffers DDP broadcasts each step
+
     def training_step(self, batch, batch_idx):
         if self.trainer.global_rank == 1 and batch_idx == self.fail_at:
             raise RuntimeError(f"rank 1 fails on purpose at step {batch_idx}")
@@ -114,6 +125,8 @@ def run(args: argparse.Namespace) -> dict:
         "steps": trainer.global_step,
         "stats": stats.as_dict() if stats is not None else {},
     }
+    if model.ddp_buffers is not None:
+        result["ddp_buffers"] = model.ddp_buffers
     if isinstance(model.emb.store, lb.TieredStore):
         result["spills"] = model.emb.store.spills
     if args.out is not None:
