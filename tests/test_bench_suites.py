@@ -151,6 +151,15 @@ def test_bench_train_runs_the_floor_without_input_gradient_on_request(tmp_path: 
     assert r["goals"] == {}  # the goal is stated against the floor with the gradient
 
 
+def test_bench_train_prededuped_ideal_uses_its_precomputed_layout_and_trains_as_ideal(tmp_path: Path) -> None:
+    r = _bench(tmp_path, "train", *TRAIN_FLAGS, "--contenders", "ideal,ideal_prededuped")
+    pre = r["contenders"]["ideal_prededuped"]
+    assert pre["steps_prededuped"] == 6  # every trained step (2 warm-up + 4 timed) skipped its own dedup
+    # the same math on the same batches: the same loss at every step
+    assert r["losses_per_step"]["ideal_prededuped"] == r["losses_per_step"]["ideal"]
+    assert r["goals"] == {}  # reported, not judged
+
+
 def test_bench_train_rejects_unknown_contenders(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="nope"):
         main(["bench", "train", "--contenders", "bagpipe,nope"])

@@ -20,6 +20,9 @@ dimension, dense layers, dense optimizer (Adam), number of steps and warm-up:
   inside the same LightningModule. Only when ``torchrec`` and ``fbgemm_gpu`` import; otherwise skipped
   with the reason. FBGEMM needs row widths divisible by 4, so its rows are ``dim + 1`` rounded up to a
   multiple of 4 (the extra columns are unused);
+* **ideal_prededuped** (extra, on request): ideal with each batch's deduplication, pooling layout and row
+  grouping computed before the run and not timed. Not a system: the bound for any system that moves
+  that work off the step (as bagpipe's loader does) on a machine where doing it elsewhere costs nothing;
 * **floor**: the same dense part fed a fixed embedding tensor (no tables, no lookups, no row updates):
   the speed no embedding system can pass. The tensor is a fresh leaf that requires a gradient, so the
   backward pass computes the gradient of the loss with respect to the pooled embeddings (and drops it):
@@ -83,7 +86,7 @@ from lightning_bagpipe.tables import Tables
 
 CONTENDERS = ("bagpipe", "ideal", "plain", "torchrec", "floor")
 #: Also accepted by ``--contenders``, not run by default: the floor without the embeddings' gradient.
-EXTRA_CONTENDERS = ("floor_no_input_grad",)
+EXTRA_CONTENDERS = ("floor_no_input_grad", "ideal_prededuped")
 #: Goals of the project, reported (never enforced): bagpipe's samples/s over each contender's.
 GOALS = {"ideal": 0.9, "floor": 0.8, "torchrec": 1.2, "plain": 1.4}
 #: Batches the loader buffers beyond the lookahead (BagpipeDataModule's default ``queue_batches``).
@@ -290,22 +293,32 @@ class FullTableEmbedding(nn.Module):
         self.optimizer = optimizer
         self.register_buffer("_offsets", torch.as_tensor(tables.offsets), persistent=False)
         self._pending: tuple[Tensor, Tensor] | None = None
+        self.prepared: dict[int, tuple[Tensor, PoolingIndex]] = {}
+        """``dedup`` results computed ahead, by the address of a batch's ``values`` (ideal_prededuped)."""
+        self.prepared_hits = 0
+        """Forward passes that used them."""
 
     def forward(self, features: SparseFeatures) -> Tensor:
+        b, f = features.batch_size, features.num_features
+        done = self.prepared.get(features.values.data_ptr()) if self.prepared else None
+        if done is not None:
+            self.prepared_hits += 1
+        uniq, index = done if done is not None else self.dedup(features, grouped=self.training)
+        rows = self.table[:, : self.dim].index_select(0, uniq)
+        if self.training and torch.is_grad_enabled():
+            rows.requires_grad_()
+            self._pending = (uniq, rows)
+        return pooled_lookup(rows, index, b, f)
+
+    def dedup(self, features: SparseFeatures, grouped: bool) -> tuple[Tensor, PoolingIndex]:
+        """The batch's distinct fused ids and its pooling layout (with the row grouping if ``grouped``):
+        the work ``forward`` does on the step's critical path."""
         b, f = features.batch_size, features.num_features
         per_key = features.lengths.view(f, b).sum(1)
         key_of = torch.repeat_interleave(torch.arange(f), per_key)
         ids = features.values + self._offsets[key_of]
         uniq, inverse = torch.unique(ids, return_inverse=True)
-        rows = self.table[:, : self.dim].index_select(0, uniq)
-        if self.training and torch.is_grad_enabled():
-            rows.requires_grad_()
-            self._pending = (uniq, rows)
-        # the pooling layout and the row grouping are computed here, on the step's critical path
-        index = PoolingIndex.from_lookup(
-            inverse, features.lengths, f, uniq.numel(), grouped=rows.requires_grad
-        )
-        return pooled_lookup(rows, index, b, f)
+        return uniq, PoolingIndex.from_lookup(inverse, features.lengths, f, uniq.numel(), grouped=grouped)
 
     def apply_update(self, step: int) -> None:
         """The sparse optimizer on the rows the last forward touched (weights and state together)."""
@@ -328,13 +341,19 @@ class _IdealDeepFM(DeepFM):
         emb.apply_update(self.trainer.global_step)
 
 
-def _run_ideal(setup: _Setup) -> dict[str, Any]:
+def _run_ideal(setup: _Setup, prededuped: bool = False) -> dict[str, Any]:
     model = _deepfm(setup, _IdealDeepFM)
     cached = model.embedding
     assert isinstance(cached, CachedEmbedding)
-    model.embedding = FullTableEmbedding(cached.store.tensor(), setup.tables, cached.dim, cached.optimizer)  # type: ignore[assignment]
+    full = FullTableEmbedding(cached.store.tensor(), setup.tables, cached.dim, cached.optimizer)
+    model.embedding = full  # type: ignore[assignment]
+    if prededuped:  # a bound, not a system: the step's dedup and layout done before the run, untimed
+        full.prepared = {b.sparse.values.data_ptr(): full.dedup(b.sparse, True) for b in setup.batches}
     _, clock = _fit(setup, model, train_dataloaders=_Batches(setup.batches))
-    return {**clock.figures(), "losses": clock.losses}
+    out = {**clock.figures(), "losses": clock.losses}
+    if prededuped:
+        out["steps_prededuped"] = full.prepared_hits
+    return out
 
 
 # ---------------------------------------------------------------------- plain Lightning
@@ -558,6 +577,7 @@ RUNNERS: dict[str, Callable[[_Setup], dict[str, Any]]] = {
     "torchrec": _run_torchrec,
     "floor": _run_floor,
     "floor_no_input_grad": lambda setup: _run_floor(setup, input_grad=False),
+    "ideal_prededuped": lambda setup: _run_ideal(setup, prededuped=True),
 }
 
 
