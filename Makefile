@@ -32,5 +32,26 @@ test: lint typecheck pytest
 demo: venv
 	$(BIN)/python examples/deepfm.py
 
+# Every benchmark suite at its defaults, with the optional peers (TorchRec, matplotlib): JSON and PNG in
+# $(BENCH_OUT)/ (docs/benchmarks.md explains them). About 8 minutes on 2 cores. scale refuses to start
+# unless ~40 GB are free: its files are sparse and allocate far less, but that is their worst case.
+BENCH_OUT ?= bench-results
+BENCH_ENV := GOMP_SPINCOUNT=10000
+BENCH_STAMP := $(VENV)/.bench-installed
+
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/pip install -e ".[plot,torchrec]"
+	$(BIN)/pip install --no-deps torchrec==1.8.0
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
+	mkdir -p $(BENCH_OUT)
+	$(BENCH_ENV) $(BIN)/lightning-bagpipe bench oracle --json $(BENCH_OUT)/oracle.json
+	$(BENCH_ENV) $(BIN)/lightning-bagpipe bench train --json $(BENCH_OUT)/train.json --plot $(BENCH_OUT)/train.png
+	$(BENCH_ENV) $(BIN)/lightning-bagpipe bench distributed --json $(BENCH_OUT)/distributed.json \
+		--plot $(BENCH_OUT)/distributed.png
+	$(BENCH_ENV) $(BIN)/lightning-bagpipe bench cache --json $(BENCH_OUT)/cache.json --plot $(BENCH_OUT)/cache.png
+	$(BENCH_ENV) $(BIN)/lightning-bagpipe bench scale --json $(BENCH_OUT)/scale.json --plot $(BENCH_OUT)/scale.png
+
 clean:
 	rm -rf $(VENV) build dist *.egg-info
