@@ -151,7 +151,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def _plot(out: dict[str, Any], delays: list[float], path: Path) -> None:
     """Left: samples/s of each contender against the store latency. Right: rank 0's step breakdown of
-    each contender at the lowest and the highest latency (stacked phases, then the executor's wall time)."""
+    each contender at the lowest and the highest latency (the phases of StepBreakdown, stacked)."""
     plt = require_matplotlib()
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 4.8))
     figures = out["contenders"]

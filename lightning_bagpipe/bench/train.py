@@ -85,7 +85,8 @@ from lightning_bagpipe.strategies.bagpipe import BagpipeStrategy
 from lightning_bagpipe.tables import Tables
 
 CONTENDERS = ("bagpipe", "ideal", "plain", "torchrec", "floor")
-#: Also accepted by ``--contenders``, not run by default: the floor without the embeddings' gradient.
+#: Also accepted by ``--contenders``, not run by default: the floor without the embeddings' gradient, and
+#: ideal with its dedup and layout computed before the run (a bound, not a system).
 EXTRA_CONTENDERS = ("floor_no_input_grad", "ideal_prededuped")
 #: Goals of the project, reported (never enforced): bagpipe's samples/s over each contender's.
 GOALS = {"ideal": 0.9, "floor": 0.8, "torchrec": 1.2, "plain": 1.4}
@@ -300,12 +301,13 @@ class FullTableEmbedding(nn.Module):
 
     def forward(self, features: SparseFeatures) -> Tensor:
         b, f = features.batch_size, features.num_features
+        grad = self.training and torch.is_grad_enabled()
         done = self.prepared.get(features.values.data_ptr()) if self.prepared else None
         if done is not None:
             self.prepared_hits += 1
-        uniq, index = done if done is not None else self.dedup(features, grouped=self.training)
+        uniq, index = done if done is not None else self.dedup(features, grouped=grad)
         rows = self.table[:, : self.dim].index_select(0, uniq)
-        if self.training and torch.is_grad_enabled():
+        if grad:
             rows.requires_grad_()
             self._pending = (uniq, rows)
         return pooled_lookup(rows, index, b, f)
