@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -100,6 +101,33 @@ def test_a_new_store_writes_nothing_to_its_file_until_a_spill(tmp_path: Path) ->
     s.close()
 
 
+def test_materialising_a_large_unwritten_table_says_so_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    s = lazy_store(tmp_path / "t.f32", 100)
+    assert s.rows_in_file() == 0
+    s.write([5, 700, 1206], torch.full((3, WIDTH), 2.0))
+    assert s.rows_in_file() == 0  # still in the buffer
+    s.flush()
+    assert s.rows_in_file() == 3
+    todo = TABLES.total_rows - 3
+    monkeypatch.setattr(TieredStore, "MATERIALIZE_WARN_BYTES", todo * WIDTH * 4 - 1)
+    with pytest.warns(UserWarning, match=f"writing {todo:,} rows that were never written"):
+        full = s.tensor()
+    assert torch.equal(full[[5, 700, 1206]], torch.full((3, WIDTH), 2.0))
+    assert s.rows_in_file() == TABLES.total_rows
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # everything is in the file now: nothing to write, no warning
+        s.tensor()
+    s.close()
+    small = lazy_store(tmp_path / "small.f32", 100)
+    monkeypatch.setattr(TieredStore, "MATERIALIZE_WARN_BYTES", TABLES.total_rows * WIDTH * 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # at the limit: no warning
+        small.tensor()
+    small.close()
+
+
 def test_a_flushed_store_reopens_as_it_was(tmp_path: Path) -> None:
     path = tmp_path / "t.f32"
     s = lazy_store(path, 10)
@@ -143,6 +171,7 @@ def test_an_mmap_store_file_opens_with_every_row_held(tmp_path: Path) -> None:
     m.close()
     s = TieredStore(path, buffer_bytes=2**20)
     assert s.read([0, 1206]).eq(9.0).all()
+    assert s.rows_in_file() == TABLES.total_rows  # (1207 rows: the bitmap's last byte has 1 valid bit)
     s.close()
 
 

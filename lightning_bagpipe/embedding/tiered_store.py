@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import os
 import threading
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -58,6 +59,7 @@ __all__ = ["DEFAULT_BUFFER_BYTES", "TieredStore"]
 DEFAULT_BUFFER_BYTES = 256 * 2**20
 
 _EMPTY = -1
+_POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
 _MATERIALIZE_ROWS = 1 << 18
 _ENTRY_BYTES = 12  # one IdMap entry: id and value
 
@@ -318,11 +320,35 @@ class TieredStore(EmbeddingStore):
             for lo in range(start, stop, _MATERIALIZE_ROWS):
                 self._mark(np.arange(lo, min(stop, lo + _MATERIALIZE_ROWS), dtype=np.int64))
 
+    #: :meth:`tensor` warns when it must write more than this many bytes of rows never written.
+    MATERIALIZE_WARN_BYTES = 1 << 30
+
+    def rows_in_file(self) -> int:
+        """Rows the file holds (its bitmap's set bits); the others are still their initial values, unless
+        the buffer holds them."""
+        with self._lock:
+            bits = self._written
+            if not bits.size:
+                return 0
+            tail = self.num_rows - 8 * (bits.size - 1)  # valid bits of the last byte (1 to 8)
+            last = int(bits[-1]) & ((1 << tail) - 1)
+            return int(_POPCOUNT[bits[:-1]].sum(dtype=np.int64)) + last.bit_count()
+
     def tensor(self) -> Tensor:
         """Every row as a zero-copy view of the file: spills, then writes each row still at its initial
-        value (the whole initialisation, on a table never materialised before)."""
+        value (the whole initialisation, on a table never materialised before; a warning says so when
+        that is more than :attr:`MATERIALIZE_WARN_BYTES`)."""
         with self._lock:
             self._spill()
+            todo = self.num_rows - self.rows_in_file()
+            if todo * self.width * 4 > self.MATERIALIZE_WARN_BYTES:
+                warnings.warn(
+                    f"{self.describe()}: writing {todo:,} rows that were never written "
+                    f"({todo * self.width * 4 / 1e9:.1f} GB) into the file, because the whole table was "
+                    "asked for (a whole-table checkpoint, state_dict(), export() or tensor()); on a huge "
+                    "table this takes minutes, once. See docs/checkpoints.md",
+                    stacklevel=2,
+                )
             t = self.file.tensor()
             for lo in range(0, self.num_rows, _MATERIALIZE_ROWS):
                 hi = min(self.num_rows, lo + _MATERIALIZE_ROWS)
