@@ -16,6 +16,7 @@ import torch
 from lightning_bagpipe.data.criteo_shape import scaled_cardinalities
 from lightning_bagpipe.data.parquet import write_parquet
 from lightning_bagpipe.data.synthetic import SyntheticCriteo
+from lightning_bagpipe.embedding.tiered_store import TieredStore
 from lightning_bagpipe.models import DLRM, DeepFM
 from lightning_bagpipe.models.train import add_arguments, main
 from lightning_bagpipe.tables import Tables
@@ -121,6 +122,38 @@ def test_dlrm_example_in_process_with_mmap_store(tmp_path: Path, capsys: pytest.
     assert "--overwrite-store" in capsys.readouterr().err
 
 
+def test_deepfm_example_on_a_tiered_store_trains_as_in_ram(tmp_path: Path) -> None:
+    """--store tiered: a TieredStore file with a 1 MiB buffer trains the same model as the RAM store, and
+    its file holds only the rows training wrote (no full initialisation)."""
+    path = tmp_path / "tables.f32"
+    base = [*TINY, "--no-progress-bar", "--no-checkpoint", "--no-logger", "--root-dir", str(tmp_path / "run")]
+    figures = {}
+    for store in ("tiered", "memory"):
+        metrics = tmp_path / f"{store}.json"
+        extra = ["--store-path", str(path), "--buffer-mib", "1"] if store == "tiered" else []
+        assert main([*base, "--store", store, *extra, "--metrics-json", str(metrics)], model="deepfm") == 0
+        figures[store] = json.loads(metrics.read_text())
+    tiered, memory = figures["tiered"], figures["memory"]
+    _check_metrics(tiered, "deepfm")
+    assert tiered["val_logloss"] == memory["val_logloss"] and tiered["val_auc"] == memory["val_auc"]
+    reopened = TieredStore(path)  # flushed at the end of fit: the file and its bitmap are complete
+    assert reopened.metadata["lazy"] is True
+    assert 0 < reopened.rows_in_file() <= tiered["rows_written_back"] < tiered["table_rows"]
+    reopened.close()
+
+
+def test_deepfm_example_on_two_processes_keeps_a_tiered_store_per_process(tmp_path: Path) -> None:
+    m, _ = _run_example(
+        "deepfm.py", tmp_path, "--devices", "2", "--accelerator", "cpu", "--store", "tiered",
+        "--buffer-mib", "1", "--no-checkpoint", "--no-logger",
+    )  # fmt: skip
+    assert m["world_size"] == 2 and m["steps"] == 40
+    for rank in (0, 1):  # each rank trained its shard (store="sharded") over its own file
+        store = TieredStore(tmp_path / "run" / f"tables.rank{rank}.f32")
+        assert 0 < store.rows_in_file() < m["table_rows"]
+        store.close()
+
+
 @pytest.mark.parametrize("model", ["deepfm", "dlrm", None])
 def test_every_flag_is_documented(model: str | None, capsys: pytest.CaptureFixture[str]) -> None:
     parser = argparse.ArgumentParser()
@@ -152,7 +185,8 @@ def test_every_flag_is_documented(model: str | None, capsys: pytest.CaptureFixtu
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--store-path", "x.f32"], "--store-path needs --store mmap"),
+        (["--store-path", "x.f32"], "--store-path needs --store mmap or tiered"),
+        (["--buffer-mib", "4"], "--buffer-mib needs --store tiered"),
         (["--hidden", "64,0"], "layer widths must be positive"),
         (["--batch-size", "0"], "expected a positive int"),
         (["--data", "/nonexistent/criteo"], "does not exist"),

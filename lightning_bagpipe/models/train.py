@@ -13,6 +13,7 @@ planted model's AUC on synthetic data, training throughput and the cache figures
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -29,7 +30,14 @@ from lightning.pytorch.callbacks import Callback
 
 from lightning_bagpipe.data.criteo import CriteoDataModule
 from lightning_bagpipe.data.synthetic import DEFAULT_ZIPF, SyntheticCriteo
-from lightning_bagpipe.models.common import DEFAULT_DENSE_LR, DEFAULT_SPARSE_LR, DENSE_OPTIMIZERS, ClickModel
+from lightning_bagpipe.embedding.tiered_store import DEFAULT_BUFFER_BYTES, TieredStore
+from lightning_bagpipe.models.common import (
+    DEFAULT_DENSE_LR,
+    DEFAULT_SPARSE_LR,
+    DENSE_OPTIMIZERS,
+    ClickModel,
+    StoreLike,
+)
 from lightning_bagpipe.models.deepfm import DEFAULT_HIDDEN, DeepFM
 from lightning_bagpipe.models.dlrm import DLRM
 from lightning_bagpipe.optim.sparse import SparseOptimizer, from_hparams
@@ -161,19 +169,25 @@ def add_arguments(parser: argparse.ArgumentParser, model: str | None = None) -> 
     add("--cache-rows", type=pos_int, help="cache capacity in rows (default: grow to what the plan needs)")
     add(
         "--store",
-        choices=("memory", "mmap"),
+        choices=("memory", "mmap", "tiered"),
         default="memory",
-        help="where the full tables live: host RAM, or a memory-mapped file for tables larger than RAM "
-        "(default: %(default)s)",
+        help="where the full tables live: host RAM; a memory-mapped file; or 'tiered', that file behind a "
+        "RAM write buffer with rows initialised lazily (TieredStore, the store for tables far larger than "
+        "RAM; one file per process) (default: %(default)s)",
     )
     add(
         "--store-path",
         type=Path,
         metavar="PATH",
-        help="file of the mmap store (default: ROOT_DIR/tables.f32); an existing file is an error unless "
-        "--overwrite-store",
+        help="file of the mmap or tiered store (default: ROOT_DIR/tables.f32; with several processes a "
+        "tiered store adds .rankR before the suffix); an existing file is an error unless --overwrite-store",
     )
-    add("--overwrite-store", action="store_true", help="replace an existing mmap store file")
+    add("--overwrite-store", action="store_true", help="replace an existing store file")
+    add(
+        "--buffer-mib",
+        type=pos_int,
+        help="RAM write buffer of the tiered store, in MiB (default: 256)",
+    )
 
     arch = parser.add_argument_group("model")
     add = arch.add_argument
@@ -297,34 +311,43 @@ def build_datamodule(args: argparse.Namespace) -> CriteoDataModule:
     )
 
 
-def _store_arg(args: argparse.Namespace, root: Path) -> str | None:
+def _store_arg(args: argparse.Namespace, root: Path) -> StoreLike:
+    """The model's ``store=``: ``None`` (RAM), an mmap file's path, or a TieredStore factory."""
+    if args.buffer_mib is not None and args.store != "tiered":
+        raise ValueError("--buffer-mib needs --store tiered")
     if args.store == "memory":
         if args.store_path is not None:
-            raise ValueError("--store-path needs --store mmap")
+            raise ValueError("--store-path needs --store mmap or tiered")
         return None
     path = Path(args.store_path) if args.store_path is not None else root / "tables.f32"
-    sidecar = Path(str(path) + ".json")
-    if int(os.environ.get("LOCAL_RANK", "0")) > 0:
+    rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if args.store == "tiered" and args.devices > 1:
+        path = path.with_name(f"{path.stem}.rank{rank}{path.suffix}")  # a TieredStore is one process's
+    elif rank > 0:
         # a rank Lightning's launcher started (it re-runs this script): rank 0 created the file already
         return str(path)
+    sidecars = [Path(f"{path}.json"), Path(f"{path}.written")]
     if path.exists():
         if not args.overwrite_store:
             raise FileExistsError(
                 f"store file {path} exists (from an earlier run?); pass --overwrite-store to replace it or "
                 "--store-path to use another file"
             )
-        if not sidecar.exists():
+        if not sidecars[0].exists():
             raise FileExistsError(
-                f"{path} exists but is not a lightning-bagpipe store ({sidecar} is missing)"
+                f"{path} exists but is not a lightning-bagpipe store ({sidecars[0]} is missing)"
             )
-        path.unlink()
-        sidecar.unlink()
+        for f in (path, *sidecars):
+            f.unlink(missing_ok=True)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if args.store == "tiered":
+        mib = args.buffer_mib if args.buffer_mib is not None else DEFAULT_BUFFER_BYTES // 2**20
+        return functools.partial(TieredStore, path, buffer_bytes=mib * 2**20)
     return str(path)
 
 
 def build_model(
-    args: argparse.Namespace, datamodule: CriteoDataModule, store: str | None = None
+    args: argparse.Namespace, datamodule: CriteoDataModule, store: StoreLike = None
 ) -> ClickModel:
     """The model the flags describe, over the datamodule's tables."""
     opt: SparseOptimizer = from_hparams({"name": args.sparse_optimizer}, lr=args.sparse_lr)
@@ -403,8 +426,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     dm = build_datamodule(args)
     model = build_model(args, dm, _store_arg(args, root))
     meter = ThroughputMeter()
+    # several processes share one mmap file per node (the default); each keeps its own tiered store
+    strategy = BagpipeStrategy(store="sharded") if args.store == "tiered" and args.devices > 1 else "bagpipe"
     trainer = pl.Trainer(
-        strategy="bagpipe",
+        strategy=strategy,
         accelerator=args.accelerator,
         devices=args.devices,
         max_steps=args.max_steps,
@@ -421,12 +446,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     has_val = dm.val_data is not None
     if has_val and meter.last_val_step != trainer.global_step:
         trainer.validate(model, datamodule=dm, verbose=False)  # the fit stopped between validations
-    strategy = trainer.strategy
-    stats = (
-        strategy.cache_stats.as_dict()
-        if isinstance(strategy, BagpipeStrategy) and strategy.cache_stats
-        else {}
-    )
+    used = trainer.strategy
+    stats = used.cache_stats.as_dict() if isinstance(used, BagpipeStrategy) and used.cache_stats else {}
     true_auc = None
     if trainer.is_global_zero and isinstance(dm.val_data, SyntheticCriteo):
         true_auc = dm.val_data.true_auc(len(dm.val_data))  # the planted model's AUC on the same samples
