@@ -461,4 +461,5 @@ def _ignore_cache_buffers(model: Module) -> None:
     ]
     if names:  # (the documented workaround torch offers until it has a public API for this)
         previous = list(getattr(model, "_ddp_params_and_buffers_to_ignore", []))
-        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, previous + names)
+        ignore = list(dict.fromkeys(previous + names))  # (a second fit of the same model adds nothing)
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignore)
