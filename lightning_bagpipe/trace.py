@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from lightning_bagpipe.bench.common import parse_int_list, require_matplotlib
+from lightning_bagpipe.bench.common import parse_int_list, require_matplotlib, save_figure
 from lightning_bagpipe.oracle.lookahead import LookaheadOracle
 from lightning_bagpipe.oracle.simulators import belady_fetches, lfu_fetches, lru_fetches, min_capacity
 from lightning_bagpipe.tables import Tables
@@ -532,10 +532,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
     bx.tick_params(axis="x", labelrotation=90)
     bx.legend()
     fig.suptitle(f"lightning-bagpipe trace: {report['data']}, batch {report['batch_size']}")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_fetches(ax: Any, sweep_dict: dict[str, Any]) -> None:

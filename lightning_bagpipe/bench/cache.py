@@ -22,7 +22,13 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from lightning_bagpipe.bench.common import machine_info, parse_int_list, require_matplotlib, suite_config
+from lightning_bagpipe.bench.common import (
+    machine_info,
+    parse_int_list,
+    require_matplotlib,
+    save_figure,
+    suite_config,
+)
 from lightning_bagpipe.trace import (
     BASELINES,
     access_skew,
@@ -112,7 +118,4 @@ def _plot(out: dict[str, Any], sweep_dict: dict[str, Any], path: Path) -> None:
     s = out["stream"]
     batches = f"{s['batches']} batches x {out['config']['batch_size']}"
     ax.set_title(f"{s['data']}: {batches}, {s['distinct_rows']:,} rows read")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)

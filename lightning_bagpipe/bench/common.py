@@ -33,6 +33,7 @@ __all__ = [
     "parse_int_list",
     "proc_status_bytes",
     "require_matplotlib",
+    "save_figure",
     "suite_config",
 ]
 
@@ -293,3 +294,13 @@ def require_matplotlib(flag: str = "--plot") -> Any:
             f"{flag} needs matplotlib: pip install 'lightning-bagpipe[plot]' (or pip install matplotlib)"
         ) from None
     return plt
+
+
+def save_figure(fig: Any, path: Path) -> None:
+    """Lay out ``fig``, write it to ``path`` (a PNG; parent folders created) and free it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

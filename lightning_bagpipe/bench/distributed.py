@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from lightning_bagpipe.bench.breakdown import StepBreakdown
-from lightning_bagpipe.bench.common import machine_info, require_matplotlib, suite_config
+from lightning_bagpipe.bench.common import machine_info, require_matplotlib, save_figure, suite_config
 
 #: name -> (prefetch with the full lookahead?, BagpipeDataModule sync mode)
 CONTENDERS = {
@@ -172,10 +172,7 @@ def _plot(out: dict[str, Any], delays: list[float], path: Path) -> None:
     bx.set_ylabel("ms per step, rank 0 (median)")
     bx.set_title("where a step's time goes")
     bx.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def _median(rs: list[dict[str, Any]]) -> dict[str, Any]:

@@ -63,6 +63,7 @@ from lightning_bagpipe.bench.common import (
     median_figures,
     proc_status_bytes,
     require_matplotlib,
+    save_figure,
     suite_config,
 )
 from lightning_bagpipe.data.criteo_shape import CRITEO_KAGGLE_CARDINALITIES
@@ -270,10 +271,7 @@ def _plot(out: dict[str, Any], names: list[str], path: Path) -> None:
     bx.set_title("memory of the training process")
     bx.tick_params(axis="x", labelrotation=20)
     bx.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def _max_diff(losses: dict[str, list[list[float]]], a: str, b: str) -> float | None:

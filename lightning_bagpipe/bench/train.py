@@ -71,6 +71,7 @@ from lightning_bagpipe.bench.common import (
     median_figures,
     parse_int_list,
     require_matplotlib,
+    save_figure,
     suite_config,
 )
 from lightning_bagpipe.data.batch import Batch, PoolingIndex, SparseFeatures
@@ -716,10 +717,7 @@ def _plot(out: dict[str, Any], path: Path) -> None:
         bx.set_ylabel("ms per step (median)")
         bx.set_title("bagpipe step breakdown")
         bx.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
