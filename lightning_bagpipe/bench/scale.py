@@ -69,7 +69,7 @@ from lightning_bagpipe.bench.common import (
 from lightning_bagpipe.data.criteo_shape import CRITEO_KAGGLE_CARDINALITIES
 from lightning_bagpipe.embedding.init import INIT_RECIPE, initial_rows_at
 from lightning_bagpipe.embedding.store import EmbeddingStore, MmapStore
-from lightning_bagpipe.embedding.tiered_store import TieredStore
+from lightning_bagpipe.embedding.tiered_store import TieredStore, store_files
 from lightning_bagpipe.optim.sparse import RowWiseAdagrad, SparseOptimizer
 from lightning_bagpipe.tables import Tables
 
@@ -283,8 +283,8 @@ def _max_diff(losses: dict[str, list[list[float]]], a: str, b: str) -> float | N
 
 
 def _remove_store_files(path: Path) -> None:
-    for suffix in ("", ".json", ".written"):
-        Path(str(path) + suffix).unlink(missing_ok=True)
+    for f in store_files(path):
+        f.unlink(missing_ok=True)
 
 
 def _check_disk(root: Path, args: argparse.Namespace) -> None:

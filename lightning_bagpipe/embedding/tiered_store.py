@@ -53,7 +53,7 @@ from lightning_bagpipe.embedding.store import (
 from lightning_bagpipe.id_map import IdMap
 from lightning_bagpipe.tables import Tables
 
-__all__ = ["DEFAULT_BUFFER_BYTES", "TieredStore"]
+__all__ = ["DEFAULT_BUFFER_BYTES", "TieredStore", "store_files"]
 
 #: Default size of the RAM write buffer (rows and their index).
 DEFAULT_BUFFER_BYTES = 256 * 2**20
@@ -62,6 +62,13 @@ _EMPTY = -1
 _POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
 _MATERIALIZE_ROWS = 1 << 18
 _ENTRY_BYTES = 12  # one IdMap entry: id and value
+
+
+def store_files(path: str | os.PathLike[str]) -> tuple[Path, Path, Path]:
+    """Every file a store at ``path`` may keep: the row file, its JSON sidecar (an :class:`MmapStore`'s)
+    and the bitmap of rows written (a ``TieredStore``'s), for whoever removes or replaces a store."""
+    p = Path(path)
+    return p, Path(f"{p}.json"), Path(f"{p}.written")
 
 
 def buffer_capacity(buffer_bytes: int, width: int) -> int:
@@ -102,7 +109,7 @@ class TieredStore(EmbeddingStore):
         super().__init__(self.file.num_rows, self.file.width)
         self.metadata = self.file.metadata
         self._table = self.file.tensor()
-        self.bitmap_path = Path(str(self.file.path) + ".written")
+        self.bitmap_path = store_files(self.file.path)[2]
         if (
             isinstance(buffer_bytes, bool)
             or not isinstance(buffer_bytes, int)

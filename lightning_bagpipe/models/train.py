@@ -30,7 +30,7 @@ from lightning.pytorch.callbacks import Callback
 
 from lightning_bagpipe.data.criteo import CriteoDataModule
 from lightning_bagpipe.data.synthetic import DEFAULT_ZIPF, SyntheticCriteo
-from lightning_bagpipe.embedding.tiered_store import DEFAULT_BUFFER_BYTES, TieredStore
+from lightning_bagpipe.embedding.tiered_store import DEFAULT_BUFFER_BYTES, TieredStore, store_files
 from lightning_bagpipe.models.common import (
     DEFAULT_DENSE_LR,
     DEFAULT_SPARSE_LR,
@@ -326,18 +326,19 @@ def _store_arg(args: argparse.Namespace, root: Path) -> StoreLike:
     elif rank > 0:
         # a rank Lightning's launcher started (it re-runs this script): rank 0 created the file already
         return str(path)
-    sidecars = [Path(f"{path}.json"), Path(f"{path}.written")]
+    files = store_files(path)
+    sidecar = files[1]
     if path.exists():
         if not args.overwrite_store:
             raise FileExistsError(
                 f"store file {path} exists (from an earlier run?); pass --overwrite-store to replace it or "
                 "--store-path to use another file"
             )
-        if not sidecars[0].exists():
+        if not sidecar.exists():
             raise FileExistsError(
-                f"{path} exists but is not a lightning-bagpipe store ({sidecars[0]} is missing)"
+                f"{path} exists but is not a lightning-bagpipe store ({sidecar} is missing)"
             )
-        for f in (path, *sidecars):
+        for f in files:
             f.unlink(missing_ok=True)
     path.parent.mkdir(parents=True, exist_ok=True)
     if args.store == "tiered":
