@@ -7,7 +7,7 @@ flag: Criteo TSV or Parquet input, batch size, lookahead, cache size, memory, mm
 
     python examples/deepfm.py
     python examples/deepfm.py --data day_0.gz --val-data day_1.gz --max-steps 20000 --cache-rows 2000000
-    python examples/deepfm.py --scale 7.95 --store tiered --cache-rows 262144 --no-checkpoint  # 268M rows
+    python examples/deepfm.py --scale 7.95 --store tiered --cache-rows 262144 --max-steps 200  # 268M rows
 """
 
 import os

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -19,6 +20,7 @@ from lightning_bagpipe.data.synthetic import SyntheticCriteo
 from lightning_bagpipe.embedding.tiered_store import TieredStore
 from lightning_bagpipe.models import DLRM, DeepFM
 from lightning_bagpipe.models.train import add_arguments, main
+from lightning_bagpipe.strategies.sharded_checkpoint import load_checkpoint_for_inference
 from lightning_bagpipe.tables import Tables
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -145,12 +147,23 @@ def test_deepfm_example_on_a_tiered_store_trains_as_in_ram(tmp_path: Path) -> No
 def test_deepfm_example_on_two_processes_keeps_a_tiered_store_per_process(tmp_path: Path) -> None:
     m, _ = _run_example(
         "deepfm.py", tmp_path, "--devices", "2", "--accelerator", "cpu", "--store", "tiered",
-        "--buffer-mib", "1", "--no-checkpoint", "--no-logger",
+        "--buffer-mib", "1", "--no-logger",
     )  # fmt: skip
     assert m["world_size"] == 2 and m["steps"] == 40
-    for rank in (0, 1):  # each rank trained its shard (store="sharded") over its own file
-        store = TieredStore(tmp_path / "run" / f"tables.rank{rank}.f32")
+    stores = [TieredStore(tmp_path / "run" / f"tables.rank{rank}.f32") for rank in (0, 1)]
+    for store in stores:  # each rank trained its shard (store="sharded") over its own file
         assert 0 < store.rows_in_file() < m["table_rows"]
+    # the end-of-fit checkpoint: a directory whose shards hold only the rows each rank wrote
+    (ckpt,) = (tmp_path / "run").rglob("*.ckpt")
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    shards = manifest["modules"]["embedding"]["shards"]
+    assert [s["rank"] for s in shards] == [0, 1] and all("ids_file" in s for s in shards)
+    written = sum(np.load(ckpt / s["ids_file"]).size for s in shards)
+    assert 0 < written < m["table_rows"] // 2
+    model = load_checkpoint_for_inference(DeepFM, ckpt)  # into RAM: every other row is its initial value
+    final = stores[0].read(np.arange(m["table_rows"]))  # rank 0 gathered every shard as fit ended
+    assert torch.equal(model.embedding.store.tensor(), final)
+    for store in stores:
         store.close()
 
 

@@ -16,6 +16,7 @@ loading, corrupted and foreign checkpoints, a kill in the middle of a directory 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -550,6 +551,48 @@ def test_row_bounds_tile_the_rows_like_the_sharded_store() -> None:
         assert b[0] == 0 and b[-1] == n and np.all(np.diff(b) >= 0) and len(b) == w + 1
         sizes = np.diff(b)
         assert sizes.max() - sizes.min() <= 1
+
+
+def _lazy_module(path: Path | None) -> tuple[dict[str, Any], dict[str, lb.CachedEmbedding]]:
+    """A module over 1,000 rows in a TieredStore at ``path`` (in RAM if None); Adagrad starts rows at 0.5."""
+    store = None if path is None else functools.partial(lb.TieredStore, path, buffer_bytes=1024)
+    opt = lb.optim.Adagrad(lr=0.1, initial_accumulator_value=0.5)
+    emb = lb.CachedEmbedding(small_tables((400, 250, 350)), dim=4, optimizer=opt, seed=3, store=store)
+    return {"state_dict": {}, "global_step": 1}, {"emb": emb}
+
+
+def test_a_lazy_store_saves_only_its_written_rows_and_restores_them_into_any_store(tmp_path: Path) -> None:
+    checkpoint, modules = _lazy_module(tmp_path / "a.f32")
+    emb = modules["emb"]
+    n = emb.tables.total_rows
+    ids = np.array([3, 17, 399, 640, 999])
+    emb.store.write(ids, torch.randn(ids.size, emb.width))
+    expected = emb.store.read(np.arange(n))
+    target = tmp_path / "c.ckpt"
+    sc.save_sharded_checkpoint(checkpoint, target, modules, sc.LocalComm())
+    manifest = json.loads((target / "manifest.json").read_text())
+    assert manifest["version"] == 2
+    (shard,) = manifest["modules"]["emb"]["shards"]
+    assert shard["init_seed"] == 3 and shard["init_state"] == [0.5] * 4
+    assert np.load(target / shard["ids_file"]).tolist() == ids.tolist()
+    assert np.load(target / shard["file"]).shape == (ids.size, emb.width)
+    meta = torch.load(target / "checkpoint.pt", weights_only=True)["bagpipe"]
+    assert meta["version"] == 3 and meta["modules"]["emb"]["init_recipe"] == "splitmix64-v1"
+    emb.store.close()
+    # into RAM, and into a file store holding rows the checkpoint does not (they go back to initial)
+    for store_path in (None, tmp_path / "a.f32"):
+        mods = _lazy_module(store_path)[1]
+        into = mods["emb"]
+        into.store.write([5], torch.full((1, emb.width), 9.0))
+        ckpt, _ = sc.read_sharded_checkpoint(target, mods, rank=0, world_size=1)
+        into.load_state_dict({"rows": ckpt["state_dict"]["emb.rows"]})  # (the rows are in place already)
+        assert torch.equal(into.store.read(np.arange(n)), expected), store_path
+    # damaged: ids outside the shard, or a shard without its recipe
+    bad = json.loads((target / "manifest.json").read_text())
+    del bad["modules"]["emb"]["shards"][0]["init_seed"]
+    (target / "manifest.json").write_text(json.dumps(bad))
+    with pytest.raises(ValueError, match=r"do not name one seed and 4 initial optimizer state values"):
+        sc.read_sharded_checkpoint(target, _lazy_module(tmp_path / "d.f32")[1], rank=0, world_size=1)
 
 
 def test_rows_left_out_of_the_state_dict_only_while_asked(tmp_path: Path) -> None:

@@ -254,6 +254,110 @@ def test_resume_into_a_spilling_tiered_store_is_bitwise_the_uninterrupted_run(
     _assert_same_result(run, evicting.reference)
 
 
+@pytest.fixture(scope="module")
+def lazy_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Scenario, Path]:
+    """A run on a TieredStore (small buffer: it spills) that saves a checkpoint after every step, next to
+    the uninterrupted run on a RAM store; tables large enough that the run writes few of their rows."""
+    tmp = tmp_path_factory.mktemp("lazy")
+    tables = small_tables((400, 250, 350))
+    train = random_batches(tables, 12, 8, multi_hot=2, seed=5)
+
+    def dm() -> ListDataModule:
+        return ListDataModule(tables, train, lookahead=4, cache_rows=60)
+
+    reference = _fit(_model(tables, sparse="rowwise"), dm(), train, seed=1)
+    every = ModelCheckpoint(dirpath=tmp / "ckpts", filename="{step}", every_n_train_steps=1, save_top_k=-1)
+    store = functools.partial(lb.TieredStore, tmp / "trained.f32", buffer_bytes=1024)
+    saving = _fit(_model(tables, sparse="rowwise", store=store), dm(), train, seed=1, callbacks=[every])
+    _assert_same_result(saving, reference)
+    assert saving.model.emb.store.spills > 1
+    saving.model.emb.store.close()  # the file now holds every step's rows, later than any checkpoint
+    return Scenario(tables, train, 4, 60, 1, "rowwise", reference, tmp / "ckpts"), tmp / "trained.f32"
+
+
+def test_a_lazy_store_checkpoints_only_the_rows_written_so_far(lazy_run: tuple[Scenario, Path]) -> None:
+    sc, _ = lazy_run
+    k = 5
+    ckpt = torch.load(sc.ckpt(k), weights_only=True)
+    sd, entry = ckpt["state_dict"], ckpt["bagpipe"]["modules"]["emb"]
+    trained = np.unique(np.concatenate([b.sparse.fused_ids(sc.tables) for b in sc.train[:k]]))
+    ids = sd["emb.row_ids"]
+    assert ids.tolist() == trained.tolist()  # every row the first k steps trained, and no other
+    assert 0 < ids.numel() < sc.tables.total_rows // 2
+    width = 4 + 1
+    assert sd["emb.rows"].shape == (ids.numel(), width) and entry["rows_shape"] == [ids.numel(), width]
+    assert int(sd["emb.rows_init_seed"]) == 7 and sd["emb.rows_init_state"].tolist() == [0.0]
+    assert ckpt["bagpipe"]["version"] == ckpt_version_written() and entry["rows_layout"] == "written"
+    assert entry["row_ids_crc32"] == zlib.crc32(ids.numpy().tobytes())
+    # the saved rows are the reference run's rows at step k (the uninterrupted run, on a RAM store)
+    ref = _fit(_model(sc.tables, sparse="rowwise"), sc.dm(), sc.train, seed=1, max_steps=k)
+    assert torch.equal(sd["emb.rows"], ref.model.emb.store.tensor()[ids])
+
+
+def ckpt_version_written() -> int:
+    return ckio.WRITTEN_ROWS_VERSION
+
+
+@pytest.mark.parametrize("into", ["new_tiered_file", "ram", "the_trained_file"])
+def test_a_written_rows_checkpoint_resumes_exactly_into_any_store(
+    lazy_run: tuple[Scenario, Path], into: str, tmp_path: Path
+) -> None:
+    """Rows the checkpoint leaves out go back to their initial values, whatever the store held: even the
+    run's own file, which holds rows trained after the checkpoint."""
+    sc, trained_file = lazy_run
+    store: Any = {
+        "new_tiered_file": functools.partial(lb.TieredStore, tmp_path / "new.f32", buffer_bytes=1024),
+        "ram": None,
+        "the_trained_file": functools.partial(lb.TieredStore, trained_file, buffer_bytes=1024),
+    }[into]
+    model = _model(sc.tables, sparse="rowwise", store=store)
+    k = 5
+    if into == "the_trained_file":  # it holds the rows of every step, not those of step k
+        saved = torch.load(sc.ckpt(k), weights_only=True)["state_dict"]
+        assert not torch.equal(model.emb.store.read(saved["emb.row_ids"]), saved["emb.rows"])
+    run = _fit(model, sc.dm(), sc.train, seed=12345, ckpt_path=sc.ckpt(k))
+    assert run.seen == list(range(k, len(sc.train)))
+    _assert_same_result(run, sc.reference)
+    if into != "ram":
+        model.emb.store.close()
+
+
+def test_a_written_rows_checkpoint_loads_for_inference(lazy_run: tuple[Scenario, Path]) -> None:
+    sc, _ = lazy_run
+    k = len(sc.train)
+    loaded = NoisyModel.load_from_checkpoint(sc.ckpt(k), tables=sc.tables, sparse="rowwise")
+    assert isinstance(loaded.emb.store, lb.MemoryStore)
+    assert torch.equal(loaded.emb.store.tensor(), sc.reference.model.emb.store.tensor())
+
+
+def test_damaged_written_rows_are_clear_errors(lazy_run: tuple[Scenario, Path], tmp_path: Path) -> None:
+    sc, _ = lazy_run
+    ckpt = torch.load(sc.ckpt(5), weights_only=True)
+    ids = ckpt["state_dict"]["emb.row_ids"]
+    flipped = ids.clone()
+    flipped[3] += 1
+    for bad, match in [
+        ({"emb.row_ids": flipped}, r"row ids of CachedEmbedding 'emb' \('emb.row_ids'\) are corrupted"),
+        ({"emb.row_ids": None}, r"has no row ids 'emb.row_ids'"),
+    ]:
+        damaged = {**ckpt, "state_dict": {**ckpt["state_dict"], **bad}}
+        damaged["state_dict"] = {k: v for k, v in damaged["state_dict"].items() if v is not None}
+        path = tmp_path / "bad.ckpt"
+        torch.save(damaged, path)
+        with pytest.raises(ValueError, match=match):
+            _fit(_model(sc.tables, sparse="rowwise"), sc.dm(), sc.train, seed=0, ckpt_path=path)
+    # the state dict on its own (no section to check it): out-of-order ids are named
+    model = _model(sc.tables, sparse="rowwise")
+    sd = dict(ckpt["state_dict"])
+    sd["emb.row_ids"] = ids.flip(0)
+    with pytest.raises(RuntimeError, match="row ids must be strictly increasing"):
+        model.load_state_dict(sd)
+    sd["emb.row_ids"] = ids
+    sd["emb.rows"] = sd["emb.rows"][1:]
+    with pytest.raises(RuntimeError, match=r"written row ids need rows of shape"):
+        model.load_state_dict(sd)
+
+
 @pytest.mark.parametrize(
     "k",
     [

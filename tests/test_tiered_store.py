@@ -128,6 +128,60 @@ def test_materialising_a_large_unwritten_table_says_so_once(
     small.close()
 
 
+@pytest.mark.parametrize("rows_in_buffer", [12, 5000])
+def test_written_ids_are_the_rows_in_the_buffer_or_the_file(tmp_path: Path, rows_in_buffer: int) -> None:
+    s = lazy_store(tmp_path / "t.f32", rows_in_buffer)
+    assert s.written_ids() is not None and s.written_ids().size == 0  # type: ignore[union-attr]
+    rng = np.random.default_rng(rows_in_buffer)
+    written: set[int] = set()
+    for _ in range(12):
+        ids = rng.choice(TABLES.total_rows, size=9, replace=False)
+        s.write(ids, torch.randn(ids.size, WIDTH))
+        written.update(ids.tolist())
+    assert (s.spills > 0) == (rows_in_buffer == 12) and s.buffered_rows > 0
+    got = s.written_ids()
+    assert got is not None and got.dtype == np.int64
+    assert got.tolist() == sorted(written)  # buffer and file, each row once, ascending
+    for lo, hi in [(0, 300), (301, 1207), (8, 9), (0, TABLES.total_rows)]:
+        part = s.written_ids(lo, hi)
+        assert part is not None and part.tolist() == [i for i in sorted(written) if lo <= i < hi]
+    with pytest.raises(ValueError, match=r"row range \[5, 1300\) is not within"):
+        s.written_ids(5, 1300)
+    # more than half of a range written: the range itself is the smaller description
+    s.write_range(0, torch.zeros(160, WIDTH))
+    assert s.written_ids(0, 300) is None and s.written_ids(300, 1207) is not None
+    s.close()
+
+
+def test_reset_to_initial_forgets_every_written_row(tmp_path: Path) -> None:
+    s = lazy_store(tmp_path / "t.f32", 6)
+    ids = np.arange(3, 1200, 11)
+    for part in np.array_split(ids, 25):  # spills, and leaves some rows in the buffer
+        s.write(part, torch.full((part.size, WIDTH), 5.0))
+    assert s.spills > 0 and s.buffered_rows > 0
+    s.reset_to_initial()
+    assert s.written_ids() is not None and s.written_ids().size == 0  # type: ignore[union-attr]
+    assert s.buffered_rows == 0 and s.rows_in_file() == 0
+    assert torch.equal(s.read(np.arange(TABLES.total_rows)), initial_table())
+    s.write([3], torch.full((1, WIDTH), -1.0))
+    s.close()
+    again = TieredStore(tmp_path / "t.f32", buffer_bytes=2**20)  # the reset bitmap was saved
+    expect = initial_table()
+    expect[3] = -1.0
+    assert torch.equal(again.read(np.arange(TABLES.total_rows)), expect)
+    again.close()
+
+
+def test_a_file_that_holds_every_row_does_not_track_written_rows(tmp_path: Path) -> None:
+    m = MmapStore(tmp_path / "full.f32", TABLES.total_rows, WIDTH)
+    m.close()
+    s = TieredStore(tmp_path / "full.f32", buffer_bytes=2**20)
+    assert s.written_ids() is None and lb.MemoryStore(10, 3).written_ids() is None
+    with pytest.raises(ValueError, match="not initialised lazily"):
+        s.reset_to_initial()
+    s.close()
+
+
 def test_a_flushed_store_reopens_as_it_was(tmp_path: Path) -> None:
     path = tmp_path / "t.f32"
     s = lazy_store(path, 10)

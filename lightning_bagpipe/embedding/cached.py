@@ -21,12 +21,26 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_bagpipe.data.batch import PoolingIndex, SparseFeatures
+from lightning_bagpipe.embedding.distributed import ShardedStore
 from lightning_bagpipe.embedding.init import initialize_store
 from lightning_bagpipe.embedding.pooling import pooled_lookup
 from lightning_bagpipe.embedding.store import EmbeddingStore, MemoryStore, MmapStore
 from lightning_bagpipe.embedding.tiered_store import TieredStore
 from lightning_bagpipe.optim.sparse import SparseOptimizer
 from lightning_bagpipe.tables import Tables, TableSpec
+
+#: State-dict keys (after the module's prefix) of the written-rows layout, besides ``rows``: the ids of the
+#: saved rows, and the seed and optimizer state every other row starts from.
+WRITTEN_IDS, INIT_SEED, INIT_STATE = "row_ids", "rows_init_seed", "rows_init_state"
+#: Stands for ``state_dict["<module>.rows"]`` once a loader has put the rows into the module's store itself
+#: (the written-rows shards of a directory checkpoint): loading it changes nothing.
+ROWS_IN_PLACE = torch.empty(0)
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, Tensor):
+        return f"a {str(value.dtype).removeprefix('torch.')} tensor of shape {list(value.shape)}"
+    return "nothing" if value is None else type(value).__name__
 
 
 class CachedEmbedding(nn.Module):
@@ -91,6 +105,7 @@ class CachedEmbedding(nn.Module):
         self._active = False
         self._pending: list[tuple[Tensor, Tensor]] = []
         self._warned_inactive = False
+        self._save_written_rows = False  # set while a checkpoint is taken (checkpointing.written_rows_only)
 
     # ------------------------------------------------------------------ store
     def _store_metadata(self) -> dict[str, Any]:
@@ -297,7 +312,16 @@ class CachedEmbedding(nn.Module):
     # ------------------------------------------------------------------ checkpoints
     def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        destination[prefix + "rows"] = self.store.tensor()
+        ids = self.store.written_ids() if self._save_written_rows else None
+        if ids is None:
+            destination[prefix + "rows"] = self.store.tensor()
+            return
+        # the written-rows layout: the rows written since initialisation and the recipe of all others
+        meta = self.store.metadata
+        destination[prefix + "rows"] = self.store.read(ids)
+        destination[prefix + WRITTEN_IDS] = torch.from_numpy(ids)
+        destination[prefix + INIT_SEED] = torch.tensor(int(meta["seed"]), dtype=torch.int64)
+        destination[prefix + INIT_STATE] = torch.tensor(meta["state_init"], dtype=torch.float32)
 
     def _load_from_state_dict(
         self,
@@ -310,7 +334,19 @@ class CachedEmbedding(nn.Module):
         error_msgs: list[str],
     ) -> None:
         key = prefix + "rows"
-        if key in state_dict:
+        if state_dict.get(key) is ROWS_IN_PLACE:
+            state_dict.pop(key)
+        elif prefix + WRITTEN_IDS in state_dict:
+            error = self._load_written_rows(
+                state_dict.pop(key, None),
+                state_dict.pop(prefix + WRITTEN_IDS),
+                state_dict.pop(prefix + INIT_SEED, None),
+                state_dict.pop(prefix + INIT_STATE, None),
+                prefix,
+            )
+            if error:
+                error_msgs.append(error)
+        elif key in state_dict:
             rows = state_dict.pop(key)
             expect = (self.tables.total_rows, self.width)
             if tuple(rows.shape) != expect:
@@ -326,6 +362,43 @@ class CachedEmbedding(nn.Module):
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
+
+    def _load_written_rows(self, rows: Any, ids: Any, seed: Any, state: Any, prefix: str) -> str | None:
+        """Restore a written-rows state dict: every row back to the saved recipe's initial value, then the
+        saved rows written over it. Returns what is wrong with the entries instead, if anything."""
+        key = prefix + "rows"
+        n, w, sw = self.tables.total_rows, self.width, self.width - self.dim
+        if not isinstance(ids, Tensor) or ids.dim() != 1 or ids.dtype != torch.int64:
+            return f"{prefix + WRITTEN_IDS}: expected a 1-D int64 tensor of row ids, got {_describe(ids)}"
+        k = ids.numel()
+        if not isinstance(rows, Tensor) or tuple(rows.shape) != (k, w):
+            return (
+                f"{key}: {k} written row ids need rows of shape [{k}, {w}] ({len(self.tables)} tables, dim "
+                f"{self.dim} + {sw} optimizer state columns), got {_describe(rows)}"
+            )
+        ids_np = ids.cpu().numpy()
+        if k and (int(ids_np[0]) < 0 or int(ids_np[-1]) >= n or bool(np.any(ids_np[1:] <= ids_np[:-1]))):
+            return f"{prefix + WRITTEN_IDS}: row ids must be strictly increasing and within [0, {n})"
+        if not isinstance(seed, Tensor) or seed.numel() != 1 or seed.is_floating_point():
+            return f"{prefix + INIT_SEED}: expected the initial rows' integer seed, got {_describe(seed)}"
+        if not isinstance(state, Tensor) or state.dim() != 1 or state.numel() != sw:
+            return f"{prefix + INIT_STATE}: expected {sw} initial optimizer states, got {_describe(state)}"
+        self._restart_rows(int(seed), state)
+        self.store.write(ids_np, rows.to(torch.float32).cpu(), check_unique=False)
+        return None
+
+    def _restart_rows(self, seed: int, state: Tensor) -> EmbeddingStore:
+        """Put every row of this process's store back to its initial value under ``seed`` and optimizer
+        state ``state`` (a lazily initialised store writes nothing); return that store."""
+        init_state = state.to(torch.float32).cpu().reshape(-1)
+        local = self.store.local if isinstance(self.store, ShardedStore) else self.store
+        if isinstance(local, TieredStore):
+            local.initialize_lazily(self.tables, self.dim, init_state, seed)
+            local.reset_to_initial()
+        else:
+            initialize_store(local, self.tables, self.dim, init_state, seed)
+        local.set_metadata(**{**self._store_metadata(), "seed": seed})
+        return local
 
     def extra_repr(self) -> str:
         return (

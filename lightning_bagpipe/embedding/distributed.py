@@ -110,14 +110,16 @@ def share_store(
 def shard_store(store: EmbeddingStore, groups: RankGroups) -> tuple[EmbeddingStore, Callable[[bool], None]]:
     """Rows of ``store`` sharded across ranks; returns the sharded view and a function ending it.
 
-    Ending gathers every shard into each rank's own store; ``end(collective=False)`` (after a failure on
-    another rank) skips that, leaving each rank's store current for its own shard only.
+    Ending gathers every shard into each rank's own store and flushes it (a file store then reopens with
+    the whole table); ``end(collective=False)`` (after a failure on another rank) skips that, leaving each
+    rank's store current for its own shard only.
     """
     sharded = ShardedStore(store, groups)
 
     def end(collective: bool = True) -> None:
         if collective:
             sharded.gather_to_local()
+            store.flush()
 
     return sharded, end
 

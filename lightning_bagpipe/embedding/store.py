@@ -236,6 +236,17 @@ class EmbeddingStore(ABC):
         """The whole table as a zero-copy ``[num_rows, width]`` CPU tensor (writes go to the store)."""
         return self._t()
 
+    def written_ids(self, start: int = 0, stop: int | None = None) -> np.ndarray | None:
+        """Ids in ``[start, stop)`` of the rows written since the store was initialised, ascending (int64).
+
+        Every other row still holds its initial value, so a checkpoint needs only these rows and the
+        initialisation recipe. ``None`` when the store does not keep track (every row counts as written):
+        only a lazily initialised store (:class:`~lightning_bagpipe.embedding.tiered_store.TieredStore`)
+        does.
+        """
+        self._t()
+        return None
+
     def flush(self) -> None:
         """Make written rows durable. A no-op in RAM."""
         self._t()

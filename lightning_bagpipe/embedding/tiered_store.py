@@ -237,8 +237,9 @@ class TieredStore(EmbeddingStore):
         self._count = 0
         self.spills += 1
 
-    #: Rows per file write of a spill: each write lets the file store release the pages it mapped
-    #: (:attr:`MmapStore.MAPPED_BYTES_LIMIT`), so a spill of a large buffer does not map gigabytes at once.
+    #: Rows per file write of a spill, and per file read of a large read: after each the file store may let
+    #: go of the pages it mapped (:attr:`MmapStore.MAPPED_BYTES_LIMIT`), so a spill of a large buffer, or a
+    #: checkpoint's read of every written row, does not map gigabytes at once.
     SPILL_CHUNK_ROWS = 1 << 15
 
     def _write_file(self, ids: np.ndarray, rows: Tensor, order: np.ndarray) -> None:
@@ -278,7 +279,11 @@ class TieredStore(EmbeddingStore):
                 ids_rest = idx[rest]
                 disk = self._in_file(ids_rest)
                 if disk.any():
-                    out[torch.from_numpy(rest[disk])] = self.file.read(ids_rest[disk])
+                    at, from_file = rest[disk], ids_rest[disk]
+                    # a chunk at a time, so the file store lets go of the pages each chunk maps in
+                    for lo in range(0, at.size, self.SPILL_CHUNK_ROWS):
+                        part = slice(lo, lo + self.SPILL_CHUNK_ROWS)
+                        out[torch.from_numpy(at[part])] = self.file.read(from_file[part])
                 if not disk.all():
                     out[torch.from_numpy(rest[~disk])] = self._initial(ids_rest[~disk])
 
@@ -326,6 +331,46 @@ class TieredStore(EmbeddingStore):
             self.file.write_range(start, src)
             for lo in range(start, stop, _MATERIALIZE_ROWS):
                 self._mark(np.arange(lo, min(stop, lo + _MATERIALIZE_ROWS), dtype=np.int64))
+
+    def written_ids(self, start: int = 0, stop: int | None = None) -> np.ndarray | None:
+        """Ids in ``[start, stop)`` of the rows written since the store was initialised (in the file or
+        the buffer), ascending; every other row of the range is still its initial value.
+
+        ``None`` when the file was not initialised lazily (it holds every row), and when more than half
+        the rows of the range are written: the whole range is then the smaller description of them.
+        """
+        stop = self.num_rows if stop is None else stop
+        start, stop = self._range(start, stop, "written_ids")
+        with self._lock:
+            self._t()
+            if self._init is None:
+                return None
+            half = (stop - start) // 2
+            lo_b = start >> 3
+            bits = self._written[lo_b : (stop + 7) >> 3]
+            if int(_POPCOUNT[bits].sum(dtype=np.int64)) > half + 16:  # (+16: the two edge bytes)
+                return None
+            nz = np.flatnonzero(bits)
+            held = np.unpackbits(bits[nz], bitorder="little").reshape(-1, 8).astype(bool)
+            ids = ((nz + lo_b).astype(np.int64)[:, None] * 8 + np.arange(8, dtype=np.int64))[held]
+            ids = np.union1d(ids, self._ids[: self._count])
+            ids = ids[(ids >= start) & (ids < stop)]
+            return None if ids.size > half else ids
+
+    def reset_to_initial(self) -> None:
+        """Forget every written row: each reads as its initial value again. The file's old rows stay
+        where they are, unreferenced, until a spill overwrites them; the bitmap is saved at once."""
+        with self._lock:
+            self._t()
+            if self._init is None:
+                raise ValueError(
+                    f"{self.describe()}: the file was not initialised lazily, so it has no initial rows to "
+                    "return to"
+                )
+            self._map.clear()
+            self._count = 0
+            self._written[:] = 0
+            self._save_bitmap()
 
     #: :meth:`tensor` warns when it must write more than this many bytes of rows never written.
     MATERIALIZE_WARN_BYTES = 1 << 30

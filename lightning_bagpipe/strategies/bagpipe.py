@@ -31,6 +31,7 @@ from lightning_bagpipe.strategies.checkpointing import (
     AtomicCheckpointIO,
     add_bagpipe_section,
     restore_rng_states,
+    written_rows_only,
 )
 from lightning_bagpipe.strategies.sharded_checkpoint import (
     Comm,
@@ -368,11 +369,14 @@ class BagpipeStrategy(DDPStrategy):
 
     @override
     def lightning_module_state_dict(self) -> dict[str, Any]:
-        # the first call of a checkpoint save: flush so the saved tables hold every update
+        # the first call of a checkpoint save: write the cache back so the saved tables hold every update.
+        # Not durable: the checkpoint holds the rows, and a TieredStore would spill its buffer to the file
+        # at every checkpoint (the end of fit still flushes every store).
         if self._driver is not None:
-            self._driver.sync_store(durable=True)
+            self._driver.sync_store()
         if self.world_size == 1:
-            return super().lightning_module_state_dict()
+            with written_rows_only(self._cached_modules().values()):  # not the whole of a lazy table
+                return super().lightning_module_state_dict()
         with rows_left_out(self._cached_modules().values()):  # each rank saves its own shard instead
             return super().lightning_module_state_dict()
 

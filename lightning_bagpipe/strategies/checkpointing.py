@@ -35,6 +35,7 @@ import secrets
 import shutil
 import socket
 import zlib
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +50,8 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_bagpipe.__about__ import __version__
-from lightning_bagpipe.embedding.cached import CachedEmbedding
+from lightning_bagpipe.embedding.cached import WRITTEN_IDS, CachedEmbedding
+from lightning_bagpipe.embedding.init import INIT_RECIPE
 from lightning_bagpipe.embedding.store import fsync_dir
 
 __all__ = [
@@ -58,6 +60,7 @@ __all__ = [
     "SECTION",
     "SHARDED_VERSION",
     "VERSION",
+    "WRITTEN_ROWS_VERSION",
     "AtomicCheckpointIO",
     "add_bagpipe_section",
     "atomic_torch_save",
@@ -66,6 +69,7 @@ __all__ = [
     "restore_rng_states",
     "rows_checksum",
     "verify_bagpipe_section",
+    "written_rows_only",
 ]
 
 #: Key of the bagpipe section in a checkpoint dict.
@@ -73,9 +77,13 @@ SECTION = "bagpipe"
 #: ``format`` field of the section.
 FORMAT = "lightning-bagpipe-checkpoint"
 #: The newest section version this library reads (it reads versions 1..VERSION).
-VERSION = 2
+VERSION = 3
 #: Version written into single-file checkpoints (the rows are ``state_dict["<module>.rows"]``).
 FILE_VERSION = 1
+#: Version written, in files and directories alike, when a module's rows are in the written-rows layout
+#: (only the rows written since initialisation, their ids and the initialisation recipe of the others):
+#: older readers refuse it by its version instead of misreading it.
+WRITTEN_ROWS_VERSION = 3
 #: Version written into the ``checkpoint.pt`` of directory checkpoints (``layout: "sharded"``; the rows are
 #: per-rank shard files listed in the directory's manifest).
 SHARDED_VERSION = 2
@@ -216,6 +224,10 @@ def _module_config(name: str, module: CachedEmbedding) -> dict[str, Any]:
     }
 
 
+def _written_key(name: str, suffix: str) -> str:
+    return f"{name}.{suffix}" if name else suffix
+
+
 def _module_entry(name: str, module: CachedEmbedding, state_dict: dict[str, Any]) -> dict[str, Any]:
     key = _rows_key(name)
     rows = state_dict.get(key)
@@ -224,12 +236,32 @@ def _module_entry(name: str, module: CachedEmbedding, state_dict: dict[str, Any]
             f"bagpipe checkpoint: state_dict has no tensor {key!r} for CachedEmbedding {name!r}; "
             "the tables would not be saved (was it removed in on_save_checkpoint?)"
         )
-    return {
+    entry = {
         **_module_config(name, module),
         "rows_shape": [int(s) for s in rows.shape],
         "rows_dtype": str(rows.dtype).removeprefix("torch."),
         "rows_crc32": rows_checksum(rows),
     }
+    ids = state_dict.get(_written_key(name, WRITTEN_IDS))
+    if isinstance(ids, Tensor):
+        entry.update(rows_layout="written", init_recipe=INIT_RECIPE, row_ids_crc32=rows_checksum(ids))
+    return entry
+
+
+@contextlib.contextmanager
+def written_rows_only(modules: Iterable[CachedEmbedding]) -> Iterator[None]:
+    """While active, ``state_dict()`` saves the rows of ``modules`` in the written-rows layout where their
+    store keeps track of written rows (a lazily initialised ``TieredStore``): the rows written since
+    initialisation, their ids and the recipe of every other row, instead of the whole table. Checkpoints
+    use it; a plain ``state_dict()`` still holds whole tables."""
+    mods = list(modules)
+    try:
+        for m in mods:
+            m._save_written_rows = True
+        yield
+    finally:
+        for m in mods:
+            m._save_written_rows = False
 
 
 def add_bagpipe_section(
@@ -247,9 +279,10 @@ def add_bagpipe_section(
         name: _module_entry(name, m, state_dict) if rows_in_state_dict else _module_config(name, m)
         for name, m in modules.items()
     }
+    written = any(e.get("rows_layout") == "written" for e in entries.values())
     checkpoint[SECTION] = {
         "format": FORMAT,
-        "version": FILE_VERSION,
+        "version": WRITTEN_ROWS_VERSION if written else FILE_VERSION,
         "library_version": __version__,
         "world_size": 1,
         "modules": entries,
@@ -421,6 +454,25 @@ def _verify_module(
         raise ValueError(
             f"{where}: the table rows of {label} ({key!r}) are corrupted: CRC-32 {crc:#010x} does not match "
             f"the saved {int(entry.get('rows_crc32', -1)) & 0xFFFFFFFF:#010x}"
+        )
+    ids_key = _written_key(name, WRITTEN_IDS)
+    ids = state_dict.get(ids_key)
+    if entry.get("rows_layout", "full") != "written":
+        if ids is not None:
+            raise ValueError(f"{where}: {ids_key!r} is in the state dict, but {label} was saved whole")
+        return
+    if entry.get("init_recipe") != INIT_RECIPE:
+        raise ValueError(
+            f"{where}: the rows of {label} not in the checkpoint start from init recipe "
+            f"{entry.get('init_recipe')!r}; this lightning-bagpipe computes {INIT_RECIPE!r}"
+        )
+    if not isinstance(ids, Tensor):
+        raise ValueError(f"{where}: the state_dict has no row ids {ids_key!r} for the rows of {label}")
+    crc = rows_checksum(ids)
+    if crc != entry.get("row_ids_crc32"):
+        raise ValueError(
+            f"{where}: the row ids of {label} ({ids_key!r}) are corrupted: CRC-32 {crc:#010x} does not "
+            f"match the saved {int(entry.get('row_ids_crc32', -1)) & 0xFFFFFFFF:#010x}"
         )
 
 

@@ -59,12 +59,14 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_bagpipe.__about__ import __version__
-from lightning_bagpipe.embedding.cached import CachedEmbedding
+from lightning_bagpipe.embedding.cached import ROWS_IN_PLACE, CachedEmbedding
 from lightning_bagpipe.embedding.distributed import ShardedStore
+from lightning_bagpipe.embedding.init import INIT_RECIPE
 from lightning_bagpipe.embedding.store import EmbeddingStore, fsync_dir
 from lightning_bagpipe.strategies.checkpointing import (
     SECTION,
     SHARDED_VERSION,
+    WRITTEN_ROWS_VERSION,
     AtomicCheckpointIO,
     _local_path,
     _pid_alive,
@@ -99,8 +101,9 @@ MANIFEST = "manifest.json"
 META = "checkpoint.pt"
 #: ``format`` field of the manifest.
 MANIFEST_FORMAT = "lightning-bagpipe-sharded-checkpoint"
-#: ``version`` field of the manifest; this library reads versions <= MANIFEST_VERSION.
-MANIFEST_VERSION = 1
+#: ``version`` field of the manifest; this library reads versions <= MANIFEST_VERSION. Version 2 adds shards
+#: in the written-rows layout (``ids_file``, ``init_seed``, ``init_state``); manifests without them stay 1.
+MANIFEST_VERSION = 2
 
 _TMP_SUFFIX = ".tmp"
 _OLD_SUFFIX = ".old"
@@ -187,8 +190,11 @@ def rows_left_out(modules: Iterable[CachedEmbedding]) -> Iterator[None]:
             m.__dict__.pop("_save_to_state_dict", None)
 
 
-def _authoritative_rows(module: CachedEmbedding, rank: int, world_size: int) -> tuple[int, int, Tensor]:
-    """Rows ``[lo, hi)`` this rank saves, as a zero-copy view of the store that holds them here."""
+def _authoritative_rows(
+    module: CachedEmbedding, rank: int, world_size: int
+) -> tuple[int, int, Tensor, np.ndarray | None]:
+    """Rows ``[lo, hi)`` this rank saves: a zero-copy view of the store that holds them here, or, where
+    that store keeps track of written rows, only those rows (a copy) and their ids."""
     store = module.store
     bounds = row_bounds(store.num_rows, world_size)
     if isinstance(store, ShardedStore):
@@ -201,8 +207,11 @@ def _authoritative_rows(module: CachedEmbedding, rank: int, world_size: int) -> 
     else:
         source = store  # an unshared store of a finished run, or the one file all ranks share
     lo, hi = int(bounds[rank]), int(bounds[rank + 1])
+    ids = source.written_ids(lo, hi)
+    if ids is not None:
+        return lo, hi, source.read(ids), ids
     table = source.tensor()
-    return lo, hi, table[lo:hi].contiguous()
+    return lo, hi, table[lo:hi].contiguous(), None
 
 
 # ---------------------------------------------------------------------------------------------- save
@@ -210,13 +219,17 @@ def _shard_name(module: str, rank: int, world_size: int) -> str:
     return f"{_rows_key(module)}.{rank:05d}-of-{world_size:05d}.npy"
 
 
+def _ids_name(module: str, rank: int, world_size: int) -> str:
+    return f"{_rows_key(module)}.ids.{rank:05d}-of-{world_size:05d}.npy"
+
+
 def _rank_name(rank: int, world_size: int) -> str:
     return f"rank.{rank:05d}-of-{world_size:05d}.pt"
 
 
-def _write_npy(path: Path, rows: Tensor) -> dict[str, int]:
-    """Write ``rows`` as a float32 ``.npy`` file straight from its memory; fsync; return bytes and CRC-32."""
-    arr = rows.detach().cpu().numpy()
+def _write_npy(path: Path, rows: Tensor | np.ndarray) -> dict[str, int]:
+    """Write ``rows`` as a ``.npy`` file straight from its memory; fsync; return bytes and CRC-32."""
+    arr = np.ascontiguousarray(rows) if isinstance(rows, np.ndarray) else rows.detach().cpu().numpy()
     header = io.BytesIO()
     np.lib.format.write_array_header_1_0(header, np.lib.format.header_data_from_array_1_0(arr))
     head = header.getvalue()
@@ -254,10 +267,15 @@ def _write_rank_files(
     files: dict[str, dict[str, int]] = {}
     shards: dict[str, dict[str, Any]] = {}
     for name, m in modules.items():
-        lo, hi, rows = _authoritative_rows(m, rank, world_size)
+        lo, hi, rows, ids = _authoritative_rows(m, rank, world_size)
         fname = _shard_name(name, rank, world_size)
         files[fname] = {**_write_npy(tmp / fname, rows), "rank": rank}
         shards[name] = {"file": fname, "rank": rank, "rows": [lo, hi]}
+        if ids is not None:  # the written-rows layout: which rows, and where every other one starts
+            meta = (m.store.local if isinstance(m.store, ShardedStore) else m.store).metadata
+            iname = _ids_name(name, rank, world_size)
+            files[iname] = {**_write_npy(tmp / iname, ids), "rank": rank}
+            shards[name].update(ids_file=iname, init_seed=int(meta["seed"]), init_state=meta["state_init"])
     fname = _rank_name(rank, world_size)
     files[fname] = {
         **_write_torch(tmp / fname, {"rank": rank, "world_size": world_size, "rng": capture_rng_states()}),
@@ -350,7 +368,12 @@ def _finish(
     add_bagpipe_section(checkpoint, modules, rows_in_state_dict=False)
     section = checkpoint[SECTION]
     section.pop("rng", None)  # each rank's generators are in its own rank file
-    section.update(version=SHARDED_VERSION, layout="sharded", world_size=world_size)
+    written = any("ids_file" in shard for part in parts for shard in part["shards"].values())
+    version = WRITTEN_ROWS_VERSION if written else SHARDED_VERSION
+    section.update(version=version, layout="sharded", world_size=world_size)
+    if written:
+        for entry in section["modules"].values():
+            entry["init_recipe"] = INIT_RECIPE
     leaked = [e["rows_key"] for e in section["modules"].values() if e["rows_key"] in checkpoint["state_dict"]]
     if leaked:
         raise RuntimeError(f"the state dict of a directory checkpoint must not hold the table rows {leaked}")
@@ -360,7 +383,7 @@ def _finish(
     files[META] = {**_write_torch(tmp / META, checkpoint), "rank": 0}
     manifest = {
         "format": MANIFEST_FORMAT,
-        "version": MANIFEST_VERSION,
+        "version": MANIFEST_VERSION if written else 1,
         "library_version": __version__,
         "world_size": world_size,
         "global_step": int(checkpoint.get("global_step", -1)),
@@ -529,7 +552,9 @@ def _check_layout(
             )
         shards = sorted(entry["shards"], key=lambda s: s["rows"][0])
         edges = [0] + [b for s in shards for b in s["rows"]] + [m.tables.total_rows]
-        unlisted = [s["file"] for s in shards if s["file"] not in manifest["files"]]
+        unlisted = [
+            f for s in shards for f in (s["file"], s.get("ids_file")) if f and f not in manifest["files"]
+        ]
         if unlisted:
             raise ValueError(f"{d}: the manifest has no size or checksum of shards {unlisted}; it is damaged")
         if any(edges[i] != edges[i + 1] for i in range(0, len(edges), 2)) or any(
@@ -543,25 +568,71 @@ def _check_layout(
     return out
 
 
-def _restore_rows(d: Path, name: str, module: CachedEmbedding, shards: list[dict[str, Any]]) -> Tensor:
-    """Copy every shard into the module's store (no full-table copy in RAM); return the store's table."""
+def _load_npy(d: Path, fname: str) -> np.ndarray:
+    try:
+        return np.load(d / fname, mmap_mode="c", allow_pickle=False)
+    except (ValueError, OSError) as err:
+        raise ValueError(f"{d}: shard {fname} is not a readable .npy array ({err})") from None
+
+
+def _written_recipe(
+    d: Path, name: str, module: CachedEmbedding, shards: list[dict[str, Any]]
+) -> tuple[int, Tensor]:
+    """The seed and initial optimizer state that the written-rows shards of a module agree on."""
+    recipes = {(s.get("init_seed"), repr(s.get("init_state"))) for s in shards if "ids_file" in s}
+    first = next(s for s in shards if "ids_file" in s)
+    seed, state = first.get("init_seed"), first.get("init_state")
+    sw = module.width - module.dim
+    if (
+        len(recipes) != 1
+        or not isinstance(seed, int)
+        or not isinstance(state, list)
+        or len(state) != sw
+        or not all(isinstance(x, (int, float)) for x in state)
+    ):
+        raise ValueError(
+            f"{d}: the shards of CachedEmbedding {name!r} do not name one seed and {sw} initial optimizer "
+            f"state values for the rows they leave out ({sorted(recipes)}); the manifest is damaged"
+        )
+    return seed, torch.tensor(state, dtype=torch.float32)
+
+
+def _restore_rows(d: Path, name: str, module: CachedEmbedding, shards: list[dict[str, Any]]) -> Tensor | None:
+    """Copy every shard into the module's store (no full-table copy in RAM); return the store's table, or
+    ``None`` when a shard holds written rows only (the store then stays lazy: no whole table is built)."""
     store = module.store.local if isinstance(module.store, ShardedStore) else module.store
+    written = any("ids_file" in s for s in shards)
+    if written:  # every row back to its initial value first: the shards hold only the rows written since
+        store = module._restart_rows(*_written_recipe(d, name, module, shards))
     for shard in shards:
-        p = d / shard["file"]
         lo, hi = shard["rows"]
-        try:
-            arr = np.load(p, mmap_mode="c", allow_pickle=False)
-        except (ValueError, OSError) as err:
-            raise ValueError(f"{d}: shard {shard['file']} is not a readable .npy array ({err})") from None
-        if arr.dtype != np.float32 or arr.shape != (hi - lo, module.width) or not arr.flags.c_contiguous:
+        arr = _load_npy(d, shard["file"])
+        ids = None
+        if "ids_file" in shard:
+            ids = _load_npy(d, shard["ids_file"])
+            if ids.dtype != np.int64 or ids.ndim != 1:
+                raise ValueError(
+                    f"{d}: {shard['ids_file']} holds a {ids.dtype} array of shape {list(ids.shape)}, not the "
+                    "1-D int64 row ids of a written-rows shard"
+                )
+            if ids.size and (int(ids[0]) < lo or int(ids[-1]) >= hi or bool(np.any(ids[1:] <= ids[:-1]))):
+                raise ValueError(
+                    f"{d}: the row ids in {shard['ids_file']} are not strictly increasing within the shard's "
+                    f"rows {lo}..{hi}; the checkpoint is damaged"
+                )
+        k = hi - lo if ids is None else ids.size
+        if arr.dtype != np.float32 or arr.shape != (k, module.width) or not arr.flags.c_contiguous:
             raise ValueError(
                 f"{d}: shard {shard['file']} holds a {arr.dtype} array of shape {list(arr.shape)}, "
-                f"CachedEmbedding {name!r} needs float32 [{hi - lo}, {module.width}] (rows {lo}..{hi})"
+                f"CachedEmbedding {name!r} needs float32 [{k}, {module.width}] (rows {lo}..{hi})"
             )
-        if hi > lo:
+        if ids is not None:
+            if ids.size:
+                store.write(np.array(ids), torch.from_numpy(arr), check_unique=False)
+        elif hi > lo:
             store.write_range(lo, torch.from_numpy(arr))
-        del arr
-    return store.tensor()
+        del arr, ids
+    return None if written else store.tensor()
 
 
 def read_sharded_checkpoint(
@@ -585,7 +656,8 @@ def read_sharded_checkpoint(
             _verify_file(d, manifest, name)
     state_dict = checkpoint.setdefault("state_dict", {})
     for name, m in modules.items():
-        state_dict[_rows_key(name)] = _restore_rows(d, name, m, layout[name])
+        table = _restore_rows(d, name, m, layout[name])
+        state_dict[_rows_key(name)] = ROWS_IN_PLACE if table is None else table
     if saved_world != world_size:
         rank_zero_warn(
             f"bagpipe: checkpoint {d} was saved by {saved_world} processes and is resumed on {world_size}: "
