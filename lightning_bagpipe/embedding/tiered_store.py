@@ -21,7 +21,8 @@ copy: the buffer, else the file if its bit is set, else the initial value.
 :meth:`flush` spills and saves the bitmap next to the file (``path + ".written"``), so a flushed store
 reopens as it was. :meth:`tensor` must return every row as a view of the file, so it first writes every
 row still at its initial value: on a huge table, that is the full initialisation the store avoided.
-State dicts and checkpoints of a whole table call it. A ``TieredStore`` is one process's store: its
+A plain ``state_dict()`` and ``export()`` call it; checkpoints do not: they save the rows
+:meth:`written_ids` lists and the recipe of the others. A ``TieredStore`` is one process's store: its
 buffer is private, so it cannot be shared between the ranks of a node (``store="shared"``); use
 ``store="sharded"``.
 
@@ -397,7 +398,7 @@ class TieredStore(EmbeddingStore):
                 warnings.warn(
                     f"{self.describe()}: writing {todo:,} rows that were never written "
                     f"({todo * self.width * 4 / 1e9:.1f} GB) into the file, because the whole table was "
-                    "asked for (a whole-table checkpoint, state_dict(), export() or tensor()); on a huge "
+                    "asked for (state_dict(), export() or tensor()); on a huge "
                     "table this takes minutes, once. See docs/checkpoints.md",
                     stacklevel=2,
                 )
