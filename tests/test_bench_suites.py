@@ -220,6 +220,12 @@ def test_bench_scale_runs_its_contenders(tmp_path: Path, monkeypatch: pytest.Mon
     # every repeat starts from the initial rows (a reused file would start from the trained ones)
     assert r["checks"]["max_abs_loss_diff_between_repeats"] == 0.0
     assert r["contenders"]["tiered_big"]["spills"] >= 1  # at least the flush at the end of fit
+    # an end-of-fit checkpoint: a tiered store's holds the rows training wrote, fewer than the table
+    tb, mem = r["contenders"]["tiered_big"], r["contenders"]["memory_small"]
+    assert 0 < tb["checkpoint_table_rows"] < tb["total_rows"] and tb["checkpoint_bytes"] > 0
+    assert mem["checkpoint_table_rows"] == mem["total_rows"]
+    assert mem["checkpoint_bytes"] > mem["total_rows"] * (16 + 2) * 4  # the whole table, and the rest
+    assert "checkpoint_bytes" not in r["contenders"]["mmap_big"]
     assert set(r["ratios"]) == {
         "tiered_big_over_memory_small",
         "mmap_big_over_memory_small",

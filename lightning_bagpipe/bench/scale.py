@@ -32,7 +32,10 @@ then produce the same losses (``max_abs_loss_diff_between_repeats``).
 
 Reported per run: samples/s (timed after ``--warmup`` steps), ``VmHWM``, the peaks of ``RssAnon``
 (process memory) and ``RssFile`` (mapped file pages, which the kernel can reclaim) sampled every 50 ms,
-cache figures, the tiered store's spills, and the file's apparent and allocated size on disk.
+cache figures, the tiered store's spills, and the file's apparent and allocated size on disk. The tiered
+and RAM contenders then save a checkpoint, as a user's run ends (``trainer.save_checkpoint``, inside the
+memory window): its size and seconds are reported (a tiered store's holds only the rows written; a plain
+file's would be the whole table, so those skip it; ``--no-checkpoint`` skips it everywhere).
 """
 
 from __future__ import annotations
@@ -108,6 +111,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keep-files", action="store_true", help="do not delete the store files at the end")
     parser.add_argument("--warm", action="store_true", help="keep the files in the page cache between runs")
     parser.add_argument("--no-oracle", action="store_true", help="skip the oracle-only memory measurement")
+    parser.add_argument(
+        "--no-checkpoint",
+        action="store_true",
+        help="skip the checkpoint the tiered and RAM contenders save after training",
+    )
     parser.add_argument(
         "--madvise-random",
         action="store_true",
@@ -189,6 +197,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 _remove_store_files(tiered)  # every run starts from a new, lazily initialised file
                 rows = args.rows if name == "tiered_big" else args.small_rows
                 cfg = {**base, "role": "train", "store": "tiered", "rows": rows, "path": str(tiered)}
+            if (name == "memory_small" or name.startswith("tiered_")) and not args.no_checkpoint:
+                cfg["checkpoint"] = str(root / "run.ckpt")  # (a plain file's would be the whole table)
             else:
                 initialize(name.removesuffix("_random"))
                 path, rows = files[name.removesuffix("_random")]
@@ -493,8 +503,19 @@ def _worker_train(cfg: dict[str, Any]) -> dict[str, Any]:
         limit_val_batches=0,
         callbacks=[clock],
     )
+    saved: dict[str, Any] = {}
     with RssSampler() as sampler:
         trainer.fit(model, datamodule=dm)
+        if cfg.get("checkpoint"):  # what a user's end-of-fit checkpoint costs (inside the RSS window)
+            t0 = time.perf_counter()
+            trainer.save_checkpoint(cfg["checkpoint"])
+            written = model.embedding.store.written_ids()  # what the checkpoint saved of the tables
+            saved = {
+                "checkpoint_seconds": time.perf_counter() - t0,
+                "checkpoint_bytes": os.path.getsize(cfg["checkpoint"]),
+                "checkpoint_table_rows": dm.tables.total_rows if written is None else int(written.size),
+            }
+            os.remove(cfg["checkpoint"])
     after = proc_status_bytes()
     stats = trainer.strategy.cache_stats if isinstance(trainer.strategy, BagpipeStrategy) else None
     out: dict[str, Any] = {
@@ -505,6 +526,7 @@ def _worker_train(cfg: dict[str, Any]) -> dict[str, Any]:
         "vm_hwm_bytes": after["VmHWM"],
         "vm_hwm_before_fit_bytes": before["VmHWM"],
         **sampler.peaks(),
+        **saved,
     }
     if isinstance(model.embedding.store, TieredStore):
         out["spills"] = model.embedding.store.spills  # (the flush as fit ends included)
