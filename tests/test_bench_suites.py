@@ -200,9 +200,8 @@ def test_bench_scale_runs_its_contenders(tmp_path: Path, monkeypatch: pytest.Mon
              "--batch-size", "64", "--cache-rows", "3000", "--lookahead", "2"]  # fmt: skip
     flags += ["--dir", str(tmp_path / "st"), "--buffer-mib", "1"]
     plot = tmp_path / "scale.png"
-    if has_matplotlib():
-        flags += ["--plot", str(plot)]
-    r = _bench(tmp_path, "scale", *flags)
+    plotting = ["--plot", str(plot)] if has_matplotlib() else []
+    r = _bench(tmp_path, "scale", *flags, *plotting)
     if has_matplotlib():
         assert plot.stat().st_size > 0 and r["plot"] == str(plot)
     contenders = ("tiered_big", "mmap_big", "tiered_small", "mmap_small", "memory_small")
@@ -235,6 +234,9 @@ def test_bench_scale_runs_its_contenders(tmp_path: Path, monkeypatch: pytest.Mon
     assert set(r["goals"]) == {"tiered_big_peak_rss_under_2GiB", "tiered_big_at_least_0.8x_memory_small"}
     for name in ("big.f32", "tiered.f32", "tiered.f32.written"):  # files removed unless --keep-files
         assert not (tmp_path / "st" / name).exists()
+    r = _bench(tmp_path, "scale", *flags, "--contenders", "tiered_big", "--no-checkpoint", "--no-oracle")
+    assert set(r["contenders"]) == {"tiered_big", "memory_small"}
+    assert all("checkpoint_bytes" not in f for f in r["contenders"].values())
 
 
 def test_bench_scale_contenders_flag_keeps_the_baseline_and_names_unknown_ones() -> None:

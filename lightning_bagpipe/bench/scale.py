@@ -197,13 +197,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 _remove_store_files(tiered)  # every run starts from a new, lazily initialised file
                 rows = args.rows if name == "tiered_big" else args.small_rows
                 cfg = {**base, "role": "train", "store": "tiered", "rows": rows, "path": str(tiered)}
-            if (name == "memory_small" or name.startswith("tiered_")) and not args.no_checkpoint:
-                cfg["checkpoint"] = str(root / "run.ckpt")  # (a plain file's would be the whole table)
             else:
                 initialize(name.removesuffix("_random"))
                 path, rows = files[name.removesuffix("_random")]
                 cfg = {**base, "role": "train", "store": "mmap", "rows": rows, "path": str(path)}
                 cfg["advise_random"] = name.endswith("_random")
+            if cfg["store"] != "mmap" and not args.no_checkpoint:
+                cfg["checkpoint"] = str(root / "run.ckpt")  # (a plain file's would be the whole table)
             result = _launch(cfg, args.timeout)
             if name.startswith("tiered_"):
                 result["disk"] = disk_usage(tiered)
