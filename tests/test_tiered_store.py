@@ -13,8 +13,9 @@ import torch
 import lightning_bagpipe as lb
 from lightning_bagpipe.embedding.distributed import share_store
 from lightning_bagpipe.embedding.init import initial_rows
+from lightning_bagpipe.embedding.spill_log import log_files
 from lightning_bagpipe.embedding.store import MmapStore
-from lightning_bagpipe.embedding.tiered_store import TieredStore, buffer_capacity
+from lightning_bagpipe.embedding.tiered_store import DEFAULT_LOG_BYTES, TieredStore, buffer_capacity
 from lightning_bagpipe.id_map import IdMap
 from lightning_bagpipe.tables import Tables
 from tests.helpers import ListDataModule, TinyModel, quiet_trainer, random_batches, small_tables
@@ -42,8 +43,15 @@ def buffer_for(rows: int, width: int = WIDTH) -> int:
     return nbytes
 
 
-def lazy_store(path: Path, rows_in_buffer: int) -> TieredStore:
-    s = TieredStore(path, TABLES.total_rows, WIDTH, buffer_bytes=buffer_for(rows_in_buffer))
+#: Spill logs: none (spills write the row file), one of 50 rows (full after a few spills: compactions),
+#: and the default.
+LOGS = {"no_log": 0, "small_log": 50 * (WIDTH * 4 + 8), "default_log": DEFAULT_LOG_BYTES}
+
+
+def lazy_store(path: Path, rows_in_buffer: int, log: str = "default_log") -> TieredStore:
+    s = TieredStore(
+        path, TABLES.total_rows, WIDTH, buffer_bytes=buffer_for(rows_in_buffer), log_bytes=LOGS[log]
+    )
     assert s.capacity == min(rows_in_buffer, TABLES.total_rows)
     s.initialize_lazily(TABLES, DIM, STATE, SEED)
     s.SPILL_CHUNK_ROWS = 5  # spills write the file in several chunks
@@ -63,9 +71,12 @@ def test_the_buffer_and_its_index_fit_in_buffer_bytes(nbytes: int) -> None:
 
 
 # ---------------------------------------------------------------------- the store against a plain table
+@pytest.mark.parametrize("log", list(LOGS))
 @pytest.mark.parametrize("rows_in_buffer", [1, 37, 5000])
-def test_reads_return_the_newest_write_or_the_initial_value(tmp_path: Path, rows_in_buffer: int) -> None:
-    s = lazy_store(tmp_path / "t.f32", rows_in_buffer)
+def test_reads_return_the_newest_write_or_the_initial_value(
+    tmp_path: Path, rows_in_buffer: int, log: str
+) -> None:
+    s = lazy_store(tmp_path / "t.f32", rows_in_buffer, log)
     ref = initial_table()
     rng = np.random.default_rng(rows_in_buffer)
     for step in range(60):
@@ -77,6 +88,8 @@ def test_reads_return_the_newest_write_or_the_initial_value(tmp_path: Path, rows
         assert torch.equal(s.read(probe), ref[torch.from_numpy(probe)]), step
     if rows_in_buffer < 80:
         assert s.spills > 0  # the buffer overflowed and was written to the file
+        if log != "default_log":  # a full log was written to the file (there is no log to fill)
+            assert (s.compactions > 0) == (log == "small_log")
     else:
         assert s.spills == 0 and s.buffered_rows > 0
     out = torch.empty(4, WIDTH)
@@ -90,14 +103,21 @@ def test_reads_return_the_newest_write_or_the_initial_value(tmp_path: Path, rows
     s.close()
 
 
-def test_a_new_store_writes_nothing_to_its_file_until_a_spill(tmp_path: Path) -> None:
-    s = lazy_store(tmp_path / "t.f32", 100)
+@pytest.mark.parametrize("log", ["no_log", "default_log"])
+def test_a_new_store_writes_nothing_to_its_file_until_a_spill(tmp_path: Path, log: str) -> None:
+    s = lazy_store(tmp_path / "t.f32", 100, log)
     s.write([5, 700], torch.full((2, WIDTH), 2.0))
     assert torch.equal(s.file.tensor(), torch.zeros(TABLES.total_rows, WIDTH))  # all in RAM
     assert s.read([5, 6])[0].eq(2.0).all() and torch.equal(s.read([6]), initial_table()[6:7])
     s.flush()
     on_disk = s.file.tensor()
-    assert on_disk[[5, 700]].eq(2.0).all() and on_disk[6].eq(0).all()  # only the written rows
+    if log == "no_log":
+        assert on_disk[[5, 700]].eq(2.0).all() and on_disk[6].eq(0).all()  # only the written rows
+    else:  # appended to the spill log, one row after the other; the row file is untouched
+        assert s.log is not None and s.log.length == 2 and on_disk.eq(0).all()
+        rows_file, _ = log_files(tmp_path / "t.f32")
+        assert np.fromfile(rows_file, dtype=np.float32, count=2 * WIDTH).tolist() == [2.0] * (2 * WIDTH)
+    assert s.rows_in_file() == 2
     s.close()
 
 
@@ -182,9 +202,10 @@ def test_a_file_that_holds_every_row_does_not_track_written_rows(tmp_path: Path)
     s.close()
 
 
-def test_a_flushed_store_reopens_as_it_was(tmp_path: Path) -> None:
+@pytest.mark.parametrize("log", list(LOGS))
+def test_a_flushed_store_reopens_as_it_was(tmp_path: Path, log: str) -> None:
     path = tmp_path / "t.f32"
-    s = lazy_store(path, 10)
+    s = lazy_store(path, 10, log)
     ref = initial_table()
     ids = np.arange(0, 1200, 7)
     s.write(ids, torch.arange(ids.size * WIDTH, dtype=torch.float32).view(-1, WIDTH))
@@ -192,10 +213,17 @@ def test_a_flushed_store_reopens_as_it_was(tmp_path: Path) -> None:
     s.write([3], torch.full((1, WIDTH), -4.0))  # stays in the buffer until flush
     ref[3] = -4.0
     s.close()
-    again = TieredStore(path, buffer_bytes=2**20)
+    again = TieredStore(path, buffer_bytes=2**20, log_bytes=LOGS[log])
     assert again.metadata["lazy"] is True
     assert torch.equal(again.read(np.arange(TABLES.total_rows)), ref)
     again.close()
+    # reopened with another log size (or none): the old log is written into the row file first
+    other = "no_log" if log != "no_log" else "small_log"
+    moved = TieredStore(path, buffer_bytes=2**20, log_bytes=LOGS[other])
+    assert torch.equal(moved.read(np.arange(TABLES.total_rows)), ref)
+    assert moved.log is None or moved.log.length == 0
+    moved.close()
+    assert torch.equal(TieredStore(path, buffer_bytes=2**20).read(np.arange(TABLES.total_rows)), ref)
 
 
 def test_a_lazy_file_without_its_bitmap_or_with_another_recipe_is_refused(tmp_path: Path) -> None:

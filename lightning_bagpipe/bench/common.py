@@ -229,10 +229,14 @@ class RssSampler:
         return {"peak_rss_anon_bytes": self.peak_anon, "peak_rss_file_bytes": self.peak_file}
 
 
-def disk_usage(path: str | os.PathLike[str]) -> dict[str, int]:
-    """A file's apparent size and the bytes actually allocated on disk (sparse files allocate less)."""
-    st = os.stat(path)
-    return {"apparent_bytes": int(st.st_size), "allocated_bytes": int(st.st_blocks) * 512}
+def disk_usage(*paths: str | os.PathLike[str]) -> dict[str, int]:
+    """The apparent size of the files that exist among ``paths`` and the bytes actually allocated on disk
+    (sparse files allocate less)."""
+    stats = [os.stat(p) for p in paths if os.path.exists(p)]
+    return {
+        "apparent_bytes": sum(int(st.st_size) for st in stats),
+        "allocated_bytes": sum(int(st.st_blocks) * 512 for st in stats),
+    }
 
 
 # ---------------------------------------------------------------------- machine

@@ -206,7 +206,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 cfg["checkpoint"] = str(root / "run.ckpt")  # (a plain file's would be the whole table)
             result = _launch(cfg, args.timeout)
             if name.startswith("tiered_"):
-                result["disk"] = disk_usage(tiered)
+                result["disk"] = disk_usage(*store_files(tiered))  # rows, bitmap and spill log
             losses.setdefault(name, []).append(result.pop("losses"))
             runs[name].append(result)
         contenders: dict[str, Any] = {n: median_figures(r) for n, r in runs.items()}
@@ -530,6 +530,7 @@ def _worker_train(cfg: dict[str, Any]) -> dict[str, Any]:
     }
     if isinstance(model.embedding.store, TieredStore):
         out["spills"] = model.embedding.store.spills  # (the flush as fit ends included)
+        out["compactions"] = model.embedding.store.compactions  # (full spill logs written to the file)
     if stats is not None:
         steps = max(1, stats.steps)
         out.update(

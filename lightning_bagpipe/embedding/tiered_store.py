@@ -12,14 +12,22 @@ file and avoids most of those pages:
   same values every store starts from).
 * **A RAM write buffer** of ``buffer_bytes`` (the rows and their :class:`~lightning_bagpipe.id_map.IdMap`
   index). Written rows go to RAM, where a later write of the same row replaces them and a later read
-  finds them. When the buffer is full, its rows are written to the file
-  at once, sorted by row id, and the buffer starts empty again (a *spill*).
+  finds them. When the buffer is full, its rows are appended to the spill log and the buffer starts
+  empty again (a *spill*).
+* **A spill log** of ``log_bytes`` on disk (:mod:`~lightning_bagpipe.embedding.spill_log`): a spill's
+  rows one after the other, 57 of 72 bytes to a page, found by id in RAM, instead of a page of the row
+  file each. When the log is full its newest rows are written into the row file, sorted by
+  id (a *compaction*: a page per row again, but once per row however often it was spilled), and the
+  log starts again. ``log_bytes=0`` spills straight into the row file.
 
-So a row costs file pages only when it is read after a spill or written by one. Reads take the newest
-copy: the buffer, else the file if its bit is set, else the initial value.
+So a row costs a page of the row file only at a compaction, or when it is read from there. Reads take
+the newest copy: the buffer, else the log, else the row file if its bit is set, else the initial value.
 
-:meth:`flush` spills and saves the bitmap next to the file (``path + ".written"``), so a flushed store
-reopens as it was. :meth:`tensor` must return every row as a view of the file, so it first writes every
+:meth:`flush` spills (to the log) and saves the bitmap next to the file (``path + ".written"``) and the
+log's run lengths in the metadata, so a flushed store reopens as it was (the runs' ids are read back).
+Opened with another ``log_bytes``, a store first compacts the log it had.
+
+:meth:`tensor` must return every row as a view of the file, so it first writes every
 row still at its initial value: on a huge table, that is the full initialisation the store avoided.
 A plain ``state_dict()`` and ``export()`` call it; checkpoints do not: they save the rows
 :meth:`written_ids` lists and the recipe of the others. A ``TieredStore`` is one process's store: its
@@ -43,6 +51,7 @@ import torch
 from torch import Tensor
 
 from lightning_bagpipe.embedding.init import INIT_RECIPE, initial_rows_at
+from lightning_bagpipe.embedding.spill_log import SpillLog, log_files
 from lightning_bagpipe.embedding.store import (
     EmbeddingStore,
     Ids,
@@ -54,10 +63,13 @@ from lightning_bagpipe.embedding.store import (
 from lightning_bagpipe.id_map import IdMap
 from lightning_bagpipe.tables import Tables
 
-__all__ = ["DEFAULT_BUFFER_BYTES", "TieredStore", "store_files"]
+__all__ = ["DEFAULT_BUFFER_BYTES", "DEFAULT_LOG_BYTES", "TieredStore", "store_files"]
 
 #: Default size of the RAM write buffer (rows and their index).
 DEFAULT_BUFFER_BYTES = 256 * 2**20
+#: Default size of the spill log on disk (rows and their ids; sparse files). Its index in RAM takes 8 bytes
+#: per row it holds: up to 7.5M rows of 72 bytes, 60 MB, for the default.
+DEFAULT_LOG_BYTES = 512 * 2**20
 
 _EMPTY = -1
 _POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
@@ -65,11 +77,12 @@ _MATERIALIZE_ROWS = 1 << 18
 _ENTRY_BYTES = 12  # one IdMap entry: id and value
 
 
-def store_files(path: str | os.PathLike[str]) -> tuple[Path, Path, Path]:
-    """Every file a store at ``path`` may keep: the row file, its JSON sidecar (an :class:`MmapStore`'s)
-    and the bitmap of rows written (a ``TieredStore``'s), for whoever removes or replaces a store."""
+def store_files(path: str | os.PathLike[str]) -> tuple[Path, ...]:
+    """Every file a store at ``path`` may keep: the row file, its JSON sidecar (an :class:`MmapStore`'s),
+    then a ``TieredStore``'s bitmap of rows written and its spill log's two files, for whoever removes or
+    replaces a store."""
     p = Path(path)
-    return p, Path(f"{p}.json"), Path(f"{p}.written")
+    return (p, Path(f"{p}.json"), Path(f"{p}.written"), *log_files(p))
 
 
 def buffer_capacity(buffer_bytes: int, width: int) -> int:
@@ -91,6 +104,8 @@ class TieredStore(EmbeddingStore):
         path: the row file (same format and sidecar as :class:`MmapStore`, so either class opens it).
         num_rows, width: needed to create a file; checked when given for an existing one.
         buffer_bytes: RAM for written rows and their index (at least one row).
+        log_bytes: disk for the spill log (rows and their ids), which a full buffer is appended to
+            (:mod:`~lightning_bagpipe.embedding.spill_log`); ``0``: spills write the row file directly.
         mode: ``"auto"`` (open if ``path`` exists, else create), ``"create"`` or ``"open"``.
 
     ``CachedEmbedding`` calls :meth:`initialize_lazily` on a new store instead of writing every row. Pass
@@ -104,8 +119,10 @@ class TieredStore(EmbeddingStore):
         width: int | None = None,
         *,
         buffer_bytes: int = DEFAULT_BUFFER_BYTES,
+        log_bytes: int = DEFAULT_LOG_BYTES,
         mode: Literal["auto", "create", "open"] = "auto",
     ) -> None:
+        created = mode == "create" or (mode == "auto" and not Path(path).exists())
         self.file = MmapStore(path, num_rows, width, mode=mode)
         super().__init__(self.file.num_rows, self.file.width)
         self.metadata = self.file.metadata
@@ -121,21 +138,56 @@ class TieredStore(EmbeddingStore):
                 f"TieredStore('{self.file.path}'): buffer_bytes must be an int of at least one row and its "
                 f"index ({smallest} bytes for rows of {self.width} floats), got {buffer_bytes!r}"
             )
+        if isinstance(log_bytes, bool) or not isinstance(log_bytes, int) or log_bytes < 0:
+            raise ValueError(
+                f"TieredStore('{self.file.path}'): log_bytes must be an int >= 0 (0: no spill log), "
+                f"got {log_bytes!r}"
+            )
         self.capacity = min(buffer_capacity(buffer_bytes, self.width), self.num_rows)
         self._lock = threading.RLock()
         self._buf = torch.empty(self.capacity, self.width, dtype=torch.float32)
         self._ids = np.empty(self.capacity, dtype=np.int64)
         self._map = IdMap(self.capacity)
+        # one bit per row: "may be in the buffer" / "may be in the log", so that rows in neither (most
+        # rows a step fetches or writes back for the first time) skip the hash tables' probes
+        self._in_buf = np.zeros((self.num_rows + 7) // 8, dtype=np.uint8)
+        self._in_log = np.zeros(0, dtype=np.uint8)
         self._count = 0
         self.spills = 0
-        """How many times the buffer was written to the file."""
+        """How many times the buffer was written to disk (the log, or the row file)."""
+        self.compactions = 0
+        """How many times the full spill log was written into the row file."""
         self._init: tuple[Tables, int, int, Tensor] | None = None
         self._written = self._load_bitmap()
         if self.metadata.get("lazy"):
             self._init = self._recipe_from_metadata()
+        self.log: SpillLog | None = None
+        # (no more than twice the table: more would only hold older copies of the same rows)
+        log_rows = min(log_bytes // (self.width * 4 + 8), max(2 * self.num_rows, self.capacity), 2**31 - 1)
+        self._open_log(log_rows, created)
 
     def describe(self) -> str:
         return f"TieredStore('{self.file.path}')"
+
+    def _open_log(self, log_rows: int, created: bool) -> None:
+        """Reopen the spill log the last flush recorded, or start a new one of ``log_rows`` rows (none if
+        0). A recorded log of another size (or one no longer wanted) is written into the row file first."""
+        kept = None if created else self.metadata.get("log_runs")
+        old_rows = int(self.metadata.get("log_capacity", 0))
+        if kept is not None and old_rows != log_rows:
+            if kept:
+                self.log = SpillLog(self.file.path, old_rows, self.width, [int(n) for n in kept])
+                self._compact()
+                self.log.close()
+                self.file.flush()
+                self._save_bitmap()
+            self.log, kept = None, None
+            self.set_metadata(log_runs=[], log_capacity=0)
+        if log_rows >= 1:
+            runs = None if kept is None else [int(n) for n in kept]
+            self.log = SpillLog(self.file.path, log_rows, self.width, runs)
+            self._in_log = np.zeros((self.num_rows + 7) // 8, dtype=np.uint8)
+            _set_bits(self._in_log, self.log.items()[0])
 
     # ------------------------------------------------------------------ lazy initialisation
     def initialize_lazily(self, tables: Tables, dim: int, state_init: Tensor, seed: int) -> None:
@@ -215,7 +267,35 @@ class TieredStore(EmbeddingStore):
         fsync_dir(self.bitmap_path.parent)
 
     def _in_file(self, ids: np.ndarray) -> np.ndarray:
-        return ((self._written[ids >> 3] >> (ids & 7).astype(np.uint8)) & 1).astype(bool)
+        return _test_bits(self._written, ids)
+
+    def _find_buffered(self, ids: np.ndarray) -> np.ndarray:
+        """Buffer slot of each id, ``-1`` where the buffer does not hold it."""
+        out = np.full(ids.size, _EMPTY, dtype=np.int64)
+        if self._count:
+            maybe = np.flatnonzero(_test_bits(self._in_buf, ids))
+            if maybe.size:
+                out[maybe] = self._map.find(ids[maybe])
+        return out
+
+    def _find_logged(self, ids: np.ndarray) -> np.ndarray:
+        """Log position of each id's newest copy, ``-1`` where the log does not hold it."""
+        out = np.full(ids.size, _EMPTY, dtype=np.int64)
+        if self.log is not None and self.log.length:
+            maybe = np.flatnonzero(_test_bits(self._in_log, ids))
+            if maybe.size:
+                out[maybe] = self.log.find(ids[maybe])
+        return out
+
+    def _append_log(self, ids: np.ndarray, rows: Tensor) -> None:
+        assert self.log is not None
+        self.log.append(ids, rows)
+        _set_bits(self._in_log, ids)
+
+    def _clear_log(self) -> None:
+        if self.log is not None:
+            self.log.clear()
+            self._in_log.fill(0)
 
     def _mark(self, ids: np.ndarray) -> None:
         """Set the bits of ``ids`` (sorted ascending)."""
@@ -228,15 +308,38 @@ class TieredStore(EmbeddingStore):
 
     # ------------------------------------------------------------------ the buffer
     def _spill(self) -> None:
-        """Write every buffered row to the file (sorted by id) and empty the buffer."""
+        """Move every buffered row to disk and empty the buffer: appended to the spill log (emptied into
+        the row file first if they do not fit), or without a log (or one too small) into the file."""
         n = self._count
         if not n:
             return
-        order = np.argsort(self._ids[:n], kind="stable")
-        self._write_file(self._ids[:n][order], self._buf, order)
+        log = self.log
+        if log is not None and n > log.room:
+            self._compact()
+        if log is not None and n <= log.room:
+            self._append_log(self._ids[:n], self._buf[:n])
+        else:
+            order = np.argsort(self._ids[:n], kind="stable")
+            self._write_file(self._ids[:n][order], self._buf, order)
         self._map.clear()
+        self._in_buf.fill(0)
         self._count = 0
         self.spills += 1
+
+    def _compact(self) -> None:
+        """Write the newest copy of every row in the spill log into the row file (sorted by id), empty it."""
+        log = self.log
+        if log is None or not log.length:
+            return
+        ids, pos = log.items()  # (ascending)
+        for lo in range(0, ids.size, self.SPILL_CHUNK_ROWS):
+            part = slice(lo, lo + self.SPILL_CHUNK_ROWS)
+            rows = torch.empty(pos[part].size, self.width)
+            log.read(pos[part], rows)
+            self.file.write(ids[part], rows, check_unique=False)
+            self._mark(ids[part])
+        self._clear_log()
+        self.compactions += 1
 
     #: Rows per file write of a spill, and per file read of a large read: after each the file store may let
     #: go of the pages it mapped (:attr:`MmapStore.MAPPED_BYTES_LIMIT`), so a spill of a large buffer, or a
@@ -271,11 +374,22 @@ class TieredStore(EmbeddingStore):
         """Rows ``idx`` into ``out``, each from its newest copy: the buffer, the file or the recipe."""
         with self._lock:
             self._t()
-            slots = self._map.find(idx) if self._count else np.full(idx.size, _EMPTY, dtype=np.int64)
+            slots = self._find_buffered(idx)
             hit = slots >= 0
             if hit.any():
                 out[torch.from_numpy(np.flatnonzero(hit))] = self._buf[torch.from_numpy(slots[hit])]
             rest = np.flatnonzero(~hit)
+            if rest.size and self.log is not None and self.log.length:
+                pos = self._find_logged(idx[rest])
+                logged = pos >= 0
+                if logged.any():
+                    at, where = rest[logged], pos[logged]
+                    for lo in range(0, at.size, self.SPILL_CHUNK_ROWS):
+                        part = slice(lo, lo + self.SPILL_CHUNK_ROWS)
+                        rows = torch.empty(at[part].size, self.width)
+                        self.log.read(where[part], rows)
+                        out[torch.from_numpy(at[part])] = rows
+                    rest = rest[~logged]
             if rest.size:
                 ids_rest = idx[rest]
                 disk = self._in_file(ids_rest)
@@ -297,15 +411,22 @@ class TieredStore(EmbeddingStore):
         idx = t.numpy()
         with self._lock:
             self._t()
-            slots = self._map.find(idx) if self._count else np.full(idx.size, _EMPTY, dtype=np.int64)
+            slots = self._find_buffered(idx)
             new = slots < 0
             m = int(new.sum())
             if self._count + m > self.capacity:
                 self._spill()
                 slots, new, m = np.full(idx.size, _EMPTY, dtype=np.int64), np.ones(idx.size, bool), idx.size
-            if m > self.capacity:  # more rows than the buffer holds: straight to the file
-                order = np.argsort(idx, kind="stable")
-                self._write_file(idx[order], src, order)
+            if m > self.capacity:  # more rows than the buffer holds: straight to disk
+                log = self.log
+                if log is not None and m > log.room:
+                    self._compact()
+                if log is not None and m <= log.room:
+                    self._append_log(idx, src)
+                else:
+                    self._compact()  # (the file's copy must be the newest: none may stay in the log)
+                    order = np.argsort(idx, kind="stable")
+                    self._write_file(idx[order], src, order)
                 return
             old = np.flatnonzero(~new)
             if old.size:
@@ -316,6 +437,7 @@ class TieredStore(EmbeddingStore):
                 self._buf[self._count : self._count + m] = src[torch.from_numpy(fresh)]
                 self._ids[self._count : self._count + m] = idx[fresh]
                 self._map.add(idx[fresh], slot)
+                _set_bits(self._in_buf, idx[fresh])
                 self._count += m
 
     def read_range(self, start: int, stop: int) -> Tensor:
@@ -328,7 +450,8 @@ class TieredStore(EmbeddingStore):
         start, stop = self._range(start, int(start) + k, "write_range")
         src = self._rows(rows, k, where)
         with self._lock:
-            self._spill()  # no buffered copy may outlive the rows written here
+            self._spill()  # no buffered or logged copy may outlive the rows written here
+            self._compact()
             self.file.write_range(start, src)
             for lo in range(start, stop, _MATERIALIZE_ROWS):
                 self._mark(np.arange(lo, min(stop, lo + _MATERIALIZE_ROWS), dtype=np.int64))
@@ -355,6 +478,8 @@ class TieredStore(EmbeddingStore):
             held = np.unpackbits(bits[nz], bitorder="little").reshape(-1, 8).astype(bool)
             ids = ((nz + lo_b).astype(np.int64)[:, None] * 8 + np.arange(8, dtype=np.int64))[held]
             ids = np.union1d(ids, self._ids[: self._count])
+            if self.log is not None and self.log.length:
+                ids = np.union1d(ids, self.log.items()[0])
             ids = ids[(ids >= start) & (ids < stop)]
             return None if ids.size > half else ids
 
@@ -369,7 +494,11 @@ class TieredStore(EmbeddingStore):
                     "return to"
                 )
             self._map.clear()
+            self._in_buf.fill(0)
             self._count = 0
+            if self.log is not None:
+                self._clear_log()
+                self._save_log_length()
             self._written[:] = 0
             self._save_bitmap()
 
@@ -377,15 +506,18 @@ class TieredStore(EmbeddingStore):
     MATERIALIZE_WARN_BYTES = 1 << 30
 
     def rows_in_file(self) -> int:
-        """Rows the file holds (its bitmap's set bits); the others are still their initial values, unless
-        the buffer holds them."""
+        """Rows on disk: in the row file (its bitmap's set bits) or the spill log; the others are still
+        their initial values, unless the buffer holds them."""
         with self._lock:
             bits = self._written
             if not bits.size:
                 return 0
             tail = self.num_rows - 8 * (bits.size - 1)  # valid bits of the last byte (1 to 8)
             last = int(bits[-1]) & ((1 << tail) - 1)
-            return int(_POPCOUNT[bits[:-1]].sum(dtype=np.int64)) + last.bit_count()
+            held = int(_POPCOUNT[bits[:-1]].sum(dtype=np.int64)) + last.bit_count()
+            if self.log is not None and self.log.length:
+                held += int(np.count_nonzero(~self._in_file(self.log.items()[0])))
+            return held
 
     def tensor(self) -> Tensor:
         """Every row as a zero-copy view of the file: spills, then writes each row still at its initial
@@ -393,6 +525,7 @@ class TieredStore(EmbeddingStore):
         that is more than :attr:`MATERIALIZE_WARN_BYTES`)."""
         with self._lock:
             self._spill()
+            self._compact()
             todo = self.num_rows - self.rows_in_file()
             if todo * self.width * 4 > self.MATERIALIZE_WARN_BYTES:
                 warnings.warn(
@@ -416,12 +549,20 @@ class TieredStore(EmbeddingStore):
         self.file.set_metadata(**kv)  # (updates the dict self.metadata shares with the file)
 
     def flush(self) -> None:
-        """Spill the buffer, ``msync`` the file, then save the bitmap: the file reopens as it is now."""
+        """Spill the buffer (to the log), ``msync`` the files, then save the bitmap and the log's length:
+        the store reopens as it is now."""
         with self._lock:
             self._t()
             self._spill()
             self.file.flush()
             self._save_bitmap()
+            if self.log is not None:
+                self.log.flush()
+                self._save_log_length()
+
+    def _save_log_length(self) -> None:
+        assert self.log is not None
+        self.set_metadata(log_runs=self.log.runs, log_capacity=self.log.capacity)
 
     def close(self) -> None:
         with self._lock:
@@ -429,4 +570,17 @@ class TieredStore(EmbeddingStore):
                 return
             self.flush()
             self._table = None
+            if self.log is not None:
+                self.log.close()
             self.file.close()
+
+
+def _test_bits(bits: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Whether the bit of each id is set (one bit per row, little-endian within a byte)."""
+    return ((bits[ids >> 3] >> (ids & 7).astype(np.uint8)) & 1).astype(bool)
+
+
+def _set_bits(bits: np.ndarray, ids: np.ndarray) -> None:
+    """Set the bit of each id (any order, repeats allowed)."""
+    if ids.size:
+        np.bitwise_or.at(bits, ids >> 3, np.left_shift(np.uint8(1), (ids & 7).astype(np.uint8)))

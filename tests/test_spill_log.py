@@ -1,0 +1,61 @@
+"""SpillLog: a TieredStore's appended runs of rows, against a plain dict of each id's newest row."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lightning_bagpipe.embedding.spill_log import SpillLog, log_files
+
+WIDTH = 3
+
+
+def test_the_newest_copy_of_each_id_wins_across_runs_and_a_reopen(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    log = SpillLog(tmp_path / "t.f32", 400, WIDTH, None)
+    newest: dict[int, list[float]] = {}
+    for _ in range(8):
+        ids = rng.choice(60, size=int(rng.integers(1, 40)), replace=False)  # any order, distinct
+        rows = torch.randn(ids.size, WIDTH)
+        log.append(ids, rows)
+        newest.update(zip(ids.tolist(), rows.tolist()))
+
+    def check(lg: SpillLog) -> None:
+        probe = np.concatenate([np.arange(70), [5, 5]])  # ids 60..69 were never appended; repeats ok
+        pos = lg.find(probe)
+        assert (pos >= 0).tolist() == [int(i) in newest for i in probe]
+        out = torch.empty(int((pos >= 0).sum()), WIDTH)
+        lg.read(pos[pos >= 0], out)
+        assert out.tolist() == [newest[int(i)] for i in probe if int(i) in newest]
+        ids, at = lg.items()
+        assert ids.tolist() == sorted(newest) and at.tolist() == lg.find(ids).tolist()
+
+    check(log)
+    runs = log.runs
+    assert len(runs) == 8 and sum(runs) == log.length
+    log.close()
+    again = SpillLog(tmp_path / "t.f32", 400, WIDTH, runs)  # what a flushed store records
+    check(again)
+    with pytest.raises(ValueError, match="do not fit in the"):
+        again.append(np.arange(400 - again.length + 1), torch.zeros(400 - again.length + 1, WIDTH))
+    again.clear()
+    assert again.length == 0 and (again.find(np.arange(70)) == -1).all()
+
+
+def test_damaged_or_mismatched_log_files_are_named(tmp_path: Path) -> None:
+    log = SpillLog(tmp_path / "t.f32", 100, WIDTH, None)
+    log.append(np.array([3, 9, 4]), torch.ones(3, WIDTH))
+    log.close()
+    with pytest.raises(ValueError, match=r"t.f32.log should hold 50 rows .* found 1200 bytes"):
+        SpillLog(tmp_path / "t.f32", 50, WIDTH, [3])
+    with pytest.raises(ValueError, match=r"runs \[3, 98\] do not fit in 100 rows"):
+        SpillLog(tmp_path / "t.f32", 100, WIDTH, [3, 98])
+    _, ids_file = log_files(tmp_path / "t.f32")
+    raw = np.fromfile(ids_file, dtype=np.int64)
+    raw[:3] = [9, 4, 3]  # no longer the sorted run the log wrote
+    raw.tofile(ids_file)
+    with pytest.raises(ValueError, match="the run at row 0 is not sorted; the log is damaged"):
+        SpillLog(tmp_path / "t.f32", 100, WIDTH, [3])
