@@ -226,6 +226,28 @@ def test_a_flushed_store_reopens_as_it_was(tmp_path: Path, log: str) -> None:
     assert torch.equal(TieredStore(path, buffer_bytes=2**20).read(np.arange(TABLES.total_rows)), ref)
 
 
+@pytest.mark.parametrize("log", ["small_log", "default_log"])
+def test_a_store_abandoned_without_a_flush_reopens_as_of_its_last_spill(tmp_path: Path, log: str) -> None:
+    """A crash loses the buffer, never the log's consistency: the spills and compactions before it each
+    record what the files hold."""
+    path = tmp_path / "t.f32"
+    s = lazy_store(path, 20, log)
+    rng = np.random.default_rng(4)
+    ref, on_disk = initial_table(), initial_table()
+    for _ in range(40):
+        ids = rng.choice(TABLES.total_rows, size=int(rng.integers(1, 15)), replace=False)
+        before, spills = ref.clone(), s.spills
+        s.write(ids, torch.randn(ids.size, WIDTH))
+        ref[torch.from_numpy(ids)] = s.read(ids)
+        if s.spills > spills:  # this write spilled the buffer, then went into the emptied buffer
+            on_disk = before
+    assert s.spills > 2 and s.buffered_rows > 0
+    assert (s.compactions > 0) == (log == "small_log")
+    again = TieredStore(path, buffer_bytes=2**20, log_bytes=LOGS[log])  # s is never flushed nor closed
+    assert torch.equal(again.read(np.arange(TABLES.total_rows)), on_disk)
+    again.close()
+
+
 def test_a_lazy_file_without_its_bitmap_or_with_another_recipe_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "t.f32"
     lazy_store(path, 10).close()

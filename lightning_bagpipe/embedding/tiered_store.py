@@ -184,7 +184,7 @@ class TieredStore(EmbeddingStore):
             self.log, kept = None, None
             self.set_metadata(log_runs=[], log_capacity=0)
         if log_rows >= 1:
-            runs = None if kept is None else [int(n) for n in kept]
+            runs = [int(n) for n in kept] if kept else None  # (nothing to keep: new files)
             self.log = SpillLog(self.file.path, log_rows, self.width, runs)
             self._in_log = np.zeros((self.num_rows + 7) // 8, dtype=np.uint8)
             _set_bits(self._in_log, self.log.items()[0])
@@ -291,6 +291,7 @@ class TieredStore(EmbeddingStore):
         assert self.log is not None
         self.log.append(ids, rows)
         _set_bits(self._in_log, ids)
+        self._save_log_length()  # a store reopened after a crash sees the log as of its last run
 
     def _clear_log(self) -> None:
         if self.log is not None:
@@ -338,7 +339,12 @@ class TieredStore(EmbeddingStore):
             log.read(pos[part], rows)
             self.file.write(ids[part], rows, check_unique=False)
             self._mark(ids[part])
+        # the bitmap first, then the empty log: a crash in between leaves the log's rows both in the log
+        # and in the file, the same values. (No msync: a process that dies leaves its writes in the page
+        # cache, and waiting here for the kernel to write gigabytes of pages would stall the step.)
+        self._save_bitmap()
         self._clear_log()
+        self._save_log_length()
         self.compactions += 1
 
     #: Rows per file write of a spill, and per file read of a large read: after each the file store may let
