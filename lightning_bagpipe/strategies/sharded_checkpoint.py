@@ -192,9 +192,9 @@ def rows_left_out(modules: Iterable[CachedEmbedding]) -> Iterator[None]:
 
 def _authoritative_rows(
     module: CachedEmbedding, rank: int, world_size: int
-) -> tuple[int, int, Tensor, np.ndarray | None]:
-    """Rows ``[lo, hi)`` this rank saves: a zero-copy view of the store that holds them here, or, where
-    that store keeps track of written rows, only those rows (a copy) and their ids."""
+) -> tuple[int, int, EmbeddingStore, np.ndarray | None]:
+    """Rows ``[lo, hi)`` this rank saves, the store that holds them here, and, where that store keeps
+    track of written rows, the ids of the rows of the range it has written (else ``None``: all of them)."""
     store = module.store
     bounds = row_bounds(store.num_rows, world_size)
     if isinstance(store, ShardedStore):
@@ -207,11 +207,7 @@ def _authoritative_rows(
     else:
         source = store  # an unshared store of a finished run, or the one file all ranks share
     lo, hi = int(bounds[rank]), int(bounds[rank + 1])
-    ids = source.written_ids(lo, hi)
-    if ids is not None:
-        return lo, hi, source.read(ids), ids
-    table = source.tensor()
-    return lo, hi, table[lo:hi].contiguous(), None
+    return lo, hi, source, source.written_ids(lo, hi)
 
 
 # ---------------------------------------------------------------------------------------------- save
@@ -230,16 +226,35 @@ def _rank_name(rank: int, world_size: int) -> str:
 def _write_npy(path: Path, rows: Tensor | np.ndarray) -> dict[str, int]:
     """Write ``rows`` as a ``.npy`` file straight from its memory; fsync; return bytes and CRC-32."""
     arr = np.ascontiguousarray(rows) if isinstance(rows, np.ndarray) else rows.detach().cpu().numpy()
+    return _write_npy_chunks(path, arr.dtype, arr.shape, [arr])
+
+
+def _write_npy_chunks(
+    path: Path, dtype: np.dtype[Any] | type, shape: tuple[int, ...], chunks: Iterable[np.ndarray]
+) -> dict[str, int]:
+    """Write a ``.npy`` file of ``shape`` whose data is ``chunks`` in order, holding one chunk at a time;
+    fsync; return bytes and CRC-32."""
     header = io.BytesIO()
-    np.lib.format.write_array_header_1_0(header, np.lib.format.header_data_from_array_1_0(arr))
+    descr = np.lib.format.dtype_to_descr(np.dtype(dtype))
+    np.lib.format.write_array_header_1_0(header, {"descr": descr, "fortran_order": False, "shape": shape})
     head = header.getvalue()
-    data = memoryview(arr.reshape(-1).view(np.uint8))  # type: ignore[arg-type]
+    crc, size = zlib.crc32(head), len(head)
     with open(path, "xb") as f:
         f.write(head)
-        f.write(data)
+        for chunk in chunks:
+            data = memoryview(np.ascontiguousarray(chunk, dtype=dtype).reshape(-1).view(np.uint8))  # type: ignore[arg-type]
+            f.write(data)
+            crc, size = zlib.crc32(data, crc), size + data.nbytes
         f.flush()
         os.fsync(f.fileno())
-    return {"bytes": len(head) + data.nbytes, "crc32": zlib.crc32(data, zlib.crc32(head))}
+    expected = len(head) + int(np.prod(shape)) * np.dtype(dtype).itemsize
+    if size != expected:
+        raise RuntimeError(f"{path}: wrote {size} bytes, a {shape} array takes {expected}")
+    return {"bytes": size, "crc32": crc}
+
+
+#: Rows per read of a written-rows shard: it is written a chunk at a time, never held whole in RAM.
+SHARD_CHUNK_ROWS = 1 << 16
 
 
 def _write_torch(path: Path, obj: Any) -> dict[str, int]:
@@ -267,9 +282,17 @@ def _write_rank_files(
     files: dict[str, dict[str, int]] = {}
     shards: dict[str, dict[str, Any]] = {}
     for name, m in modules.items():
-        lo, hi, rows, ids = _authoritative_rows(m, rank, world_size)
+        lo, hi, source, ids = _authoritative_rows(m, rank, world_size)
         fname = _shard_name(name, rank, world_size)
-        files[fname] = {**_write_npy(tmp / fname, rows), "rank": rank}
+        if ids is None:  # every row of the range, a zero-copy view of the store
+            facts = _write_npy(tmp / fname, source.tensor()[lo:hi].contiguous())
+        else:  # the rows written, read from the store a chunk at a time
+            chunks = (
+                source.read(ids[i : i + SHARD_CHUNK_ROWS]).numpy()
+                for i in range(0, ids.size, SHARD_CHUNK_ROWS)
+            )
+            facts = _write_npy_chunks(tmp / fname, np.float32, (int(ids.size), int(m.width)), chunks)
+        files[fname] = {**facts, "rank": rank}
         shards[name] = {"file": fname, "rank": rank, "rows": [lo, hi]}
         if ids is not None:  # the written-rows layout: which rows, and where every other one starts
             meta = (m.store.local if isinstance(m.store, ShardedStore) else m.store).metadata
