@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import os
 import random
 import signal
@@ -320,6 +321,33 @@ def test_a_written_rows_checkpoint_resumes_exactly_into_any_store(
     _assert_same_result(run, sc.reference)
     if into != "ram":
         model.emb.store.close()
+
+
+def test_one_process_directory_checkpoints_of_a_lazy_store_resume_exactly(
+    lazy_run: tuple[Scenario, Path], tmp_path: Path
+) -> None:
+    """``checkpoint_layout="directory"``: one process saves directories, whose shard is streamed from
+    the store; they hold what the file checkpoints of the same steps hold, and resume as exactly."""
+    sc, _ = lazy_run
+    dirs = tmp_path / "dirs"
+    every = ModelCheckpoint(dirpath=dirs, filename="{step}", every_n_train_steps=1, save_top_k=-1)
+    store = functools.partial(lb.TieredStore, tmp_path / "d.f32", buffer_bytes=1024)
+    saving = _fit(
+        _model(sc.tables, sparse="rowwise", store=store), sc.dm(), sc.train, seed=1, callbacks=[every],
+        strategy=lb.BagpipeStrategy(checkpoint_layout="directory"),
+    )  # fmt: skip
+    _assert_same_result(saving, sc.reference)
+    k = 5
+    d = dirs / f"step={k}.ckpt"
+    (shard,) = json.loads((d / "manifest.json").read_text())["modules"]["emb"]["shards"]
+    in_file = torch.load(sc.ckpt(k), weights_only=True)["state_dict"]
+    assert np.load(d / shard["ids_file"]).tolist() == in_file["emb.row_ids"].tolist()
+    assert np.array_equal(np.load(d / shard["file"]), in_file["emb.rows"].numpy())
+    run = _fit(_model(sc.tables, sparse="rowwise"), sc.dm(), sc.train, seed=12345, ckpt_path=d)
+    assert run.seen == list(range(k, len(sc.train)))
+    _assert_same_result(run, sc.reference)
+    with pytest.raises(ValueError, match="checkpoint_layout must be 'auto'"):
+        lb.BagpipeStrategy(checkpoint_layout="file")  # type: ignore[arg-type]
 
 
 def test_a_written_rows_checkpoint_loads_for_inference(lazy_run: tuple[Scenario, Path]) -> None:

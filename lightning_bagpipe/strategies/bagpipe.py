@@ -63,6 +63,11 @@ class BagpipeStrategy(DDPStrategy):
     ``io_delay_ms`` emulates a remote store. ``defer_sync`` (default on) lets replicated rows that the next
     step does not read finish their gradient sync one step late, overlapping the next step's compute;
     ``False`` syncs every replicated row within its step.
+
+    Checkpoints are one file on one process and a directory (a shard per rank) on several;
+    ``checkpoint_layout="directory"`` saves directories on one process too. A directory's shards are
+    written from the stores a chunk at a time, so a table far larger than RAM in a ``TieredStore`` is
+    saved without holding its written rows in memory (``docs/checkpoints.md``).
     """
 
     strategy_name = "bagpipe"
@@ -75,11 +80,18 @@ class BagpipeStrategy(DDPStrategy):
         io_delay_ms: float = 0.0,
         log_stats: bool = True,
         defer_sync: bool = True,
+        checkpoint_layout: Literal["auto", "directory"] = "auto",
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         if store not in ("auto", "shared", "sharded"):
             raise ValueError(f"store must be 'auto', 'shared' or 'sharded', got {store!r}")
+        if checkpoint_layout not in ("auto", "directory"):
+            raise ValueError(
+                f"checkpoint_layout must be 'auto' (a file on one process, a directory on several) or "
+                f"'directory', got {checkpoint_layout!r}"
+            )
+        self.checkpoint_layout = checkpoint_layout
         self.store_mode = store
         self.prefetch = prefetch
         self.io_delay_ms = float(io_delay_ms)
@@ -315,12 +327,15 @@ class BagpipeStrategy(DDPStrategy):
             return WorldComm(self.global_rank, self.world_size)
         return LocalComm()
 
+    def _directory_checkpoints(self) -> bool:
+        return self.world_size > 1 or self.checkpoint_layout == "directory"
+
     @override
     def save_checkpoint(
         self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Any | None = None
     ) -> None:
         # one process: one file through checkpoint_io; several: a directory, each rank writing its shard
-        if self.world_size == 1:
+        if not self._directory_checkpoints():
             add_bagpipe_section(checkpoint, self._cached_modules())
             super().save_checkpoint(checkpoint, filepath, storage_options)
             return
@@ -374,7 +389,7 @@ class BagpipeStrategy(DDPStrategy):
         # at every checkpoint (the end of fit still flushes every store).
         if self._driver is not None:
             self._driver.sync_store()
-        if self.world_size == 1:
+        if not self._directory_checkpoints():
             with written_rows_only(self._cached_modules().values()):  # not the whole of a lazy table
                 return super().lightning_module_state_dict()
         with rows_left_out(self._cached_modules().values()):  # each rank saves its own shard instead
