@@ -8,7 +8,7 @@ resident set, ``VmHWM``, is its own) and interleaved over ``--repeats``:
 
 * **tiered_big**: ``--rows`` rows in a :class:`~lightning_bagpipe.TieredStore` (the library's store for
   tables far larger than RAM): a new file, initialised lazily, with a RAM write buffer of
-  ``--buffer-mib``;
+  ``--buffer-mib`` and the default spill log (runs long enough to fill the buffer use it: ``--steps``);
 * **mmap_big**: the same rows in a plain :class:`~lightning_bagpipe.MmapStore` file;
 * **tiered_small**, **mmap_small** and **memory_small**: ``--small-rows`` rows (a table that fits in
   RAM) in a ``TieredStore``, a plain memory-mapped file and a :class:`~lightning_bagpipe.MemoryStore`,
