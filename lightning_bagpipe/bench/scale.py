@@ -509,9 +509,10 @@ def _worker_train(cfg: dict[str, Any]) -> dict[str, Any]:
         if cfg.get("checkpoint"):  # what a user's end-of-fit checkpoint costs (inside the RSS window)
             t0 = time.perf_counter()
             trainer.save_checkpoint(cfg["checkpoint"])
+            seconds = time.perf_counter() - t0
             written = model.embedding.store.written_ids()  # what the checkpoint saved of the tables
             saved = {
-                "checkpoint_seconds": time.perf_counter() - t0,
+                "checkpoint_seconds": seconds,
                 "checkpoint_bytes": os.path.getsize(cfg["checkpoint"]),
                 "checkpoint_table_rows": dm.tables.total_rows if written is None else int(written.size),
             }

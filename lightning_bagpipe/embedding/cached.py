@@ -33,7 +33,7 @@ from lightning_bagpipe.tables import Tables, TableSpec
 #: saved rows, and the seed and optimizer state every other row starts from.
 WRITTEN_IDS, INIT_SEED, INIT_STATE = "row_ids", "rows_init_seed", "rows_init_state"
 #: Stands for ``state_dict["<module>.rows"]`` once a loader has put the rows into the module's store itself
-#: (the written-rows shards of a directory checkpoint): loading it changes nothing.
+#: (the shards of a directory checkpoint): loading it changes nothing.
 ROWS_IN_PLACE = torch.empty(0)
 
 

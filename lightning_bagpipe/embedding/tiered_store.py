@@ -291,7 +291,7 @@ class TieredStore(EmbeddingStore):
         assert self.log is not None
         self.log.append(ids, rows)
         _set_bits(self._in_log, ids)
-        self._save_log_length()  # a store reopened after a crash sees the log as of its last run
+        self._save_log_runs()  # a store reopened after a crash sees the log as of its last run
 
     def _clear_log(self) -> None:
         if self.log is not None:
@@ -299,13 +299,8 @@ class TieredStore(EmbeddingStore):
             self._in_log.fill(0)
 
     def _mark(self, ids: np.ndarray) -> None:
-        """Set the bits of ``ids`` (sorted ascending)."""
-        if not ids.size:
-            return
-        byte = ids >> 3
-        bit = np.left_shift(np.uint8(1), (ids & 7).astype(np.uint8))
-        starts = np.flatnonzero(np.r_[True, byte[1:] != byte[:-1]])
-        self._written[byte[starts]] |= np.bitwise_or.reduceat(bit, starts)
+        """Record that the file holds rows ``ids``."""
+        _set_bits(self._written, ids)
 
     # ------------------------------------------------------------------ the buffer
     def _spill(self) -> None:
@@ -314,18 +309,23 @@ class TieredStore(EmbeddingStore):
         n = self._count
         if not n:
             return
-        log = self.log
-        if log is not None and n > log.room:
-            self._compact()
-        if log is not None and n <= log.room:
-            self._append_log(self._ids[:n], self._buf[:n])
-        else:
-            order = np.argsort(self._ids[:n], kind="stable")
-            self._write_file(self._ids[:n][order], self._buf, order)
+        self._to_disk(self._ids[:n], self._buf[:n])
         self._map.clear()
         self._in_buf.fill(0)
         self._count = 0
         self.spills += 1
+
+    def _to_disk(self, ids: np.ndarray, rows: Tensor) -> None:
+        """Rows of distinct ``ids`` to disk: appended to the spill log (emptied into the row file first if
+        they do not fit), or, without a log or with one too small for them, into the row file."""
+        log = self.log
+        if log is not None and ids.size > log.room:
+            self._compact()
+        if log is not None and ids.size <= log.room:
+            self._append_log(ids, rows)
+        else:  # (an empty log, if any: the file's copies are the newest)
+            order = np.argsort(ids, kind="stable")
+            self._write_file(ids[order], rows, order)
 
     def _compact(self) -> None:
         """Write the newest copy of every row in the spill log into the row file (sorted by id), empty it."""
@@ -344,7 +344,7 @@ class TieredStore(EmbeddingStore):
         # cache, and waiting here for the kernel to write gigabytes of pages would stall the step.)
         self._save_bitmap()
         self._clear_log()
-        self._save_log_length()
+        self._save_log_runs()
         self.compactions += 1
 
     #: Rows per file write of a spill, and per file read of a large read: after each the file store may let
@@ -377,7 +377,7 @@ class TieredStore(EmbeddingStore):
         self._gather(idx, out)
 
     def _gather(self, idx: np.ndarray, out: Tensor) -> None:
-        """Rows ``idx`` into ``out``, each from its newest copy: the buffer, the file or the recipe."""
+        """Rows ``idx`` into ``out``, each from its newest copy: buffer, log, file or recipe."""
         with self._lock:
             self._t()
             slots = self._find_buffered(idx)
@@ -424,15 +424,7 @@ class TieredStore(EmbeddingStore):
                 self._spill()
                 slots, new, m = np.full(idx.size, _EMPTY, dtype=np.int64), np.ones(idx.size, bool), idx.size
             if m > self.capacity:  # more rows than the buffer holds: straight to disk
-                log = self.log
-                if log is not None and m > log.room:
-                    self._compact()
-                if log is not None and m <= log.room:
-                    self._append_log(idx, src)
-                else:
-                    self._compact()  # (the file's copy must be the newest: none may stay in the log)
-                    order = np.argsort(idx, kind="stable")
-                    self._write_file(idx[order], src, order)
+                self._to_disk(idx, src)
                 return
             old = np.flatnonzero(~new)
             if old.size:
@@ -463,8 +455,8 @@ class TieredStore(EmbeddingStore):
                 self._mark(np.arange(lo, min(stop, lo + _MATERIALIZE_ROWS), dtype=np.int64))
 
     def written_ids(self, start: int = 0, stop: int | None = None) -> np.ndarray | None:
-        """Ids in ``[start, stop)`` of the rows written since the store was initialised (in the file or
-        the buffer), ascending; every other row of the range is still its initial value.
+        """Ids in ``[start, stop)`` of the rows written since the store was initialised (in the file, the
+        log or the buffer), ascending; every other row of the range is still its initial value.
 
         ``None`` when the file was not initialised lazily (it holds every row), and when more than half
         the rows of the range are written: the whole range is then the smaller description of them.
@@ -504,7 +496,7 @@ class TieredStore(EmbeddingStore):
             self._count = 0
             if self.log is not None:
                 self._clear_log()
-                self._save_log_length()
+                self._save_log_runs()
             self._written[:] = 0
             self._save_bitmap()
 
@@ -555,7 +547,7 @@ class TieredStore(EmbeddingStore):
         self.file.set_metadata(**kv)  # (updates the dict self.metadata shares with the file)
 
     def flush(self) -> None:
-        """Spill the buffer (to the log), ``msync`` the files, then save the bitmap and the log's length:
+        """Spill the buffer (to the log), ``msync`` the files, then save the bitmap and the log's runs:
         the store reopens as it is now."""
         with self._lock:
             self._t()
@@ -564,9 +556,9 @@ class TieredStore(EmbeddingStore):
             self._save_bitmap()
             if self.log is not None:
                 self.log.flush()
-                self._save_log_length()
+                self._save_log_runs()
 
-    def _save_log_length(self) -> None:
+    def _save_log_runs(self) -> None:
         assert self.log is not None
         self.set_metadata(log_runs=self.log.runs, log_capacity=self.log.capacity)
 

@@ -204,8 +204,13 @@ def rows_checksum(rows: Tensor) -> int:
     return zlib.crc32(t.reshape(-1).view(torch.uint8).numpy().data)
 
 
+def _module_key(name: str, key: str) -> str:
+    """The state-dict key ``key`` of the module named ``name`` (the root module has the empty name)."""
+    return f"{name}.{key}" if name else key
+
+
 def _rows_key(name: str) -> str:
-    return f"{name}.rows" if name else "rows"
+    return _module_key(name, "rows")
 
 
 def _module_config(name: str, module: CachedEmbedding) -> dict[str, Any]:
@@ -224,10 +229,6 @@ def _module_config(name: str, module: CachedEmbedding) -> dict[str, Any]:
     }
 
 
-def _written_key(name: str, suffix: str) -> str:
-    return f"{name}.{suffix}" if name else suffix
-
-
 def _module_entry(name: str, module: CachedEmbedding, state_dict: dict[str, Any]) -> dict[str, Any]:
     key = _rows_key(name)
     rows = state_dict.get(key)
@@ -242,7 +243,7 @@ def _module_entry(name: str, module: CachedEmbedding, state_dict: dict[str, Any]
         "rows_dtype": str(rows.dtype).removeprefix("torch."),
         "rows_crc32": rows_checksum(rows),
     }
-    ids = state_dict.get(_written_key(name, WRITTEN_IDS))
+    ids = state_dict.get(_module_key(name, WRITTEN_IDS))
     if isinstance(ids, Tensor):
         entry.update(rows_layout="written", init_recipe=INIT_RECIPE, row_ids_crc32=rows_checksum(ids))
     return entry
@@ -455,7 +456,7 @@ def _verify_module(
             f"{where}: the table rows of {label} ({key!r}) are corrupted: CRC-32 {crc:#010x} does not match "
             f"the saved {int(entry.get('rows_crc32', -1)) & 0xFFFFFFFF:#010x}"
         )
-    ids_key = _written_key(name, WRITTEN_IDS)
+    ids_key = _module_key(name, WRITTEN_IDS)
     ids = state_dict.get(ids_key)
     if entry.get("rows_layout", "full") != "written":
         if ids is not None:

@@ -295,7 +295,7 @@ def _write_rank_files(
         files[fname] = {**facts, "rank": rank}
         shards[name] = {"file": fname, "rank": rank, "rows": [lo, hi]}
         if ids is not None:  # the written-rows layout: which rows, and where every other one starts
-            meta = (m.store.local if isinstance(m.store, ShardedStore) else m.store).metadata
+            meta = source.metadata
             iname = _ids_name(name, rank, world_size)
             files[iname] = {**_write_npy(tmp / iname, ids), "rank": rank}
             shards[name].update(ids_file=iname, init_seed=int(meta["seed"]), init_state=meta["state_init"])
@@ -620,9 +620,9 @@ def _written_recipe(
     return seed, torch.tensor(state, dtype=torch.float32)
 
 
-def _restore_rows(d: Path, name: str, module: CachedEmbedding, shards: list[dict[str, Any]]) -> Tensor | None:
-    """Copy every shard into the module's store (no full-table copy in RAM); return the store's table, or
-    ``None`` when a shard holds written rows only (the store then stays lazy: no whole table is built)."""
+def _restore_rows(d: Path, name: str, module: CachedEmbedding, shards: list[dict[str, Any]]) -> None:
+    """Copy every shard into this process's store of the module (no full-table copy in RAM): the store
+    then holds every row, without a whole table ever being built (a lazy store stays lazy)."""
     store = module.store.local if isinstance(module.store, ShardedStore) else module.store
     written = any("ids_file" in s for s in shards)
     if written:  # every row back to its initial value first: the shards hold only the rows written since
@@ -655,7 +655,6 @@ def _restore_rows(d: Path, name: str, module: CachedEmbedding, shards: list[dict
         elif hi > lo:
             store.write_range(lo, torch.from_numpy(arr))
         del arr, ids
-    return None if written else store.tensor()
 
 
 def read_sharded_checkpoint(
@@ -663,8 +662,9 @@ def read_sharded_checkpoint(
 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """Verify the directory checkpoint ``path``, restore every module's rows into its store.
 
-    Returns the Lightning checkpoint dict (its ``state_dict["<module>.rows"]`` are the restored stores'
-    own tables, so Lightning's ``load_state_dict`` finds them in place) and this rank's saved RNG states
+    Returns the Lightning checkpoint dict (its ``state_dict["<module>.rows"]`` are
+    :data:`~lightning_bagpipe.embedding.cached.ROWS_IN_PLACE`: the rows are in the stores already, and
+    Lightning's ``load_state_dict`` leaves them there) and this rank's saved RNG states
     when ``world_size`` equals the saving world size, else ``None`` (with a warning).
     """
     d = Path(os.fspath(path))
@@ -679,8 +679,8 @@ def read_sharded_checkpoint(
             _verify_file(d, manifest, name)
     state_dict = checkpoint.setdefault("state_dict", {})
     for name, m in modules.items():
-        table = _restore_rows(d, name, m, layout[name])
-        state_dict[_rows_key(name)] = ROWS_IN_PLACE if table is None else table
+        _restore_rows(d, name, m, layout[name])
+        state_dict[_rows_key(name)] = ROWS_IN_PLACE
     if saved_world != world_size:
         rank_zero_warn(
             f"bagpipe: checkpoint {d} was saved by {saved_world} processes and is resumed on {world_size}: "
