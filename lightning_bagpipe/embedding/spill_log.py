@@ -101,11 +101,6 @@ class SpillLog:
         """The length of every run, oldest first (what reopening needs)."""
         return [int(ids.size) for _, ids in self._runs]
 
-    @property
-    def nbytes(self) -> int:
-        """RAM held: the runs' ids."""
-        return sum(int(ids.nbytes) for _, ids in self._runs)
-
     def append(self, ids: np.ndarray, rows: Tensor) -> None:
         """Append the rows of distinct ``ids`` as one run; they become those ids' newest copies."""
         n = ids.size
