@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from lightning_bagpipe.bench.common import parse_int_list, require_matplotlib, save_figure
+from lightning_bagpipe.id_sets import unique_ids
 from lightning_bagpipe.oracle.lookahead import LookaheadOracle
 from lightning_bagpipe.oracle.simulators import belady_fetches, lfu_fetches, lru_fetches, min_capacity
 from lightning_bagpipe.tables import Tables
@@ -247,9 +248,9 @@ def stream_bounds(stream: Stream) -> Bounds:
     """The :class:`Bounds` of ``stream``."""
     batches = stream.batches
     return Bounds(
-        distinct_rows=int(np.unique(np.concatenate(batches)).size),
+        distinct_rows=int(unique_ids(np.concatenate(batches)).size),
         min_capacity=min_capacity(batches, protect_previous=True),
-        min_capacity_one_step=max(int(np.unique(b).size) for b in batches),
+        min_capacity_one_step=max(int(unique_ids(b).size) for b in batches),
     )
 
 

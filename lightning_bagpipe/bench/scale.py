@@ -73,6 +73,7 @@ from lightning_bagpipe.data.criteo_shape import CRITEO_KAGGLE_CARDINALITIES
 from lightning_bagpipe.embedding.init import INIT_RECIPE, initial_rows_at
 from lightning_bagpipe.embedding.store import EmbeddingStore, MmapStore
 from lightning_bagpipe.embedding.tiered_store import TieredStore, store_files
+from lightning_bagpipe.id_sets import unique_ids
 from lightning_bagpipe.optim.sparse import RowWiseAdagrad, SparseOptimizer
 from lightning_bagpipe.tables import Tables
 
@@ -349,7 +350,7 @@ def lazy_rows(
 ) -> Iterator[tuple[np.ndarray, Tensor]]:
     """Initial ``(ids, rows)`` of the distinct ``ids`` only, ``chunk`` rows at a time, ids ascending: the
     library's initial weights (:func:`initial_rows_at`) followed by the optimizer's initial state."""
-    uniq = np.unique(np.asarray(ids, dtype=np.int64))
+    uniq = unique_ids(np.asarray(ids, dtype=np.int64))
     state = optimizer.initial_state(dim)
     for lo in range(0, uniq.size, chunk):
         part = uniq[lo : lo + chunk]
@@ -431,7 +432,7 @@ def _source(cfg: dict[str, Any]) -> Any:
 
 
 def _touched(src: Any) -> np.ndarray:
-    return np.unique(np.concatenate([b.copy() for b in src.id_batches()]))
+    return unique_ids(np.concatenate([b.copy() for b in src.id_batches()]))
 
 
 def _worker_init(cfg: dict[str, Any]) -> dict[str, Any]:

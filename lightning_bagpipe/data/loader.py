@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from lightning_bagpipe.data.batch import Batch, CacheLookup, StepPlan
+from lightning_bagpipe.id_sets import member_of, unique_inverse_below
 from lightning_bagpipe.oracle.lookahead import LookaheadOracle
 from lightning_bagpipe.oracle.partition import SYNC_MODES, RankPartitioner, RankView, occurrence_ranks
 from lightning_bagpipe.oracle.plan import CachePlan
@@ -333,7 +334,7 @@ class _OracleThread(threading.Thread):
             ids = plan.ids
         else:
             mask = occurrence_mask(batch, start, stop)
-            uniq, inverse = np.unique(plan.inverse[mask], return_inverse=True)
+            uniq, inverse = unique_inverse_below(plan.inverse[mask], plan.ids.size)
             slots, ids = plan.slots[uniq], plan.ids[uniq]
         local.sparse.lookup = CacheLookup.from_inverse(
             torch.from_numpy(slots),
@@ -383,7 +384,7 @@ def early_mask(fetch_ids: np.ndarray, evicted: Iterable[np.ndarray]) -> np.ndarr
     gone = [e for e in evicted if e.size]
     if not gone or not fetch_ids.size:
         return np.ones(fetch_ids.size, dtype=bool)
-    return ~np.isin(fetch_ids, np.concatenate(gone))
+    return ~member_of(fetch_ids, np.sort(np.concatenate(gone)))
 
 
 @dataclass

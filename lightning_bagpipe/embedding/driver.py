@@ -28,6 +28,7 @@ from lightning_bagpipe.data.batch import StepPlan
 from lightning_bagpipe.embedding.cached import CachedEmbedding
 from lightning_bagpipe.embedding.distributed import RankGroups
 from lightning_bagpipe.embedding.executor import IdSlots, RowExecutor, _Ticket
+from lightning_bagpipe.id_sets import member_of
 
 
 @dataclass
@@ -335,7 +336,7 @@ class CacheDriver:
         """Which replicated rows may finish their sync one step late: those the next step does not read."""
         if not self.defer_sync or plan.next_ids is None:
             return np.zeros(sync_ids.size, dtype=bool)
-        return ~np.isin(sync_ids, plan.next_ids)
+        return ~member_of(sync_ids, plan.next_ids)  # (a plan's ids are ascending)
 
     def _launch(
         self,

@@ -34,6 +34,8 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_bagpipe.id_sets import union_ids
+
 __all__ = ["STORE_FORMAT", "STORE_VERSION", "EmbeddingStore", "Ids", "MemoryStore", "MmapStore"]
 
 #: Row ids accepted by reads and writes: a 1-D integer numpy array, tensor (any device) or int sequence.
@@ -440,7 +442,7 @@ class MmapStore(EmbeddingStore):
             return
         row_bytes = self.width * 4
         first = idx.numpy() * row_bytes
-        pages = np.union1d(first // _PAGE, (first + row_bytes - 1) // _PAGE)
+        pages = union_ids(first // _PAGE, (first + row_bytes - 1) // _PAGE)
         # runs of consecutive pages: one madvise each
         breaks = np.flatnonzero(np.diff(pages) != 1) + 1
         starts = pages[np.concatenate([[0], breaks])]

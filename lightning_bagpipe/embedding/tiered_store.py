@@ -61,6 +61,7 @@ from lightning_bagpipe.embedding.store import (
     fsync_dir,
 )
 from lightning_bagpipe.id_map import IdMap
+from lightning_bagpipe.id_sets import union_ids
 from lightning_bagpipe.tables import Tables
 
 __all__ = ["DEFAULT_BUFFER_BYTES", "DEFAULT_LOG_BYTES", "TieredStore", "store_files"]
@@ -475,9 +476,8 @@ class TieredStore(EmbeddingStore):
             nz = np.flatnonzero(bits)
             held = np.unpackbits(bits[nz], bitorder="little").reshape(-1, 8).astype(bool)
             ids = ((nz + lo_b).astype(np.int64)[:, None] * 8 + np.arange(8, dtype=np.int64))[held]
-            ids = np.union1d(ids, self._ids[: self._count])
-            if self.log is not None and self.log.length:
-                ids = np.union1d(ids, self.log.items()[0])
+            logged = self.log.items()[0] if self.log is not None and self.log.length else ids[:0]
+            ids = union_ids(ids, self._ids[: self._count], logged)
             ids = ids[(ids >= start) & (ids < stop)]
             return None if ids.size > half else ids
 

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from lightning_bagpipe.id_sets import member_of, unique_below
 from lightning_bagpipe.oracle.plan import CachePlan
 
 IdSlots = tuple[np.ndarray, np.ndarray]
@@ -93,20 +94,20 @@ class RankPartitioner:
         r, world = self.rank, self.world_size
         ids, slots = plan.ids, plan.slots
         n = ids.size
-        pairs = np.unique(plan.inverse.astype(np.int64) * world + occ_rank)
+        pairs = unique_below(plan.inverse.astype(np.int64) * world + occ_rank, n * world)
         uniq_of_pair, rank_of_pair = pairs // world, pairs % world
         users = np.bincount(uniq_of_pair, minlength=n)
         owner = np.full(n, -1, dtype=np.int64)
         single = users[uniq_of_pair] == 1
         owner[uniq_of_pair[single]] = rank_of_pair[single]
-        ends_here = np.isin(ids, plan.writeback_ids, assume_unique=True)
+        ends_here = member_of(ids, plan.writeback_ids)  # (the plan's id arrays are ascending)
         local = (users == 1) & ends_here & (not self.replicate)
         replicated = ~local
         used_here = np.zeros(n, dtype=bool)
         used_here[uniq_of_pair[rank_of_pair == r]] = True
         need = used_here | replicated
 
-        fetched = np.isin(ids, plan.fetch_ids, assume_unique=True)
+        fetched = member_of(ids, plan.fetch_ids)
         prev = self.last_owner[ids]
         stale = ~fetched & (prev >= 0) & (prev != r)
         take = need & (fetched | stale)

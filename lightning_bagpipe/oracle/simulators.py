@@ -23,6 +23,8 @@ from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 
+from lightning_bagpipe.id_sets import union_ids
+
 _NEVER = np.iinfo(np.int64).max // 4
 
 
@@ -86,7 +88,7 @@ def min_capacity(batches: Iterable[np.ndarray], protect_previous: bool = True) -
     for t, ids in enumerate(steps):
         need = ids.size
         if protect_previous and t > 0:
-            need = np.union1d(ids, steps[t - 1]).size
+            need = union_ids(ids, steps[t - 1]).size
         best = max(best, need)
     return best
 
