@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lightning_bagpipe.id_sets import member_of, unique_below, unique_ids, unique_inverse_below, union_ids
+from lightning_bagpipe.id_sets import member_of, union_ids, unique_below, unique_ids, unique_inverse_below
 
 
 @pytest.mark.parametrize("n", [0, 1, 2, 7, 1000])

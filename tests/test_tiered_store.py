@@ -92,6 +92,9 @@ def test_reads_return_the_newest_write_or_the_initial_value(
             assert (s.compactions > 0) == (log == "small_log")
     else:
         assert s.spills == 0 and s.buffered_rows > 0
+    # the time spent writing to disk and compacting is counted (the writes spilled or compacted only)
+    assert (s.spill_seconds > 0) == (rows_in_buffer < 80)
+    assert (s.compaction_seconds > 0) == (s.compactions > 0)
     out = torch.empty(4, WIDTH)
     s.read_into([0, 5, 5, 1206], out)
     assert torch.equal(out, ref[[0, 5, 5, 1206]])

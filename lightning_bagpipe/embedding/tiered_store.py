@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Literal
@@ -158,6 +159,11 @@ class TieredStore(EmbeddingStore):
         """How many times the buffer was written to disk (the log, or the row file)."""
         self.compactions = 0
         """How many times the full spill log was written into the row file."""
+        self.spill_seconds = 0.0
+        """Wall time spent writing rows to disk for :meth:`write`: spills, and writes too large for the
+        buffer, with the compactions they cause (the writing thread waits for it)."""
+        self.compaction_seconds = 0.0
+        """Wall time of every compaction."""
         self._init: tuple[Tables, int, int, Tensor] | None = None
         self._written = self._load_bitmap()
         if self.metadata.get("lazy"):
@@ -319,6 +325,7 @@ class TieredStore(EmbeddingStore):
     def _to_disk(self, ids: np.ndarray, rows: Tensor) -> None:
         """Rows of distinct ``ids`` to disk: appended to the spill log (emptied into the row file first if
         they do not fit), or, without a log or with one too small for them, into the row file."""
+        t0 = time.perf_counter()
         log = self.log
         if log is not None and ids.size > log.room:
             self._compact()
@@ -327,12 +334,14 @@ class TieredStore(EmbeddingStore):
         else:  # (an empty log, if any: the file's copies are the newest)
             order = np.argsort(ids, kind="stable")
             self._write_file(ids[order], rows, order)
+        self.spill_seconds += time.perf_counter() - t0
 
     def _compact(self) -> None:
         """Write the newest copy of every row in the spill log into the row file (sorted by id), empty it."""
         log = self.log
         if log is None or not log.length:
             return
+        t0 = time.perf_counter()
         ids, pos = log.items()  # (ascending)
         for lo in range(0, ids.size, self.SPILL_CHUNK_ROWS):
             part = slice(lo, lo + self.SPILL_CHUNK_ROWS)
@@ -347,6 +356,7 @@ class TieredStore(EmbeddingStore):
         self._clear_log()
         self._save_log_runs()
         self.compactions += 1
+        self.compaction_seconds += time.perf_counter() - t0
 
     #: Rows per file write of a spill, and per file read of a large read: after each the file store may let
     #: go of the pages it mapped (:attr:`MmapStore.MAPPED_BYTES_LIMIT`), so a spill of a large buffer, or a
