@@ -59,3 +59,31 @@ def test_damaged_or_mismatched_log_files_are_named(tmp_path: Path) -> None:
     raw.tofile(ids_file)
     with pytest.raises(ValueError, match="the run at row 0 is not sorted; the log is damaged"):
         SpillLog(tmp_path / "t.f32", 100, WIDTH, [3])
+
+
+def test_a_sorted_run_written_a_chunk_at_a_time_is_one_run_in_the_other_pair_of_files(tmp_path: Path) -> None:
+    first = SpillLog(tmp_path / "t.f32", 100, WIDTH, None)
+    first.append(np.array([7, 2]), torch.zeros(2, WIDTH))
+    log = SpillLog(tmp_path / "t.f32", 100, WIDTH, None, pair=1)
+    assert (log.rows_path, log.ids_path) == log_files(tmp_path / "t.f32", 1) != log_files(tmp_path / "t.f32")
+    ids = np.array([1, 4, 9, 10, 30, 31, 50])
+    rows = torch.arange(ids.size * WIDTH, dtype=torch.float32).view(-1, WIDTH)
+    calls: list[tuple[int, int]] = []
+
+    def chunk(lo: int, hi: int) -> torch.Tensor:
+        calls.append((lo, hi))
+        return rows[lo:hi]
+
+    log.append_sorted(ids, chunk, 3)
+    assert calls == [(0, 3), (3, 6), (6, 7)] and log.runs == [7]
+    out = torch.empty(ids.size, WIDTH)
+    log.read(log.find(ids), out)
+    assert torch.equal(out, rows)
+    log.close()
+    again = SpillLog(tmp_path / "t.f32", 100, WIDTH, [7], pair=1)
+    assert again.items()[0].tolist() == ids.tolist()
+    assert first.find(np.array([2, 7])).tolist() == [0, 1]  # the other pair's files are untouched
+    with pytest.raises(ValueError, match="needs distinct ascending ids"):
+        again.append_sorted(np.array([3, 3]), chunk, 3)
+    again.remove()
+    assert not again.rows_path.exists() and not again.ids_path.exists() and again.length == 0

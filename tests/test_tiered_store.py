@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ import torch
 import lightning_bagpipe as lb
 from lightning_bagpipe.embedding.distributed import share_store
 from lightning_bagpipe.embedding.init import initial_rows
-from lightning_bagpipe.embedding.spill_log import log_files
+from lightning_bagpipe.embedding.spill_log import SpillLog, log_files
 from lightning_bagpipe.embedding.store import MmapStore
 from lightning_bagpipe.embedding.tiered_store import DEFAULT_LOG_BYTES, TieredStore, buffer_capacity
 from lightning_bagpipe.id_map import IdMap
@@ -352,3 +353,67 @@ def test_a_lazily_initialised_file_records_its_optimizer(tmp_path: Path) -> None
     lb.CachedEmbedding(TABLES, 1, lb.optim.RowWiseAdagrad(lr=0.1), store=functools.partial(TieredStore, path))
     with pytest.raises(ValueError, match=r"holds rowwise_adagrad optimizer state, but .* uses adagrad"):
         lb.CachedEmbedding(TABLES, 1, lb.optim.Adagrad(lr=0.1), store=path)
+
+
+def test_a_full_log_of_repeated_rows_is_merged_in_place_of_a_compaction(tmp_path: Path) -> None:
+    """Rows written over and over fill the log with old copies: merging keeps the newest (in the other pair
+    of log files) and never writes the row file. A store abandoned at any point reopens as of its last
+    spill, a flushed one as it is."""
+    path = tmp_path / "t.f32"
+    s = lazy_store(path, 8, "small_log")
+    rng = np.random.default_rng(7)
+    pool = rng.choice(TABLES.total_rows, size=20, replace=False)  # few distinct rows: many copies
+    ref, on_disk = initial_table(), initial_table()
+    merges = 0
+    for step in range(120):
+        ids = rng.choice(pool, size=int(rng.integers(1, 8)), replace=False)
+        before, spills = ref.clone(), s.spills
+        s.write(ids, torch.randn(ids.size, WIDTH))
+        ref[torch.from_numpy(ids)] = s.read(ids)
+        if s.spills > spills:
+            on_disk = before
+        if s.log_merges > merges:  # just merged: a crash now finds the merged log
+            merges = s.log_merges
+            again = TieredStore(path, buffer_bytes=2**20, log_bytes=LOGS["small_log"])  # s never flushed
+            assert torch.equal(again.read(np.arange(TABLES.total_rows)), on_disk), step
+            assert again.log is not None and again.log.pair == s.log.pair  # type: ignore[union-attr]
+        assert torch.equal(s.read(pool), ref[torch.from_numpy(pool)]), step
+    assert (
+        s.log_merges > 2
+        and s.compactions == 0
+        and s.rows_in_file() == len(set(pool.tolist()) & set(s.log.items()[0].tolist()))
+    )  # type: ignore[union-attr]
+    assert not s._written.any()  # the row file was never written
+    s.flush()
+    again = TieredStore(path, buffer_bytes=2**20, log_bytes=LOGS["small_log"])
+    assert torch.equal(again.read(np.arange(TABLES.total_rows)), ref)
+    again.close()
+
+
+def test_a_merge_that_fails_midway_leaves_the_old_log_in_force(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "t.f32"
+    s = lazy_store(path, 8, "small_log")
+    real = SpillLog.append_sorted
+
+    def half_then_fail(self: SpillLog, ids: np.ndarray, rows: Any, chunk: int) -> None:
+        real(self, ids[: ids.size // 2], rows, chunk)  # some rows reach the new files, then the process dies
+        raise RuntimeError("disk gone")
+
+    monkeypatch.setattr(SpillLog, "append_sorted", half_then_fail)
+    rng = np.random.default_rng(3)
+    pool = rng.choice(TABLES.total_rows, size=20, replace=False)
+    ref, on_disk = initial_table(), initial_table()
+    with pytest.raises(RuntimeError, match="disk gone"):
+        for _ in range(200):
+            ids = rng.choice(pool, size=int(rng.integers(1, 8)), replace=False)
+            before, spills = ref.clone(), s.spills
+            s.write(ids, torch.randn(ids.size, WIDTH))
+            ref[torch.from_numpy(ids)] = s.read(ids)
+            if s.spills > spills:
+                on_disk = before
+    assert s.log_merges == 0 and s.spills > 2
+    again = TieredStore(path, buffer_bytes=2**20, log_bytes=LOGS["small_log"])
+    assert torch.equal(again.read(np.arange(TABLES.total_rows)), on_disk)
+    again.close()
