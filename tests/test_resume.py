@@ -346,8 +346,43 @@ def test_one_process_directory_checkpoints_of_a_lazy_store_resume_exactly(
     run = _fit(_model(sc.tables, sparse="rowwise"), sc.dm(), sc.train, seed=12345, ckpt_path=d)
     assert run.seen == list(range(k, len(sc.train)))
     _assert_same_result(run, sc.reference)
-    with pytest.raises(ValueError, match="checkpoint_layout must be 'auto'"):
-        lb.BagpipeStrategy(checkpoint_layout="file")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"checkpoint_layout must be 'auto'.*got 'dirs'"):
+        lb.BagpipeStrategy(checkpoint_layout="dirs")  # type: ignore[arg-type]
+
+
+def test_auto_layout_saves_a_directory_when_a_file_would_copy_too_many_rows_into_memory(
+    lazy_run: tuple[Scenario, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On one process "auto" saves a file, unless the file would first read more than
+    AUTO_DIRECTORY_BYTES of a lazy store's written rows into memory; "file" insists on a file; a RAM
+    store's table is saved in place, so it stays a file."""
+    sc, _ = lazy_run
+    monkeypatch.setattr(lb.BagpipeStrategy, "AUTO_DIRECTORY_BYTES", 30 * (5 * 4 + 8))  # 30 rows of 5 floats
+    k = 5
+    saved = {}
+    for name, layout, tiered in (("auto", "auto", True), ("file", "file", True), ("ram", "auto", False)):
+        every = ModelCheckpoint(
+            dirpath=tmp_path / name, filename="{step}", every_n_train_steps=1, save_top_k=-1
+        )
+        store = (
+            functools.partial(lb.TieredStore, tmp_path / f"{name}.f32", buffer_bytes=1024) if tiered else None
+        )
+        _fit(
+            _model(sc.tables, sparse="rowwise", store=store), sc.dm(), sc.train, seed=1, callbacks=[every],
+            strategy=lb.BagpipeStrategy(checkpoint_layout=layout),
+        )  # fmt: skip
+        saved[name] = [tmp_path / name / f"step={s}.ckpt" for s in range(1, len(sc.train) + 1)]
+    in_file = torch.load(sc.ckpt(k), weights_only=True)["state_dict"]
+    assert in_file["emb.row_ids"].numel() > 30  # past the threshold by step k, not at step 1
+    assert saved["auto"][0].is_file() and saved["auto"][k - 1].is_dir()
+    assert all(p.is_file() for p in saved["file"] + saved["ram"])
+    d = saved["auto"][k - 1]
+    (shard,) = json.loads((d / "manifest.json").read_text())["modules"]["emb"]["shards"]
+    assert np.load(d / shard["ids_file"]).tolist() == in_file["emb.row_ids"].tolist()
+    assert np.array_equal(np.load(d / shard["file"]), in_file["emb.rows"].numpy())
+    run = _fit(_model(sc.tables, sparse="rowwise"), sc.dm(), sc.train, seed=12345, ckpt_path=d)
+    assert run.seen == list(range(k, len(sc.train)))
+    _assert_same_result(run, sc.reference)
 
 
 def test_a_written_rows_checkpoint_loads_for_inference(lazy_run: tuple[Scenario, Path]) -> None:

@@ -32,11 +32,11 @@ then produce the same losses (``max_abs_loss_diff_between_repeats``).
 
 Reported per run: samples/s (timed after ``--warmup`` steps), ``VmHWM``, the peaks of ``RssAnon``
 (process memory) and ``RssFile`` (mapped file pages, which the kernel can reclaim) sampled every 50 ms,
-cache figures, the tiered store's spills and compactions (counts and seconds), and the file's apparent
-and allocated size on disk. The tiered and RAM contenders then save a checkpoint, as a user's run ends
-(``trainer.save_checkpoint``, inside the memory window): its size and seconds are reported (a tiered
-store's holds only the rows written; a plain file's would be the whole table, so those skip it;
-``--no-checkpoint`` skips it everywhere).
+cache figures, the tiered store's spills, log merges and compactions (counts and seconds), and the
+file's apparent and allocated size on disk. The tiered and RAM contenders then save a checkpoint, as a
+user's run ends (``trainer.save_checkpoint``, inside the memory window): its size and seconds are
+reported (a tiered store's holds only the rows written; a plain file's would be the whole table, so
+those skip it; ``--no-checkpoint`` skips it everywhere).
 """
 
 from __future__ import annotations
@@ -534,6 +534,7 @@ def _worker_train(cfg: dict[str, Any]) -> dict[str, Any]:
     if isinstance(model.embedding.store, TieredStore):
         out["spills"] = model.embedding.store.spills  # (the flush as fit ends included)
         out["compactions"] = model.embedding.store.compactions  # (full spill logs written to the file)
+        out["log_merges"] = model.embedding.store.log_merges  # (full spill logs merged into one run)
         out["spill_seconds"] = model.embedding.store.spill_seconds  # (waited for by the row executor)
         out["compaction_seconds"] = model.embedding.store.compaction_seconds
     if stats is not None:

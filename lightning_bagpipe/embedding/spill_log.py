@@ -5,12 +5,14 @@ id-addressed row file, each costs a 4 KiB page (a fault, and a page the kernel w
 small the row: on a ``2**28``-row table that held long runs to 0.29-0.40x the speed of a RAM store. The
 log instead appends a spill's rows one after the other, sorted by id (a *run*), 57 rows of 72 bytes to a
 page; the runs' ids, kept in RAM (8 bytes per row), find each row's newest copy by binary search. When
-the log is full, the store writes its newest rows into the row file at once (a *compaction*) and starts
-the log again.
+the log is full, the store either *merges* it (one run of its newest copies, written with
+:meth:`SpillLog.append_sorted` into a new log beside it) or writes its newest rows into the row file at
+once (a *compaction*) and starts the log again.
 
 Two files next to the store's: ``path.log`` (``float32`` rows, ``capacity`` of them, a sparse file) and
-``path.log.ids`` (the ``int64`` id of each). Rows past the runs are garbage. Reopening with the run
-lengths the store recorded at its last flush reads the ids back.
+``path.log.ids`` (the ``int64`` id of each); a merge writes the other pair, ``path.log1`` and
+``path.log1.ids`` (then the first again). Rows past the runs are garbage. Reopening with the run lengths
+and the pair the store recorded at its last spill reads the ids back.
 """
 
 from __future__ import annotations

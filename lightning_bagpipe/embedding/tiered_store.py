@@ -16,9 +16,11 @@ file and avoids most of those pages:
   empty again (a *spill*).
 * **A spill log** of ``log_bytes`` on disk (:mod:`~lightning_bagpipe.embedding.spill_log`): a spill's
   rows one after the other, 57 of 72 bytes to a page, found by id in RAM, instead of a page of the row
-  file each. When the log is full its newest rows are written into the row file, sorted by
-  id (a *compaction*: a page per row again, but once per row however often it was spilled), and the
-  log starts again. ``log_bytes=0`` spills straight into the row file.
+  file each. When the log is full and most of it is older copies of rows, it is *merged*: its newest
+  copies are written, in one run, into a new log beside it, which replaces it. Otherwise its newest rows
+  are written into the row file, sorted by id (a *compaction*: a page per row again, but once per row
+  however often it was spilled), and the log starts again. ``log_bytes=0`` spills straight into the row
+  file.
 
 So a row costs a page of the row file only at a compaction, or when it is read from there. Reads take
 the newest copy: the buffer, else the log, else the row file if its bit is set, else the initial value.
@@ -528,6 +530,13 @@ class TieredStore(EmbeddingStore):
             ids = union_ids(ids, self._ids[: self._count], logged)
             ids = ids[(ids >= start) & (ids < stop)]
             return None if ids.size > half else ids
+
+    def written_rows_bound(self) -> int:
+        """At most how many rows :meth:`written_ids` lists, without listing them: the rows in the file,
+        in the log (every copy) and in the buffer, counted once per place."""
+        with self._lock:
+            held = int(_POPCOUNT[self._written].sum(dtype=np.int64))
+            return held + (self.log.length if self.log is not None else 0) + self._count
 
     def reset_to_initial(self) -> None:
         """Forget every written row: each reads as its initial value again. The file's old rows stay

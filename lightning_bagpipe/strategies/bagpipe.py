@@ -27,6 +27,7 @@ from lightning_bagpipe.embedding.cached import CachedEmbedding
 from lightning_bagpipe.embedding.distributed import RankGroups, shard_store, share_store
 from lightning_bagpipe.embedding.driver import CacheDriver, TotalStats
 from lightning_bagpipe.embedding.store import EmbeddingStore
+from lightning_bagpipe.embedding.tiered_store import TieredStore
 from lightning_bagpipe.strategies.checkpointing import (
     AtomicCheckpointIO,
     add_bagpipe_section,
@@ -64,11 +65,17 @@ class BagpipeStrategy(DDPStrategy):
     step does not read finish their gradient sync one step late, overlapping the next step's compute;
     ``False`` syncs every replicated row within its step.
 
-    Checkpoints are one file on one process and a directory (a shard per rank) on several;
-    ``checkpoint_layout="directory"`` saves directories on one process too. A directory's shards are
-    written from the stores a chunk at a time, so a table far larger than RAM in a ``TieredStore`` is
-    saved without holding its written rows in memory (``docs/checkpoints.md``).
+    Checkpoints are a directory (a shard per rank) on several processes. On one process
+    ``checkpoint_layout="auto"`` saves one file, unless that file would hold more than
+    :attr:`AUTO_DIRECTORY_BYTES` of rows copied into memory from a lazily initialised ``TieredStore``
+    (its written rows): then a directory, whose shards are written from the store a chunk at a time.
+    ``"file"`` and ``"directory"`` choose one layout always (``docs/checkpoints.md``).
     """
+
+    #: On one process, ``checkpoint_layout="auto"`` saves a directory instead of a file when the file would
+    #: hold more than this many bytes of rows that must first be read into memory (the written rows of a
+    #: lazily initialised ``TieredStore``; a RAM store's table is saved from where it is).
+    AUTO_DIRECTORY_BYTES = 256 * 2**20
 
     strategy_name = "bagpipe"
 
@@ -80,18 +87,21 @@ class BagpipeStrategy(DDPStrategy):
         io_delay_ms: float = 0.0,
         log_stats: bool = True,
         defer_sync: bool = True,
-        checkpoint_layout: Literal["auto", "directory"] = "auto",
+        checkpoint_layout: Literal["auto", "file", "directory"] = "auto",
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         if store not in ("auto", "shared", "sharded"):
             raise ValueError(f"store must be 'auto', 'shared' or 'sharded', got {store!r}")
-        if checkpoint_layout not in ("auto", "directory"):
+        if checkpoint_layout not in ("auto", "file", "directory"):
             raise ValueError(
-                f"checkpoint_layout must be 'auto' (a file on one process, a directory on several) or "
-                f"'directory', got {checkpoint_layout!r}"
+                f"checkpoint_layout must be 'auto' (a directory on several processes; on one, a file unless "
+                f"it would hold too many rows copied into memory), 'file' (on one process) or 'directory', "
+                f"got {checkpoint_layout!r}"
             )
         self.checkpoint_layout = checkpoint_layout
+        self._save_as_directory: bool | None = None  # decided with the state dict of the save under way
+        self._told_directory = False
         self.store_mode = store
         self.prefetch = prefetch
         self.io_delay_ms = float(io_delay_ms)
@@ -328,14 +338,30 @@ class BagpipeStrategy(DDPStrategy):
         return LocalComm()
 
     def _directory_checkpoints(self) -> bool:
-        return self.world_size > 1 or self.checkpoint_layout == "directory"
+        if self.world_size > 1 or self.checkpoint_layout == "directory":
+            return True
+        if self.checkpoint_layout == "file":
+            return False
+        copied = sum(_rows_copied_bytes(m) for m in self._cached_modules().values())
+        if copied <= self.AUTO_DIRECTORY_BYTES:
+            return False
+        if not self._told_directory:
+            self._told_directory = True
+            rank_zero_info(
+                f"bagpipe: saving checkpoints as directories: a single file would first read up to "
+                f"{copied / 2**30:.2f} GiB of written TieredStore rows into memory (more than "
+                f"BagpipeStrategy.AUTO_DIRECTORY_BYTES, {self.AUTO_DIRECTORY_BYTES / 2**20:.0f} MiB); a "
+                "directory's shards are written a chunk at a time. checkpoint_layout='file' insists on a file"
+            )
+        return True
 
     @override
     def save_checkpoint(
         self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Any | None = None
     ) -> None:
-        # one process: one file through checkpoint_io; several: a directory, each rank writing its shard
-        if not self._directory_checkpoints():
+        # one file through checkpoint_io, or a directory, each rank writing its shard
+        directory, self._save_as_directory = self._save_as_directory, None
+        if not (self._directory_checkpoints() if directory is None else directory):
             add_bagpipe_section(checkpoint, self._cached_modules())
             super().save_checkpoint(checkpoint, filepath, storage_options)
             return
@@ -389,11 +415,21 @@ class BagpipeStrategy(DDPStrategy):
         # at every checkpoint (the end of fit still flushes every store).
         if self._driver is not None:
             self._driver.sync_store()
-        if not self._directory_checkpoints():
+        self._save_as_directory = self._directory_checkpoints()  # (save_checkpoint follows with the same)
+        if not self._save_as_directory:
             with written_rows_only(self._cached_modules().values()):  # not the whole of a lazy table
                 return super().lightning_module_state_dict()
         with rows_left_out(self._cached_modules().values()):  # each rank saves its own shard instead
             return super().lightning_module_state_dict()
+
+
+def _rows_copied_bytes(module: CachedEmbedding) -> int:
+    """At most how many bytes of rows a single-file checkpoint copies into memory from ``module``'s store:
+    the written rows of a lazily initialised ``TieredStore`` (other stores' tables are saved in place)."""
+    store = module.store
+    if not isinstance(store, TieredStore) or not store.metadata.get("lazy"):
+        return 0
+    return store.written_rows_bound() * (store.width * 4 + 8)
 
 
 def _find_plan(batch: Any) -> StepPlan | None:
