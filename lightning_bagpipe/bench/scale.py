@@ -513,12 +513,18 @@ def _worker_train(cfg: dict[str, Any]) -> dict[str, Any]:
             trainer.save_checkpoint(cfg["checkpoint"])
             seconds = time.perf_counter() - t0
             written = model.embedding.store.written_ids()  # what the checkpoint saved of the tables
+            ckpt = Path(cfg["checkpoint"])  # a file, or a directory (checkpoint_layout="auto" on many rows)
+            parts = list(ckpt.iterdir()) if ckpt.is_dir() else [ckpt]
             saved = {
                 "checkpoint_seconds": seconds,
-                "checkpoint_bytes": os.path.getsize(cfg["checkpoint"]),
+                "checkpoint_bytes": disk_usage(*parts)["apparent_bytes"],
+                "checkpoint_layout": "directory" if ckpt.is_dir() else "file",
                 "checkpoint_table_rows": dm.tables.total_rows if written is None else int(written.size),
             }
-            os.remove(cfg["checkpoint"])
+            if ckpt.is_dir():
+                shutil.rmtree(ckpt)
+            else:
+                ckpt.unlink()
     after = proc_status_bytes()
     stats = trainer.strategy.cache_stats if isinstance(trainer.strategy, BagpipeStrategy) else None
     out: dict[str, Any] = {
