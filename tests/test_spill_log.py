@@ -87,3 +87,28 @@ def test_a_sorted_run_written_a_chunk_at_a_time_is_one_run_in_the_other_pair_of_
         again.append_sorted(np.array([3, 3]), chunk, 3)
     again.remove()
     assert not again.rows_path.exists() and not again.ids_path.exists() and again.length == 0
+
+
+def test_runs_of_ids_below_2_32_are_kept_in_4_bytes_and_found_next_to_larger_ids(tmp_path: Path) -> None:
+    """Runs whose ids fit in 32 bits are kept as uint32 in RAM (the file keeps int64); lookups of ids on
+    either side of 2**32, whose low 32 bits collide, still find each id's own newest copy."""
+    big = 2**32
+    log = SpillLog(tmp_path / "t.f32", 100, WIDTH, None)
+    newest: dict[int, list[float]] = {}
+    for ids in ([5, 7, big - 1], [5, big + 5, big + 7], [7, 9]):  # big + 5 has the low bits of 5
+        arr = np.array(ids, dtype=np.int64)
+        rows = torch.randn(arr.size, WIDTH)
+        log.append(arr, rows)
+        newest.update(zip(ids, rows.tolist()))
+    assert [run.dtype for _, run in log._runs] == [np.uint32, np.int64, np.uint32]
+    probe = np.array([5, 7, 9, big - 1, big + 5, big + 7, big + 9, 6, big + 6])
+    pos = log.find(probe)
+    assert (pos >= 0).tolist() == [int(i) in newest for i in probe]
+    out = torch.empty(int((pos >= 0).sum()), WIDTH)
+    log.read(pos[pos >= 0], out)
+    assert out.tolist() == [newest[int(i)] for i in probe if int(i) in newest]
+    ids, at = log.items()
+    assert ids.dtype == np.int64 and ids.tolist() == sorted(newest) and at.tolist() == log.find(ids).tolist()
+    log.close()
+    again = SpillLog(tmp_path / "t.f32", 100, WIDTH, log.runs)
+    assert again.find(probe).tolist() == pos.tolist()

@@ -4,7 +4,8 @@ A ``TieredStore`` whose RAM buffer is full must put its rows on disk. Written to
 id-addressed row file, each costs a 4 KiB page (a fault, and a page the kernel writes out), however
 small the row: on a ``2**28``-row table that held long runs to 0.29-0.40x the speed of a RAM store. The
 log instead appends a spill's rows one after the other, sorted by id (a *run*), 57 rows of 72 bytes to a
-page; the runs' ids, kept in RAM (8 bytes per row), find each row's newest copy by binary search. When
+page; the runs' ids, kept in RAM (4 bytes per row below id ``2**32``, else 8), find each row's newest
+copy by binary search. When
 the log is full, the store either *merges* it (one run of its newest copies, written with
 :meth:`SpillLog.append_sorted` into a new log beside it) or writes its newest rows into the row file at
 once (a *compaction*) and starts the log again.
@@ -50,8 +51,8 @@ class SpillLog:
         pair: which of the store's two pairs of log files (:func:`log_files`) this log uses.
 
     Each :meth:`append` writes one *run*: its rows sorted by id. The index is the runs' ids, kept in RAM
-    (8 bytes per row; a hash table took 24 to 48): a lookup is a binary search in each run, newest
-    first, and the newest copy of an id wins.
+    (4 bytes per row while the ids are below ``2**32``, else 8; a hash table took 24 to 48): a lookup is
+    a binary search in each run, newest first, and the newest copy of an id wins.
     """
 
     def __init__(
@@ -93,7 +94,7 @@ class SpillLog:
                         f"spill log {self.ids_path}: the run at row {self.length} is not sorted; the log is "
                         "damaged"
                     )
-                self._runs.append((self.length, run))
+                self._runs.append((self.length, _in_ram(run)))
                 self.length += int(n)
 
     @property
@@ -121,7 +122,7 @@ class SpillLog:
         # same page cache)
         _pwrite_all(self.rows_path, data, lo * self.width * 4)
         _pwrite_all(self.ids_path, run, lo * 8)
-        self._runs.append((lo, run))
+        self._runs.append((lo, _in_ram(run)))
         self.length += n
 
     def append_sorted(self, ids: np.ndarray, rows: Callable[[int, int], Tensor], chunk: int) -> None:
@@ -141,7 +142,7 @@ class SpillLog:
             _pwrite_all(self.rows_path, data, (lo + a) * self.width * 4)
         run = np.ascontiguousarray(ids, dtype=np.int64)
         _pwrite_all(self.ids_path, run, lo * 8)
-        self._runs.append((lo, run))
+        self._runs.append((lo, _in_ram(run)))
         self.length += n
 
     def find(self, ids: np.ndarray) -> np.ndarray:
@@ -152,8 +153,13 @@ class SpillLog:
             if not todo.size:
                 break
             q = ids[todo]
-            pos = np.minimum(np.searchsorted(run, q), run.size - 1)
-            hit = run[pos] == q
+            if run.dtype == np.uint32:  # (an id too large for it is in no such run)
+                q32 = q.astype(np.uint32)
+                pos = np.minimum(np.searchsorted(run, q32), run.size - 1)
+                hit = (run[pos] == q32) & (q < _NARROW)
+            else:
+                pos = np.minimum(np.searchsorted(run, q), run.size - 1)
+                hit = run[pos] == q
             out[todo[hit]] = start + pos[hit]
             todo = todo[~hit]
         return out
@@ -182,7 +188,7 @@ class SpillLog:
         newest = np.ones(ids.size, dtype=bool)
         newest[:-1] = ids[1:] != ids[:-1]
         pos = np.concatenate([np.arange(start, start + run.size) for start, run in self._runs])
-        return ids[newest], pos[order[newest]]
+        return ids[newest].astype(np.int64), pos[order[newest]]
 
     def clear(self) -> None:
         """Forget every row (the files keep their size; their old rows are garbage)."""
@@ -216,6 +222,17 @@ class SpillLog:
         if raw is not None and hasattr(mmap, "MADV_DONTNEED"):
             with contextlib.suppress(OSError, ValueError):
                 raw.madvise(mmap.MADV_DONTNEED)
+
+
+_NARROW = 2**32
+
+
+def _in_ram(run: np.ndarray) -> np.ndarray:
+    """A run's ids (ascending) as the log keeps them in RAM: ``uint32`` when they fit, 4 bytes per row
+    instead of 8 (the file keeps ``int64``)."""
+    if run.size and int(run[-1]) < _NARROW:
+        return run.astype(np.uint32)
+    return run
 
 
 def _pwrite_all(path: Path, arr: np.ndarray, offset: int) -> None:

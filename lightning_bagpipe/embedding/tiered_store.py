@@ -72,7 +72,8 @@ __all__ = ["DEFAULT_BUFFER_BYTES", "DEFAULT_LOG_BYTES", "TieredStore", "store_fi
 #: Default size of the RAM write buffer (rows and their index).
 DEFAULT_BUFFER_BYTES = 256 * 2**20
 #: Default size of the spill log on disk (rows and their ids; sparse files, allocated as they are written).
-#: Its index in RAM takes 8 bytes per row it holds: up to 26.8M rows of 72 bytes, 215 MB, for the default.
+#: Its index in RAM takes 4 bytes per row it holds (ids below ``2**32``): up to 26.8M rows of 72 bytes,
+#: 107 MB, for the default.
 #: (512 MiB until 2026-12-05: its compactions took 19 s each in long runs of ``bench scale``.)
 DEFAULT_LOG_BYTES = 2 * 2**30
 
