@@ -226,6 +226,10 @@ def test_a_flushed_store_reopens_as_it_was(tmp_path: Path, log: str) -> None:
     moved = TieredStore(path, buffer_bytes=2**20, log_bytes=LOGS[other])
     assert torch.equal(moved.read(np.arange(TABLES.total_rows)), ref)
     assert moved.log is None or moved.log.length == 0
+    # the old log's files are gone; a new log has its own pair only
+    assert [p.exists() for p in (*log_files(path, 0), *log_files(path, 1))] == [other != "no_log"] * 2 + [
+        False
+    ] * 2
     moved.close()
     assert torch.equal(TieredStore(path, buffer_bytes=2**20).read(np.arange(TABLES.total_rows)), ref)
 

@@ -189,14 +189,18 @@ class TieredStore(EmbeddingStore):
         old_rows = int(self.metadata.get("log_capacity", 0))
         pair = 0 if created else int(self.metadata.get("log_pair", 0))
         if kept is not None and old_rows != log_rows:
+            old = None
             if kept:
-                self.log = SpillLog(self.file.path, old_rows, self.width, [int(n) for n in kept], pair)
+                old = SpillLog(self.file.path, old_rows, self.width, [int(n) for n in kept], pair)
+                self.log = old
                 self._compact()
-                self.log.close()
+                old.close()
                 self.file.flush()
                 self._save_bitmap()
             self.log, kept, pair = None, None, 0
             self.set_metadata(log_runs=[], log_capacity=0, log_pair=0)
+            if old is not None:
+                old.remove()  # (unreferenced now: its rows are in the row file)
         if log_rows >= 1:
             runs = [int(n) for n in kept] if kept else None  # (nothing to keep: new files)
             self.log = SpillLog(self.file.path, log_rows, self.width, runs, pair)
@@ -330,8 +334,9 @@ class TieredStore(EmbeddingStore):
         self.spills += 1
 
     def _to_disk(self, ids: np.ndarray, rows: Tensor) -> None:
-        """Rows of distinct ``ids`` to disk: appended to the spill log (emptied into the row file first if
-        they do not fit), or, without a log or with one too small for them, into the row file."""
+        """Rows of distinct ``ids`` to disk: appended to the spill log (merged, or else emptied into the row
+        file, first if they do not fit), or, without a log or with one too small for them, into the row
+        file."""
         t0 = time.perf_counter()
         log = self.log
         if log is not None and ids.size > log.room and not self._merge_log(ids.size):
@@ -355,7 +360,7 @@ class TieredStore(EmbeddingStore):
 
         A merge writes each row once, sequentially, and frees the space of older copies; a compaction
         costs a page of the row file per row (a fault and an allocation in a sparse file: 3 to 9 us
-        per row here, 19 s for a full default log). The metadata names the new files only once they
+        per row here, 19 s for a full log of 512 MiB). The metadata names the new files only once they
         are written, so a crash in between reopens the old log.
         """
         log = self.log
