@@ -13,6 +13,17 @@ from lightning_bagpipe.embedding.spill_log import SpillLog, log_files
 WIDTH = 3
 
 
+def assert_holds_newest(log: SpillLog, newest: dict[int, list[float]], probe: np.ndarray) -> np.ndarray:
+    """``log`` finds and reads each probed id's newest row, exactly the ids of ``newest``; its items are
+    those ids, ascending (int64), with their newest positions. Returns the probe's positions."""
+    pos = log.find(probe)
+    assert (pos >= 0).tolist() == [int(i) in newest for i in probe]
+    assert log.read(pos[pos >= 0]).tolist() == [newest[int(i)] for i in probe if int(i) in newest]
+    ids, at = log.items()
+    assert ids.dtype == np.int64 and ids.tolist() == sorted(newest) and at.tolist() == log.find(ids).tolist()
+    return pos
+
+
 def test_the_newest_copy_of_each_id_wins_across_runs_and_a_reopen(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     log = SpillLog(tmp_path / "t.f32", 400, WIDTH, None)
@@ -23,22 +34,13 @@ def test_the_newest_copy_of_each_id_wins_across_runs_and_a_reopen(tmp_path: Path
         log.append(ids, rows)
         newest.update(zip(ids.tolist(), rows.tolist()))
 
-    def check(lg: SpillLog) -> None:
-        probe = np.concatenate([np.arange(70), [5, 5]])  # ids 60..69 were never appended; repeats ok
-        pos = lg.find(probe)
-        assert (pos >= 0).tolist() == [int(i) in newest for i in probe]
-        out = torch.empty(int((pos >= 0).sum()), WIDTH)
-        lg.read(pos[pos >= 0], out)
-        assert out.tolist() == [newest[int(i)] for i in probe if int(i) in newest]
-        ids, at = lg.items()
-        assert ids.tolist() == sorted(newest) and at.tolist() == lg.find(ids).tolist()
-
-    check(log)
+    probe = np.concatenate([np.arange(70), [5, 5]])  # ids 60..69 were never appended; repeats ok
+    assert_holds_newest(log, newest, probe)
     runs = log.runs
     assert len(runs) == 8 and sum(runs) == log.length
     log.close()
     again = SpillLog(tmp_path / "t.f32", 400, WIDTH, runs)  # what a flushed store records
-    check(again)
+    assert_holds_newest(again, newest, probe)
     with pytest.raises(ValueError, match="do not fit in the"):
         again.append(np.arange(400 - again.length + 1), torch.zeros(400 - again.length + 1, WIDTH))
     again.clear()
@@ -76,9 +78,7 @@ def test_a_sorted_run_written_a_chunk_at_a_time_is_one_run_in_the_other_pair_of_
 
     log.append_sorted(ids, chunk, 3)
     assert calls == [(0, 3), (3, 6), (6, 7)] and log.runs == [7]
-    out = torch.empty(ids.size, WIDTH)
-    log.read(log.find(ids), out)
-    assert torch.equal(out, rows)
+    assert torch.equal(log.read(log.find(ids)), rows)
     log.close()
     again = SpillLog(tmp_path / "t.f32", 100, WIDTH, [7], pair=1)
     assert again.items()[0].tolist() == ids.tolist()
@@ -102,13 +102,7 @@ def test_runs_of_ids_below_2_32_are_kept_in_4_bytes_and_found_next_to_larger_ids
         newest.update(zip(ids, rows.tolist()))
     assert [run.dtype for _, run in log._runs] == [np.uint32, np.int64, np.uint32]
     probe = np.array([5, 7, 9, big - 1, big + 5, big + 7, big + 9, 6, big + 6])
-    pos = log.find(probe)
-    assert (pos >= 0).tolist() == [int(i) in newest for i in probe]
-    out = torch.empty(int((pos >= 0).sum()), WIDTH)
-    log.read(pos[pos >= 0], out)
-    assert out.tolist() == [newest[int(i)] for i in probe if int(i) in newest]
-    ids, at = log.items()
-    assert ids.dtype == np.int64 and ids.tolist() == sorted(newest) and at.tolist() == log.find(ids).tolist()
+    pos = assert_holds_newest(log, newest, probe)
     log.close()
     again = SpillLog(tmp_path / "t.f32", 100, WIDTH, log.runs)
     assert again.find(probe).tolist() == pos.tolist()

@@ -109,21 +109,9 @@ class SpillLog:
 
     def append(self, ids: np.ndarray, rows: Tensor) -> None:
         """Append the rows of distinct ``ids`` as one run; they become those ids' newest copies."""
-        n = ids.size
-        if n > self.room:
-            raise ValueError(f"spill log {self.rows_path}: {n} rows do not fit in the {self.room} left")
-        if not n:
-            return
         order = np.argsort(ids, kind="stable")
-        run = np.ascontiguousarray(ids[order], dtype=np.int64)
-        data = rows.detach().to(torch.float32)[torch.from_numpy(order)].contiguous().numpy()
-        lo = self.length
-        # write(), not the mapping: no page fault per fresh page of the sparse file (the mapping sees the
-        # same page cache)
-        _pwrite_all(self.rows_path, data, lo * self.width * 4)
-        _pwrite_all(self.ids_path, run, lo * 8)
-        self._runs.append((lo, _in_ram(run)))
-        self.length += n
+        data = rows.detach()[torch.from_numpy(order)]
+        self.append_sorted(ids[order], lambda lo, hi: data[lo:hi], max(1, ids.size))
 
     def append_sorted(self, ids: np.ndarray, rows: Callable[[int, int], Tensor], chunk: int) -> None:
         """Append distinct ascending ``ids`` as one run, their rows a chunk at a time: ``rows(lo, hi)``
@@ -136,6 +124,8 @@ class SpillLog:
         if n > 1 and bool(np.any(ids[1:] <= ids[:-1])):
             raise ValueError(f"spill log {self.rows_path}: append_sorted needs distinct ascending ids")
         lo = self.length
+        # write(), not the mapping: no page fault per fresh page of the sparse file (the mapping sees the
+        # same page cache)
         for a in range(0, n, chunk):
             b = min(n, a + chunk)
             data = rows(a, b).detach().to(torch.float32).contiguous().numpy()
@@ -164,8 +154,8 @@ class SpillLog:
             todo = todo[~hit]
         return out
 
-    def read(self, positions: np.ndarray, out: Tensor) -> None:
-        """Rows at ``positions`` into ``out``; the mapping then lets go of its pages.
+    def read(self, positions: np.ndarray) -> Tensor:
+        """A new tensor of the rows at ``positions``; the mapping then lets go of its pages.
 
         The log's files are written sequentially, so the kernel caches them in large folios (2 MB here)
         and maps a whole folio per fault: a few thousand scattered rows map most of the log. Those pages
@@ -175,8 +165,9 @@ class SpillLog:
         with a release after each, was 10x slower and mapped almost as much; ``MADV_NOHUGEPAGE`` and
         ``MADV_RANDOM`` were 3-6x slower.
         """
-        torch.index_select(self._table, 0, torch.from_numpy(positions), out=out)
+        rows = torch.index_select(self._table, 0, torch.from_numpy(positions))
         self._release()
+        return rows
 
     def items(self) -> tuple[np.ndarray, np.ndarray]:
         """Every id in the log, ascending, and the position of its newest copy."""

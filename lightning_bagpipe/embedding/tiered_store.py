@@ -339,8 +339,10 @@ class TieredStore(EmbeddingStore):
         file."""
         t0 = time.perf_counter()
         log = self.log
-        if log is not None and ids.size > log.room and not self._merge_log(ids.size):
-            self._compact()
+        if log is not None and ids.size > log.room:
+            items = log.items()  # (one sort of the log's ids, for the merge or the compaction)
+            if not self._merge_log(items, ids.size):
+                self._compact(items)
         log = self.log
         if log is not None and ids.size <= log.room:
             self._append_log(ids, rows)
@@ -354,9 +356,10 @@ class TieredStore(EmbeddingStore):
     #: compacted into the row file.
     MERGE_MAX_FILL = 0.9
 
-    def _merge_log(self, incoming: int) -> bool:
-        """Replace the log by one run of its newest copies, written beside it (the other pair of log
-        files), if that leaves room for ``incoming`` rows and more; ``False`` if it would not.
+    def _merge_log(self, items: tuple[np.ndarray, np.ndarray], incoming: int) -> bool:
+        """Replace the log by one run of its newest copies (``items``: ``log.items()``), written beside it
+        (the other pair of log files), if that leaves room for ``incoming`` rows and more; ``False`` if it
+        would not.
 
         A merge writes each row once, sequentially, and frees the space of older copies; a compaction
         costs a page of the row file per row (a fault and an allocation in a sparse file: 3 to 9 us
@@ -365,35 +368,29 @@ class TieredStore(EmbeddingStore):
         """
         log = self.log
         assert log is not None
-        ids, pos = log.items()  # (ascending)
+        ids, pos = items
         if ids.size + incoming > self.MERGE_MAX_FILL * log.capacity:
             return False
         merged = SpillLog(self.file.path, log.capacity, self.width, None, pair=1 - log.pair)
 
-        def rows(lo: int, hi: int) -> Tensor:
-            out = torch.empty(hi - lo, self.width)
-            log.read(pos[lo:hi], out)
-            return out
-
-        merged.append_sorted(ids, rows, self.SPILL_CHUNK_ROWS)
+        merged.append_sorted(ids, lambda lo, hi: log.read(pos[lo:hi]), self.SPILL_CHUNK_ROWS)
         self.log = merged
         self._save_log_runs()  # from here on a reopened store reads the merged log
         log.remove()
         self.log_merges += 1
         return True
 
-    def _compact(self) -> None:
-        """Write the newest copy of every row in the spill log into the row file (sorted by id), empty it."""
+    def _compact(self, items: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+        """Write the newest copy of every row in the spill log into the row file (sorted by id), empty it.
+        ``items``: ``log.items()``, if the caller has it already."""
         log = self.log
         if log is None or not log.length:
             return
         t0 = time.perf_counter()
-        ids, pos = log.items()  # (ascending)
+        ids, pos = log.items() if items is None else items  # (ascending)
         for lo in range(0, ids.size, self.SPILL_CHUNK_ROWS):
             part = slice(lo, lo + self.SPILL_CHUNK_ROWS)
-            rows = torch.empty(pos[part].size, self.width)
-            log.read(pos[part], rows)
-            self.file.write(ids[part], rows, check_unique=False)
+            self.file.write(ids[part], log.read(pos[part]), check_unique=False)
             self._mark(ids[part])
         # the bitmap first, then the empty log: a crash in between leaves the log's rows both in the log
         # and in the file, the same values. (No msync: a process that dies leaves its writes in the page
@@ -449,9 +446,7 @@ class TieredStore(EmbeddingStore):
                     at, where = rest[logged], pos[logged]
                     for lo in range(0, at.size, self.SPILL_CHUNK_ROWS):
                         part = slice(lo, lo + self.SPILL_CHUNK_ROWS)
-                        rows = torch.empty(at[part].size, self.width)
-                        self.log.read(where[part], rows)
-                        out[torch.from_numpy(at[part])] = rows
+                        out[torch.from_numpy(at[part])] = self.log.read(where[part])
                     rest = rest[~logged]
             if rest.size:
                 ids_rest = idx[rest]
