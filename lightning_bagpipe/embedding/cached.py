@@ -265,6 +265,7 @@ class CachedEmbedding(nn.Module):
         self._cache.index_copy_(0, slots, rows)
 
     # ------------------------------------------------------------------ forward
+    @torch.compiler.disable
     def forward(self, features: SparseFeatures) -> Tensor:
         lookup = features.lookup
         if self._active and self.training and lookup is not None and torch.is_grad_enabled():
