@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -106,3 +107,37 @@ def test_runs_of_ids_below_2_32_are_kept_in_4_bytes_and_found_next_to_larger_ids
     log.close()
     again = SpillLog(tmp_path / "t.f32", 100, WIDTH, log.runs)
     assert again.find(probe).tolist() == pos.tolist()
+
+
+@pytest.mark.parametrize("gap, span", [(0, 1), (2, 8), (32, 1 << 14)])
+def test_reads_of_scattered_clustered_and_repeated_positions_return_those_rows(
+    tmp_path: Path, gap: int, span: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the log reads rows a pread at a time: alone, or a span of close positions at once
+    monkeypatch.setattr(SpillLog, "READ_GAP_ROWS", gap)
+    monkeypatch.setattr(SpillLog, "READ_SPAN_ROWS", span)
+    rng = np.random.default_rng(gap)
+    log = SpillLog(tmp_path / "t.f32", 300, WIDTH, None)
+    rows = torch.randn(250, WIDTH)
+    for lo in range(0, 250, 50):  # positions 0..249 hold rows[0..249]
+        log.append(np.arange(lo, lo + 50), rows[lo : lo + 50])
+    clusters = np.concatenate([np.arange(s, s + int(rng.integers(1, 12))) for s in (0, 60, 61, 120, 238)])
+    scattered = rng.choice(250, size=40, replace=False)
+    positions = rng.permutation(np.concatenate([clusters, scattered, [7, 7, 249]]))
+    reads: list[int] = []
+    pread = os.pread
+
+    def counted(fd: int, n: int, offset: int) -> bytes:
+        reads.append(n)
+        return pread(fd, n, offset)
+
+    monkeypatch.setattr(os, "pread", counted)
+    assert torch.equal(log.read(positions), rows[torch.from_numpy(positions)])
+    row_bytes = 4 * WIDTH
+    assert max(reads) <= span * row_bytes  # a span's scratch buffer is bounded
+    if gap == 0:  # then only equal or adjacent positions share a read
+        assert len(reads) >= np.unique(positions).size / span
+    assert log.read(np.zeros(0, dtype=np.int64)).shape == (0, WIDTH)
+    for bad in ([250], [-1]):  # written rows only: past the runs is garbage
+        with pytest.raises(IndexError, match=r"\[0, 250\)"):
+            log.read(np.array(bad))
