@@ -182,7 +182,7 @@ class SpillLog:
         pread = os.pread
         fd = os.open(self.rows_path, os.O_RDONLY)
         try:
-            data = b"".join([pread(fd, k * size, a * size) for a, k in zip((lo).tolist(), span.tolist())])
+            data = b"".join([pread(fd, k * size, a * size) for a, k in zip(lo.tolist(), span.tolist())])
         finally:
             os.close(fd)
         which = np.repeat(np.arange(first.size), np.diff(np.append(first, n)))
