@@ -241,3 +241,25 @@ def test_bf16_mixed_precision_trains_like_the_uncached_loop_under_autocast(opt_n
     assert torch.allclose(trained[:, DIM:], ref_state, atol=1e-6, rtol=0)
     for p, q in zip(model.head.parameters(), ref_head.parameters()):
         assert torch.allclose(p, q, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("limit, epochs", [(10, 2), (7, 3)])
+def test_epochs_cut_short_by_limit_train_batches_train_exactly(limit: int, epochs: int) -> None:
+    # Lightning ends each epoch after ``limit`` batches, before the steps the oracle planned beyond them
+    # (rows still due for write-back, a pre-step already queued); every epoch then starts over from batch 0
+    tables = small_tables((60, 45, 35))
+    batches = random_batches(tables, STEPS, BATCH, multi_hot=3, seed=3)
+    make_opt, hp = OPTIMIZERS["adagrad"]
+    torch.manual_seed(0)
+    model = TinyModel(tables, make_opt(), dense_lr=DENSE_LR)
+    ref_table, ref_state, ref_head = train_reference(
+        model, batches[:limit] * epochs, "adagrad", hp, dtype=torch.float64
+    )
+    trainer = quiet_trainer(limit_train_batches=limit, max_epochs=epochs)
+    trainer.fit(model, datamodule=ListDataModule(tables, batches, lookahead=8, cache_rows=110))
+    assert trainer.global_step == limit * epochs
+    trained = model.emb.store.tensor().double()
+    assert torch.allclose(trained[:, :DIM], ref_table, atol=1e-6, rtol=0)
+    assert torch.allclose(trained[:, DIM:], ref_state, atol=1e-6, rtol=0)
+    for p, q in zip(model.head.parameters(), ref_head.parameters()):
+        assert torch.allclose(p.double(), q, atol=1e-6, rtol=0)

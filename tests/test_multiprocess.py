@@ -109,6 +109,21 @@ def test_two_processes_on_tiered_stores_equal_one_in_ram(tmp_path: Path) -> None
             assert torch.allclose(got["head"][k], v, atol=1e-5, rtol=0), k
 
 
+def test_two_processes_with_epochs_cut_short_equal_one(tmp_path: Path) -> None:
+    """limit_train_batches stops each epoch before the steps its plans counted on (dirty rows, a queued
+    pre-step): every rank must bring the store up to date before the next epoch's plans."""
+    args = ["--lookahead", "8", "--store", "sharded", "--epochs", "3", "--limit-train-batches", "7"]
+    done = _launch(args, tmp_path)
+    assert done.returncode == 0, done.stdout[-4000:]
+    ref = mp_train.run(mp_train.parse([*args, "--devices", "1"]))
+    for r in range(2):
+        got = torch.load(tmp_path / f"rank{r}.pt", weights_only=True)
+        assert got["steps"] == ref["steps"] == 21
+        assert (got["rows"] - ref["rows"]).abs().max() <= 1e-5, f"rank {r}"
+        for k, v in ref["head"].items():
+            assert torch.allclose(got["head"][k], v, atol=1e-5, rtol=0), k
+
+
 @pytest.mark.parametrize("defer", [True, False], ids=["deferred", "in_step"])
 def test_full_replication_baseline_equals_one_process(tmp_path: Path, defer: bool) -> None:
     """sync="replicated" (the benchmark baseline): no local rows, every row all-reduced; same model, with

@@ -42,6 +42,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--multi-hot", type=int, default=1)
     p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--limit-train-batches", type=int, default=None, help="Lightning's: epochs cut short")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--capacity", type=int, default=0, help="0: two steps' rows + 4 (forces evictions)")
     p.add_argument("--optimizer", default="adagrad", choices=sorted(OPTIMIZERS))
@@ -110,7 +112,8 @@ def run(args: argparse.Namespace) -> dict:
         strategy=strategy if args.devices > 1 else "bagpipe",
         accelerator="cpu",
         devices=args.devices,
-        max_epochs=1,
+        max_epochs=args.epochs,
+        limit_train_batches=args.limit_train_batches,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
