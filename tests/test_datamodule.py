@@ -32,7 +32,7 @@ def test_each_batch_carries_its_plan_and_lookups_read_the_right_rows() -> None:
     resident: dict[int, int] = {}  # slot -> fused id, replaying the plans
     for i, (src, b) in enumerate(zip(batches, got)):
         plan = b.plan
-        assert plan.key == (0, i)
+        assert plan.key == (got[0].plan.key[0], i)  # (the stream's number, the step)
         assert (plan.next_key is None) == (i == 11)
         for sid, slot in zip(*plan.evict):
             assert resident.get(int(slot)) == int(sid)
@@ -150,7 +150,8 @@ def test_state_dict_counts_batches_handed_out_and_resume_starts_at_the_next_one(
     batches = random_batches(tables, 10, 4)
     loader = _loader(batches, tables, queue_batches=4)
     it = iter(loader)
-    for _ in range(3):
+    first_key = next(it).plan.key
+    for _ in range(2):
         next(it)
     time.sleep(0.05)  # the thread has fetched further ahead; the count must not include that
     state = loader.state_dict()
@@ -162,7 +163,7 @@ def test_state_dict_counts_batches_handed_out_and_resume_starts_at_the_next_one(
     rest = list(resumed)
     assert len(rest) == 7
     assert torch.equal(rest[0].dense, batches[3].dense)
-    assert rest[0].plan.key == (0, 3)
+    assert rest[0].plan.key[1] == 3 and rest[0].plan.key[0] > first_key[0]  # a new stream
     assert resumed.state_dict() == {"epoch": 0, "batches_yielded": 10}
 
 

@@ -243,10 +243,11 @@ def test_bf16_mixed_precision_trains_like_the_uncached_loop_under_autocast(opt_n
         assert torch.allclose(p, q, atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("limit, epochs", [(10, 2), (7, 3)])
-def test_epochs_cut_short_by_limit_train_batches_train_exactly(limit: int, epochs: int) -> None:
+@pytest.mark.parametrize("limit, epochs, reload", [(10, 2, 0), (7, 3, 1)])
+def test_epochs_cut_short_by_limit_train_batches_train_exactly(limit: int, epochs: int, reload: int) -> None:
     # Lightning ends each epoch after ``limit`` batches, before the steps the oracle planned beyond them
-    # (rows still due for write-back, a pre-step already queued); every epoch then starts over from batch 0
+    # (rows still due for write-back, a pre-step already queued); every epoch then starts over from batch 0,
+    # with ``reload`` from a new loader that counts its epochs from 0 again
     tables = small_tables((60, 45, 35))
     batches = random_batches(tables, STEPS, BATCH, multi_hot=3, seed=3)
     make_opt, hp = OPTIMIZERS["adagrad"]
@@ -255,7 +256,9 @@ def test_epochs_cut_short_by_limit_train_batches_train_exactly(limit: int, epoch
     ref_table, ref_state, ref_head = train_reference(
         model, batches[:limit] * epochs, "adagrad", hp, dtype=torch.float64
     )
-    trainer = quiet_trainer(limit_train_batches=limit, max_epochs=epochs)
+    trainer = quiet_trainer(
+        limit_train_batches=limit, max_epochs=epochs, reload_dataloaders_every_n_epochs=reload
+    )
     trainer.fit(model, datamodule=ListDataModule(tables, batches, lookahead=8, cache_rows=110))
     assert trainer.global_step == limit * epochs
     trained = model.emb.store.tensor().double()

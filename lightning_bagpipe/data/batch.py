@@ -329,7 +329,8 @@ _NO_ROWS = np.zeros(0, dtype=np.int64)
 class StepPlan:
     """This rank's cache instructions for one training step (host-side numpy arrays).
 
-    ``key`` identifies the step in the stream (``(epoch, step)``). Before the step the executor writes
+    ``key`` identifies the step: ``(stream, step)``, where ``stream`` numbers the oracle's runs (epochs) in
+    the process, increasing. Before the step the executor writes
     back ``evict`` rows (capacity evictions) and then loads ``fetch`` rows; after the step's optimizer
     update it writes back ``writeback`` rows, which stay in their slots as clean copies. ``next_evict``
     and ``next_fetch`` are the next step's pre-step instructions, so they can start while this step

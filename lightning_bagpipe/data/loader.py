@@ -14,6 +14,7 @@ re-wraps them with a ``DistributedSampler``: the global stream order is the orac
 
 from __future__ import annotations
 
+import itertools
 import queue
 import threading
 import weakref
@@ -201,6 +202,12 @@ class BagpipeLoader(_LoaderBase):
             t.stop()
 
 
+#: Numbers every oracle run (an epoch's plan stream) of the process, increasing: the first part of each
+#: plan's key, so that the driver tells a new stream from the last (its plans assume an empty cache)
+#: even when a reloaded loader counts its epochs from 0 again.
+_STREAMS = itertools.count()
+
+
 class _OracleThread(threading.Thread):
     """Reads the source, runs the oracle and queues rank-local batches with their plans."""
 
@@ -210,6 +217,7 @@ class _OracleThread(threading.Thread):
         super().__init__(name=f"bagpipe-oracle-e{epoch}", daemon=True)
         self.loader = loader
         self.epoch = epoch
+        self.stream = next(_STREAMS)
         self.skip = skip
         self.queue: queue.Queue[Any] = queue.Queue(maxsize=loader.queue_batches)
         self._stop_event = threading.Event()
@@ -344,7 +352,7 @@ class _OracleThread(threading.Thread):
         )
         capacity = ld.cache_rows if ld.cache_rows is not None else -1
         local.plan = StepPlan(
-            key=(self.epoch, step),
+            key=(self.stream, step),
             capacity=capacity,
             fetch=view.fetch,
             evict=view.evict,
@@ -355,7 +363,7 @@ class _OracleThread(threading.Thread):
             own=view.own,
             foreign=view.foreign,
             sync_blocks=view.sync_blocks,
-            next_key=None if nxt is None else (self.epoch, step + 1),
+            next_key=None if nxt is None else (self.stream, step + 1),
             next_fetch=None if nxt is None else nxt.view.fetch,
             next_evict=None if nxt is None else nxt.view.evict,
             next_ids=None if nxt is None else nxt.plan.ids,
@@ -363,7 +371,7 @@ class _OracleThread(threading.Thread):
             next_early=None if nxt is None else nxt.early,
             ahead=None
             if ahead is None or ahead.early is None
-            else ((self.epoch, step + ld.prefetch_depth), ahead.view.fetch[0][ahead.early]),
+            else ((self.stream, step + ld.prefetch_depth), ahead.view.fetch[0][ahead.early]),
             unique_ids=int(plan.ids.size),
             hits=int(plan.hits),
             clean_hits=int(plan.clean_hits),

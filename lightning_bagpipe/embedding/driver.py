@@ -162,7 +162,7 @@ class CacheDriver:
         self.slot_ids = np.zeros(0, dtype=np.int64)
         self.dirty = np.zeros(0, dtype=bool)
         self._queued_key: tuple[int, int] | None = None
-        self._epoch = -1  # epoch of the last step's plan
+        self._stream = -1  # plan stream (epoch) of the last step
         self._queued_ticket: _Ticket | None = None
         self._current: StepPlan | None = None
         self._writeback: IdSlots | None = None
@@ -180,9 +180,9 @@ class CacheDriver:
         self._end_step()
         if self.executor is None:
             self._start(plan.capacity)
-        elif plan.key[0] != self._epoch:
-            self._new_epoch()
-        self._epoch = plan.key[0]
+        elif plan.key[0] != self._stream:
+            self._new_stream()
+        self._stream = plan.key[0]
         assert self.executor is not None
         # Step t-1's last-use rows ride along with the next prestep's evictions: one store write (one
         # collective on a sharded store, one round trip to a remote one) per step instead of two. Every
@@ -441,16 +441,18 @@ class CacheDriver:
                 m._deactivate()
 
     # ------------------------------------------------------------------ internals
-    def _new_epoch(self) -> None:
-        """Start a new epoch's plans, which the oracle made for an empty cache.
+    def _new_stream(self) -> None:
+        """Start a new epoch's plan stream, which the oracle made for an empty cache.
 
         An epoch that ran to its end left every row written back. One that Lightning cut short
         (``limit_train_batches``) stopped before steps its plans counted on: rows they would have written
         back later are still dirty, and a pre-step for the first step that never ran may have fetched
         rows. So the store is brought up to date and the cache forgets what it holds.
         """
+        assert self.executor is not None
         self.sync_store()
         self._queued_key, self._queued_ticket = None, None  # (carried out by sync_store's drain)
+        self.executor.forget_staged()  # rows read early for steps that never ran
         self.slot_ids.fill(-1)
         self.dirty.fill(False)
 

@@ -189,6 +189,11 @@ class RowExecutor:
 
         return self._submit(job)
 
+    def forget_staged(self) -> None:
+        """Drop every row fetched early, after the jobs queued so far (their steps will not run: a new plan
+        stream begins)."""
+        self._submit(lambda ticket: self._staged.clear())
+
     def _take_staged(self, key: tuple[int, int] | None) -> _Staged | None:
         """The rows fetched early for step ``key`` (if any); forgets them and any for earlier steps."""
         if key is None or not self._staged:
