@@ -23,16 +23,18 @@ def random_batches(
     batch_size: int,
     *,
     multi_hot: int = 1,
+    min_bag: int = 1,
     num_dense: int = 3,
     zipf: float = 1.2,
     seed: int = 0,
     weighted: bool = False,
 ) -> list[lb.Batch]:
-    """Skewed random global batches; bags of 1..multi_hot ids (one-hot when multi_hot == 1)."""
+    """Skewed random global batches; bags of min_bag..multi_hot ids (one-hot when both are 1; 0 allows
+    empty bags, a missing value)."""
     rng = np.random.default_rng(seed)
     out = []
     for _ in range(num_batches):
-        lengths = rng.integers(1, multi_hot + 1, size=(len(tables), batch_size))
+        lengths = rng.integers(min_bag, multi_hot + 1, size=(len(tables), batch_size))
         values = []
         for f, t in enumerate(tables):
             n = int(lengths[f].sum())

@@ -266,3 +266,22 @@ def test_epochs_cut_short_by_limit_train_batches_train_exactly(limit: int, epoch
     assert torch.allclose(trained[:, DIM:], ref_state, atol=1e-6, rtol=0)
     for p, q in zip(model.head.parameters(), ref_head.parameters()):
         assert torch.allclose(p.double(), q, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("pooling", ["sum", "mean", "weighted_sum"])
+def test_empty_bags_train_exactly_even_when_the_id_count_looks_one_hot(pooling: str) -> None:
+    # bags of 0 to 2 ids (an empty bag is a missing value): a batch may hold exactly one id per bag on
+    # average, F * B ids in all, without being one-hot; the one-hot layouts must not be taken for it
+    tables = small_tables((60, 45, 35))
+    batches = random_batches(
+        tables, STEPS, BATCH, multi_hot=2, min_bag=0, seed=4, weighted=pooling == "weighted_sum"
+    )
+    looks_one_hot = [b for b in batches if b.sparse.values.numel() == len(tables) * BATCH]
+    assert looks_one_hot and not any(b.sparse.is_one_hot() for b in looks_one_hot)
+    assert all(bool((b.sparse.lengths == 0).any()) for b in batches)
+    torch.manual_seed(0)
+    # (weights with pooling "sum": a weighted sum)
+    model = TinyModel(
+        tables, OPTIMIZERS["adagrad"][0](), dense_lr=DENSE_LR, pooling="mean" if pooling == "mean" else "sum"
+    )
+    assert_bagpipe_trains_like_reference(model, batches, "adagrad")

@@ -66,7 +66,7 @@ class PoolingIndex:
         f = num_features
         b = lengths.numel() // max(1, f)
         n = inverse.numel()
-        if n == lengths.numel():  # one-hot: occurrence k is bag k, a [F, B] block to transpose
+        if one_hot(lengths, n):  # occurrence k is bag k, a [F, B] block to transpose
             perm, offsets = _one_hot_layout(f, b, inverse.device)
             inv = inverse.view(f, b).t().reshape(-1)
         else:
@@ -97,6 +97,12 @@ class PoolingIndex:
             move(self.order),
             move(self.row_offsets),
         )
+
+
+def one_hot(lengths: Tensor, occurrences: int) -> bool:
+    """Whether every bag of ``lengths`` holds exactly one of the ``occurrences`` ids. The count alone does
+    not tell: empty bags can make up for longer ones."""
+    return occurrences == lengths.numel() and bool((lengths == 1).all())
 
 
 @functools.lru_cache(maxsize=8)
@@ -253,14 +259,14 @@ class SparseFeatures:
         return self._offsets
 
     def is_one_hot(self) -> bool:
-        return bool((self.lengths == 1).all())
+        return one_hot(self.lengths, self.values.numel())
 
     # ------------------------------------------------------------------ ids
     def fused_ids(self, tables: Tables) -> np.ndarray:
         """Occurrences as ids in the fused space (table offset + row), key-major, int64 numpy."""
         per_key = self.validate(tables)
         values = self.values.numpy().astype(np.int64, copy=False)
-        if self.values.numel() == len(self.keys) * self.batch_size:  # one-hot: a [F, B] block
+        if self.is_one_hot():  # a [F, B] block
             return (values.reshape(len(self.keys), -1) + np.asarray(tables.offsets)[:, None]).reshape(-1)
         return values + np.repeat(tables.offsets, per_key)
 

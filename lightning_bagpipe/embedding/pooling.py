@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_bagpipe.data.batch import PoolingIndex, group_by_row
+from lightning_bagpipe.data.batch import PoolingIndex, group_by_row, one_hot
 
 __all__ = ["pooled_lookup"]
 
@@ -49,16 +49,17 @@ class _GroupedPooling(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         offsets, weights, order, row_offsets = ctx.saved_tensors
         n, bags = ctx.num_positions, offsets.numel()
-        if n == bags:  # one occurrence per bag (one-hot): position i is bag i
+        lengths = _bag_lengths(offsets, n)
+        if one_hot(lengths, n):  # position i is bag i
             bag_of = order
         else:
             bag_ids = torch.arange(bags, device=order.device)
-            bag_of = torch.repeat_interleave(bag_ids, _bag_lengths(offsets, n), output_size=n)[order]
+            bag_of = torch.repeat_interleave(bag_ids, lengths, output_size=n)[order]
         scale: Tensor | None = None
         if weights is not None:
             scale = weights[order]
         elif ctx.mode == "mean":
-            scale = (1.0 / _bag_lengths(offsets, n).clamp(min=1).to(grad.dtype))[bag_of]
+            scale = (1.0 / lengths.clamp(min=1).to(grad.dtype))[bag_of]
         grad_rows = F.embedding_bag(
             bag_of, grad.contiguous(), row_offsets, mode="sum", per_sample_weights=scale
         )
