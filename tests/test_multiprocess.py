@@ -109,6 +109,20 @@ def test_two_processes_on_tiered_stores_equal_one_in_ram(tmp_path: Path) -> None
             assert torch.allclose(got["head"][k], v, atol=1e-5, rtol=0), k
 
 
+def test_two_processes_with_empty_bags_equal_one(tmp_path: Path) -> None:
+    """Bags of 0 to 2 ids: each rank's occurrences and lookups come from bag lengths with zeros in them."""
+    args = ["--lookahead", "8", "--store", "sharded", "--multi-hot", "2", "--min-bag", "0"]
+    done = _launch(args, tmp_path)
+    assert done.returncode == 0, done.stdout[-4000:]
+    ref = mp_train.run(mp_train.parse([*args, "--devices", "1"]))
+    for r in range(2):
+        got = torch.load(tmp_path / f"rank{r}.pt", weights_only=True)
+        assert got["steps"] == ref["steps"] == 30
+        assert (got["rows"] - ref["rows"]).abs().max() <= 1e-5, f"rank {r}"
+        for k, v in ref["head"].items():
+            assert torch.allclose(got["head"][k], v, atol=1e-5, rtol=0), k
+
+
 def test_two_processes_with_epochs_cut_short_equal_one(tmp_path: Path) -> None:
     """limit_train_batches stops each epoch before the steps its plans counted on (dirty rows, a queued
     pre-step): every rank must bring the store up to date before the next epoch's plans."""

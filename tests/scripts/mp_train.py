@@ -41,6 +41,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         "--tiered-buffer-rows", type=int, default=0, help="each rank keeps its rows in its own TieredStore"
     )
     p.add_argument("--multi-hot", type=int, default=1)
+    p.add_argument("--min-bag", type=int, default=1, help="0: empty bags (missing values) too")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--limit-train-batches", type=int, default=None, help="Lightning's: epochs cut short")
@@ -80,7 +81,9 @@ def run(args: argparse.Namespace) -> dict:
     rank = int(os.environ.get("LOCAL_RANK", "0"))
     sizes = (60, 45, 35) if not (args.mismatch_rank1 and rank == 1) else (60, 45, 36)
     tables = small_tables(sizes)
-    batches = random_batches(tables, args.steps, args.batch, multi_hot=args.multi_hot, seed=11)
+    batches = random_batches(
+        tables, args.steps, args.batch, multi_hot=args.multi_hot, min_bag=args.min_bag, seed=11
+    )
     if args.short_rank1 and rank == 1:
         batches = batches[:-2]
     capacity = (
