@@ -328,6 +328,14 @@ def test_unsupported_configurations_are_refused(data) -> None:
         quiet_trainer(max_steps=2).fit(PlainLoaderModel(tables))
 
 
+def test_weighted_bags_under_mean_pooling_are_a_clear_error() -> None:
+    tables = small_tables()
+    weighted = random_batches(tables, 6, 8, multi_hot=2, weighted=True)
+    for trainer in (quiet_trainer(max_steps=2), quiet_trainer(strategy="auto", max_steps=2)):
+        with pytest.raises(ValueError, match=r"pooling='mean'.*weighted bags.*pooling='sum'"):
+            trainer.fit(TinyModel(tables, pooling="mean"), datamodule=_dm(tables, weighted))
+
+
 def test_bad_module_arguments_are_clear_errors() -> None:
     tables = small_tables()
     with pytest.raises(ValueError, match="lr"):

@@ -267,6 +267,11 @@ class CachedEmbedding(nn.Module):
     # ------------------------------------------------------------------ forward
     @torch.compiler.disable
     def forward(self, features: SparseFeatures) -> Tensor:
+        if features.weights is not None and self.pooling != "sum":
+            raise ValueError(
+                f"CachedEmbedding(pooling={self.pooling!r}) got weighted bags (SparseFeatures.weights): "
+                "per-occurrence weights need pooling='sum', which pools them as a weighted sum"
+            )
         lookup = features.lookup
         if self._active and self.training and lookup is not None and torch.is_grad_enabled():
             assert self._cache is not None
