@@ -188,9 +188,20 @@ def test_datamodule_does_not_let_lightning_rewrap_the_loader() -> None:
 
 def test_datamodule_validates_its_arguments() -> None:
     tables = small_tables()
-    with pytest.raises(ValueError, match="lookahead must be >= 1"):
-        ListDataModule(tables, random_batches(tables, 1, 4), lookahead=0)
-    with pytest.raises(ValueError, match="cache_rows must be >= 1"):
-        ListDataModule(tables, random_batches(tables, 1, 4), cache_rows=0)
+    batches = random_batches(tables, 1, 4)
+    with pytest.raises(ValueError, match="lookahead must be an integer >= 1, got 0"):
+        ListDataModule(tables, batches, lookahead=0)
+    with pytest.raises(ValueError, match=r"cache_rows must be an integer >= 1 or None, got 0"):
+        ListDataModule(tables, batches, cache_rows=0)
+    # fractional values are refused, not truncated; bools are not counts
+    for name, bad in (
+        ("lookahead", 2.5),
+        ("cache_rows", 100.0),
+        ("prefetch_depth", True),
+        ("queue_batches", 0),
+    ):
+        with pytest.raises(ValueError, match=rf"{name} must be an integer >= 1.*got {bad!r}"):
+            ListDataModule(tables, batches, **{name: bad})
+    ListDataModule(tables, batches, lookahead=np.int64(3), cache_rows=np.int32(50))  # numpy integers are fine
     with pytest.raises(ValueError, match="sync must be one of"):
         ListDataModule(tables, random_batches(tables, 1, 4), sync="allreduce")

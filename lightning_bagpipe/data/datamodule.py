@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterable
 from typing import Any, Literal
 
@@ -53,16 +54,18 @@ class BagpipeDataModule(pl.LightningDataModule):
         prefetch_depth: int = 4,
     ) -> None:
         super().__init__()
-        if prefetch_depth < 1:
-            raise ValueError(f"prefetch_depth must be >= 1, got {prefetch_depth}")
+        for name, value in (
+            ("batch_size", batch_size),
+            ("lookahead", lookahead),
+            ("queue_batches", queue_batches),
+            ("prefetch_depth", prefetch_depth),
+            ("cache_rows", 1 if cache_rows is None else cache_rows),
+        ):  # (an integer-valued float such as 2.5 would be truncated silently)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+                extra = " or None" if name == "cache_rows" else ""
+                raise ValueError(f"{name} must be an integer >= 1{extra}, got {value!r}")
         if sync not in SYNC_MODES:
             raise ValueError(f"sync must be one of {SYNC_MODES}, got {sync!r}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if lookahead < 1:
-            raise ValueError(f"lookahead must be >= 1, got {lookahead}")
-        if cache_rows is not None and cache_rows < 1:
-            raise ValueError(f"cache_rows must be >= 1 or None, got {cache_rows}")
         self.tables = Tables.coerce(tables)
         self.batch_size = int(batch_size)
         self.lookahead = int(lookahead)
