@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from lightning_bagpipe.arguments import integer
+
 
 @dataclass(frozen=True)
 class TableSpec:
@@ -25,8 +27,8 @@ class TableSpec:
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
             raise ValueError(f"table name must be a non-empty string, got {self.name!r}")
-        if int(self.num_embeddings) < 1:
-            raise ValueError(f"table {self.name!r}: num_embeddings must be >= 1, got {self.num_embeddings}")
+        rows = integer(f"table {self.name!r}: num_embeddings", self.num_embeddings, minimum=1)
+        object.__setattr__(self, "num_embeddings", rows)  # (a numpy integer becomes an int)
 
 
 class Tables(Sequence[TableSpec]):
@@ -37,7 +39,7 @@ class Tables(Sequence[TableSpec]):
     """
 
     def __init__(self, tables: Iterable[TableSpec | tuple[str, int]]) -> None:
-        specs = [t if isinstance(t, TableSpec) else TableSpec(str(t[0]), int(t[1])) for t in tables]
+        specs = [t if isinstance(t, TableSpec) else TableSpec(str(t[0]), t[1]) for t in tables]
         if not specs:
             raise ValueError("at least one table is required")
         names = [t.name for t in specs]
@@ -56,7 +58,7 @@ class Tables(Sequence[TableSpec]):
     @classmethod
     def from_sizes(cls, sizes: Sequence[int], prefix: str = "C") -> Tables:
         """Tables named ``{prefix}1 .. {prefix}N`` (Criteo's naming) with the given row counts."""
-        return cls(TableSpec(f"{prefix}{i + 1}", int(n)) for i, n in enumerate(sizes))
+        return cls(TableSpec(f"{prefix}{i + 1}", n) for i, n in enumerate(sizes))
 
     @classmethod
     def coerce(cls, tables: Tables | Iterable[TableSpec | tuple[str, int]]) -> Tables:

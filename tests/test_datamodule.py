@@ -191,7 +191,7 @@ def test_datamodule_validates_its_arguments() -> None:
     batches = random_batches(tables, 1, 4)
     with pytest.raises(ValueError, match="lookahead must be an integer >= 1, got 0"):
         ListDataModule(tables, batches, lookahead=0)
-    with pytest.raises(ValueError, match=r"cache_rows must be an integer >= 1 or None, got 0"):
+    with pytest.raises(ValueError, match=r"cache_rows must be an integer >= 1, got 0"):
         ListDataModule(tables, batches, cache_rows=0)
     # fractional values are refused, not truncated; bools are not counts
     for name, bad in (

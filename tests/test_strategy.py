@@ -7,6 +7,7 @@ import threading
 from pathlib import Path
 
 import lightning.pytorch as pl
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -349,3 +350,20 @@ def test_bad_module_arguments_are_clear_errors() -> None:
     bad = lb.SparseFeatures.from_dense(tables.names, torch.tensor([[0, 0, 35]]))
     with pytest.raises(ValueError, match=r"feature 'f2': id 35 is outside \[0, 35\)"):
         emb(bad)
+
+
+def test_counts_and_sizes_are_refused_rather_than_truncated() -> None:
+    # int() would turn 4.5 into 4 and True into 1: each is an error naming the argument
+    sgd = lb.optim.SGD(lr=0.1)
+    with pytest.raises(ValueError, match=r"table 'a': num_embeddings must be an integer >= 1, got 10.5"):
+        lb.Tables([("a", 10.5)])
+    with pytest.raises(ValueError, match=r"num_embeddings must be an integer >= 1, got True"):
+        lb.Tables([("a", True)])
+    assert lb.Tables([("a", np.int64(10))]).sizes.tolist() == [10]  # numpy integers are integers
+    with pytest.raises(ValueError, match=r"dim must be an integer >= 1, got 4.5"):
+        lb.CachedEmbedding(small_tables(), dim=4.5, optimizer=sgd)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"seed must be an integer, got 1.5"):
+        lb.CachedEmbedding(small_tables(), dim=4, optimizer=sgd, seed=1.5)  # type: ignore[arg-type]
+    for delay in (-1, float("nan")):
+        with pytest.raises(ValueError, match=r"io_delay_ms must be a finite number >= 0"):
+            lb.BagpipeStrategy(io_delay_ms=delay)

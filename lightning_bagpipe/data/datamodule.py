@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Iterable
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 
+from lightning_bagpipe.arguments import integer
 from lightning_bagpipe.data.batch import Batch
 from lightning_bagpipe.data.loader import BagpipeLoader, EvalLoader, SourceFn
 from lightning_bagpipe.oracle.partition import SYNC_MODES
@@ -59,11 +59,10 @@ class BagpipeDataModule(pl.LightningDataModule):
             ("lookahead", lookahead),
             ("queue_batches", queue_batches),
             ("prefetch_depth", prefetch_depth),
-            ("cache_rows", 1 if cache_rows is None else cache_rows),
-        ):  # (an integer-valued float such as 2.5 would be truncated silently)
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-                extra = " or None" if name == "cache_rows" else ""
-                raise ValueError(f"{name} must be an integer >= 1{extra}, got {value!r}")
+        ):
+            integer(name, value, minimum=1)
+        if cache_rows is not None:
+            integer("cache_rows", cache_rows, minimum=1)
         if sync not in SYNC_MODES:
             raise ValueError(f"sync must be one of {SYNC_MODES}, got {sync!r}")
         self.tables = Tables.coerce(tables)

@@ -20,6 +20,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
+from lightning_bagpipe.arguments import integer
 from lightning_bagpipe.data.batch import PoolingIndex, SparseFeatures
 from lightning_bagpipe.embedding.distributed import ShardedStore
 from lightning_bagpipe.embedding.init import initialize_store
@@ -81,8 +82,8 @@ class CachedEmbedding(nn.Module):
         pooling: Literal["sum", "mean"] = "sum",
     ) -> None:
         super().__init__()
-        if dim < 1:
-            raise ValueError(f"dim must be >= 1, got {dim}")
+        integer("dim", dim, minimum=1)
+        integer("seed", seed)
         if pooling not in ("sum", "mean"):
             raise ValueError(f"pooling must be 'sum' or 'mean', got {pooling!r}")
         if not isinstance(optimizer, SparseOptimizer):

@@ -22,6 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 from typing_extensions import override
 
+from lightning_bagpipe.arguments import non_negative
 from lightning_bagpipe.data.batch import Batch, StepPlan
 from lightning_bagpipe.embedding.cached import CachedEmbedding
 from lightning_bagpipe.embedding.distributed import RankGroups, shard_store, share_store
@@ -104,7 +105,7 @@ class BagpipeStrategy(DDPStrategy):
         self._told_directory = False
         self.store_mode = store
         self.prefetch = prefetch
-        self.io_delay_ms = float(io_delay_ms)
+        self.io_delay_ms = non_negative("io_delay_ms", io_delay_ms)
         self.log_stats = log_stats
         self.defer_sync = defer_sync
         self._store_restore: list[tuple[CachedEmbedding, EmbeddingStore, Callable[[bool], None]]] = []

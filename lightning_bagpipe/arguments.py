@@ -1,0 +1,30 @@
+"""Checks of the counts and sizes users pass: a clear error instead of a silent truncation.
+
+``int(2.5)`` is 2 and ``int(True)`` is 1, so a constructor that calls ``int()`` on what it is given turns a
+mistyped lookahead, table size or embedding dimension into another valid one without a word.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+__all__ = ["integer", "non_negative"]
+
+
+def integer(name: str, value: object, minimum: int | None = None) -> int:
+    """``value`` as an ``int``; a ValueError naming ``name`` when it is not an integer (a float, even 3.0,
+    or a bool; numpy integers are fine) or is below ``minimum``."""
+    bad = isinstance(value, bool) or not isinstance(value, numbers.Integral)
+    if bad or (minimum is not None and int(value) < minimum):  # type: ignore[call-overload]
+        bound = "" if minimum is None else f" >= {minimum}"
+        raise ValueError(f"{name} must be an integer{bound}, got {value!r}")
+    return int(value)  # type: ignore[call-overload]
+
+
+def non_negative(name: str, value: object) -> float:
+    """``value`` as a finite ``float`` >= 0; a ValueError naming ``name`` otherwise."""
+    real = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if not (real and math.isfinite(value) and value >= 0):  # type: ignore[arg-type, operator]
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return float(value)  # type: ignore[arg-type]
