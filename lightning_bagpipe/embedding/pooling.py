@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_bagpipe.data.batch import PoolingIndex, group_by_row, one_hot
+from lightning_bagpipe.data.batch import PoolingIndex, group_by_row
 
 __all__ = ["pooled_lookup"]
 
@@ -39,9 +39,11 @@ class _GroupedPooling(torch.autograd.Function):
         mode: str,
         order: Tensor,
         row_offsets: Tensor,
+        one_hot: bool,
     ) -> Tensor:
         ctx.save_for_backward(offsets, weights, order, row_offsets)
         ctx.mode = mode
+        ctx.one_hot = one_hot
         ctx.num_positions = inverse.numel()
         return F.embedding_bag(inverse, rows, offsets, mode=mode, per_sample_weights=weights)
 
@@ -49,21 +51,20 @@ class _GroupedPooling(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         offsets, weights, order, row_offsets = ctx.saved_tensors
         n, bags = ctx.num_positions, offsets.numel()
-        lengths = _bag_lengths(offsets, n)
-        if one_hot(lengths, n):  # position i is bag i
+        if ctx.one_hot:  # position i is bag i
             bag_of = order
         else:
             bag_ids = torch.arange(bags, device=order.device)
-            bag_of = torch.repeat_interleave(bag_ids, lengths, output_size=n)[order]
+            bag_of = torch.repeat_interleave(bag_ids, _bag_lengths(offsets, n), output_size=n)[order]
         scale: Tensor | None = None
         if weights is not None:
             scale = weights[order]
         elif ctx.mode == "mean":
-            scale = (1.0 / lengths.clamp(min=1).to(grad.dtype))[bag_of]
+            scale = (1.0 / _bag_lengths(offsets, n).clamp(min=1).to(grad.dtype))[bag_of]
         grad_rows = F.embedding_bag(
             bag_of, grad.contiguous(), row_offsets, mode="sum", per_sample_weights=scale
         )
-        return grad_rows, None, None, None, None, None, None
+        return grad_rows, None, None, None, None, None, None, None
 
 
 def pooled_lookup(
@@ -91,5 +92,7 @@ def pooled_lookup(
     order, row_offsets = index.order, index.row_offsets
     if order is None or row_offsets is None:
         order, row_offsets = group_by_row(index.inverse, rows.shape[0])
-    out: Tensor = _GroupedPooling.apply(rows, index.inverse, index.offsets, w, mode, order, row_offsets)
+    out: Tensor = _GroupedPooling.apply(
+        rows, index.inverse, index.offsets, w, mode, order, row_offsets, index.one_hot
+    )
     return out.view(shape)
