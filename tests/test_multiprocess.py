@@ -53,6 +53,25 @@ def _launch(args: list[str], out: Path | None) -> subprocess.CompletedProcess[st
     return subprocess.CompletedProcess(cmd, proc.returncode, stdout, "")
 
 
+def _two_ranks_train_like_one(
+    tmp_path: Path, args: list[str], steps: int, rank_args: tuple[str, ...] = ()
+) -> list[dict]:
+    """Train with ``args`` on two processes (plus ``rank_args``) and on one; assert that each rank's
+    tables, optimizer state and dense head equal the one process's after ``steps`` steps. Returns the
+    ranks' results for further checks."""
+    done = _launch([*args, *rank_args], tmp_path)
+    assert done.returncode == 0, done.stdout[-4000:]
+    ref = mp_train.run(mp_train.parse([*args, "--devices", "1"]))
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    for r, got in enumerate(ranks):
+        assert got["steps"] == ref["steps"] == steps
+        diff = (got["rows"] - ref["rows"]).abs().max()
+        assert diff <= 1e-5, f"rank {r}: tables and optimizer state differ by {diff}"
+        for k, v in ref["head"].items():
+            assert torch.allclose(got["head"][k], v, atol=1e-5, rtol=0), k
+    return ranks
+
+
 @pytest.mark.parametrize("multi_hot", [1, 3], ids=["one_hot", "multi_hot"])
 @pytest.mark.parametrize("store", ["shared", "sharded"])
 @pytest.mark.parametrize("lookahead", [1, 8])
@@ -68,16 +87,7 @@ def test_two_processes_equal_one(tmp_path: Path, lookahead: int, store: str, mul
         "--optimizer",
         opt,
     ]
-    done = _launch(args, tmp_path)
-    assert done.returncode == 0, done.stdout[-4000:]
-    ref = mp_train.run(mp_train.parse([*args, "--devices", "1"]))
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
-    for r, got in enumerate(ranks):
-        assert got["steps"] == ref["steps"] == 30
-        diff = (got["rows"] - ref["rows"]).abs().max()
-        assert diff <= 1e-5, f"rank {r}: tables and optimizer state differ by {diff}"
-        for k, v in ref["head"].items():
-            assert torch.allclose(got["head"][k], v, atol=1e-5, rtol=0), k
+    ranks = _two_ranks_train_like_one(tmp_path, args, 30)
     # DDP broadcasts the model's own buffer each step, not the CachedEmbedding's constant ones
     assert ranks[0]["ddp_buffers"] == ranks[1]["ddp_buffers"] == ["seen"]
     stats = ranks[0]["stats"]
@@ -98,44 +108,21 @@ def test_two_processes_on_tiered_stores_equal_one_in_ram(tmp_path: Path) -> None
     """store="sharded" over each rank's own TieredStore, whose 6-row buffer spills many times, trains what
     one process trains on a RAM store (every store starts from the same initial rows)."""
     args = ["--lookahead", "8", "--store", "sharded", "--optimizer", "rowwise_adagrad"]
-    done = _launch([*args, "--tiered-buffer-rows", "6"], tmp_path)
-    assert done.returncode == 0, done.stdout[-4000:]
-    ref = mp_train.run(mp_train.parse([*args, "--devices", "1"]))
-    for r in range(2):
-        got = torch.load(tmp_path / f"rank{r}.pt", weights_only=True)
-        assert got["steps"] == 30 and got["spills"] > 1
-        assert (got["rows"] - ref["rows"]).abs().max() <= 1e-5, f"rank {r}"
-        for k, v in ref["head"].items():
-            assert torch.allclose(got["head"][k], v, atol=1e-5, rtol=0), k
+    ranks = _two_ranks_train_like_one(tmp_path, args, 30, rank_args=("--tiered-buffer-rows", "6"))
+    assert all(got["spills"] > 1 for got in ranks)
 
 
 def test_two_processes_with_empty_bags_equal_one(tmp_path: Path) -> None:
     """Bags of 0 to 2 ids: each rank's occurrences and lookups come from bag lengths with zeros in them."""
     args = ["--lookahead", "8", "--store", "sharded", "--multi-hot", "2", "--min-bag", "0"]
-    done = _launch(args, tmp_path)
-    assert done.returncode == 0, done.stdout[-4000:]
-    ref = mp_train.run(mp_train.parse([*args, "--devices", "1"]))
-    for r in range(2):
-        got = torch.load(tmp_path / f"rank{r}.pt", weights_only=True)
-        assert got["steps"] == ref["steps"] == 30
-        assert (got["rows"] - ref["rows"]).abs().max() <= 1e-5, f"rank {r}"
-        for k, v in ref["head"].items():
-            assert torch.allclose(got["head"][k], v, atol=1e-5, rtol=0), k
+    _two_ranks_train_like_one(tmp_path, args, 30)
 
 
 def test_two_processes_with_epochs_cut_short_equal_one(tmp_path: Path) -> None:
     """limit_train_batches stops each epoch before the steps its plans counted on (dirty rows, a queued
     pre-step): every rank must bring the store up to date before the next epoch's plans."""
     args = ["--lookahead", "8", "--store", "sharded", "--epochs", "3", "--limit-train-batches", "7"]
-    done = _launch(args, tmp_path)
-    assert done.returncode == 0, done.stdout[-4000:]
-    ref = mp_train.run(mp_train.parse([*args, "--devices", "1"]))
-    for r in range(2):
-        got = torch.load(tmp_path / f"rank{r}.pt", weights_only=True)
-        assert got["steps"] == ref["steps"] == 21
-        assert (got["rows"] - ref["rows"]).abs().max() <= 1e-5, f"rank {r}"
-        for k, v in ref["head"].items():
-            assert torch.allclose(got["head"][k], v, atol=1e-5, rtol=0), k
+    _two_ranks_train_like_one(tmp_path, args, 21)
 
 
 @pytest.mark.parametrize("defer", [True, False], ids=["deferred", "in_step"])

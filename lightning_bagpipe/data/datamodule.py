@@ -54,24 +54,15 @@ class BagpipeDataModule(pl.LightningDataModule):
         prefetch_depth: int = 4,
     ) -> None:
         super().__init__()
-        for name, value in (
-            ("batch_size", batch_size),
-            ("lookahead", lookahead),
-            ("queue_batches", queue_batches),
-            ("prefetch_depth", prefetch_depth),
-        ):
-            integer(name, value, minimum=1)
-        if cache_rows is not None:
-            integer("cache_rows", cache_rows, minimum=1)
+        self.batch_size = integer("batch_size", batch_size, minimum=1)
+        self.lookahead = integer("lookahead", lookahead, minimum=1)
+        self.cache_rows = None if cache_rows is None else integer("cache_rows", cache_rows, minimum=1)
+        self.queue_batches = integer("queue_batches", queue_batches, minimum=1)
+        self.prefetch_depth = integer("prefetch_depth", prefetch_depth, minimum=1)
         if sync not in SYNC_MODES:
             raise ValueError(f"sync must be one of {SYNC_MODES}, got {sync!r}")
         self.tables = Tables.coerce(tables)
-        self.batch_size = int(batch_size)
-        self.lookahead = int(lookahead)
-        self.cache_rows = cache_rows
-        self.queue_batches = int(queue_batches)
         self.sync = sync
-        self.prefetch_depth = int(prefetch_depth)
         self._train_loader: BagpipeLoader | None = None
         self._pending_state: dict[str, Any] | None = None
         for stage in ("val", "test", "predict"):

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from lightning_bagpipe.arguments import integer
 from lightning_bagpipe.data.batch import Batch, CacheLookup, StepPlan
 from lightning_bagpipe.id_sets import member_of, unique_inverse_below
 from lightning_bagpipe.oracle.lookahead import LookaheadOracle
@@ -136,15 +137,11 @@ class BagpipeLoader(_LoaderBase):
         prefetch_depth: int = 1,
     ) -> None:
         super().__init__(source_fn, tables, rank, world_size, "train")
-        if lookahead < 1:
-            raise ValueError(f"lookahead must be >= 1, got {lookahead}")
-        if prefetch_depth < 1:
-            raise ValueError(f"prefetch_depth must be >= 1, got {prefetch_depth}")
         if sync not in SYNC_MODES:
             raise ValueError(f"sync must be one of {SYNC_MODES}, got {sync!r}")
         self.sync = sync
-        self.lookahead = int(lookahead)
-        self.prefetch_depth = min(int(prefetch_depth), self.lookahead)
+        self.lookahead = integer("lookahead", lookahead, minimum=1)
+        self.prefetch_depth = min(integer("prefetch_depth", prefetch_depth, minimum=1), self.lookahead)
         """How many steps ahead rows are fetched (at most ``L``: see :func:`early_mask`)."""
         self.cache_rows = cache_rows
         self.queue_batches = max(1, int(queue_batches))

@@ -82,8 +82,8 @@ class CachedEmbedding(nn.Module):
         pooling: Literal["sum", "mean"] = "sum",
     ) -> None:
         super().__init__()
-        integer("dim", dim, minimum=1)
-        integer("seed", seed)
+        dim = integer("dim", dim, minimum=1)
+        seed = integer("seed", seed)
         if pooling not in ("sum", "mean"):
             raise ValueError(f"pooling must be 'sum' or 'mean', got {pooling!r}")
         if not isinstance(optimizer, SparseOptimizer):
@@ -92,10 +92,10 @@ class CachedEmbedding(nn.Module):
                 f"(SGD, Adagrad, RowWiseAdagrad, Adam), got {type(optimizer).__name__}"
             )
         self.tables = Tables.coerce(tables)
-        self.dim = int(dim)
+        self.dim = dim
         self.optimizer = optimizer
         self.pooling = pooling
-        self.seed = int(seed)
+        self.seed = seed
         self.width = self.dim + optimizer.state_width(self.dim)
         self.store = self._open_store(store)
         self.register_buffer("_anchor", torch.zeros(0), persistent=False)

@@ -185,15 +185,13 @@ class SpillLog:
             data = b"".join([pread(fd, k * size, a * size) for a, k in zip(lo.tolist(), span.tolist())])
         finally:
             os.close(fd)
-        which = np.repeat(np.arange(first.size), np.diff(np.append(first, n)))
-        out.numpy()[order] = self._rows_of(data, int(span.sum()))[at - lo[which] + base[which]]
-        return out
-
-    def _rows_of(self, data: bytes, n: int) -> np.ndarray:
-        want = n * 4 * self.width
+        want = int(span.sum()) * size
         if len(data) != want:  # (a regular file reads short only at its end)
             raise OSError(f"spill log {self.rows_path}: short read ({len(data)} of {want} bytes)")
-        return np.frombuffer(data, dtype=np.float32).reshape(n, self.width)
+        which = np.repeat(np.arange(first.size), np.diff(np.append(first, n)))
+        rows = np.frombuffer(data, dtype=np.float32).reshape(-1, self.width)
+        out.numpy()[order] = rows[at - lo[which] + base[which]]
+        return out
 
     def items(self) -> tuple[np.ndarray, np.ndarray]:
         """Every id in the log, ascending, and the position of its newest copy."""
