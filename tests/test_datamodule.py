@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import lightning_bagpipe as lb
-from lightning_bagpipe.data.loader import BagpipeLoader, rank_bounds
+from lightning_bagpipe.data.loader import BagpipeLoader, EvalLoader, rank_bounds
 from tests.helpers import ListDataModule, random_batches, small_tables
 
 
@@ -103,6 +103,19 @@ def test_bad_batches_surface_in_the_consumer_with_a_clear_error(mutate, message)
     assert "train batch 4" in str(info.value)
     time.sleep(0.1)
     assert not _oracle_threads()
+
+
+def test_a_batch_smaller_than_the_world_is_refused_naming_it_and_the_fix() -> None:
+    # every rank needs at least one sample of every batch: an empty slice would make a mean loss NaN
+    tables = small_tables()
+    batches = [*random_batches(tables, 3, 4), *random_batches(tables, 1, 1, seed=5)]
+    expect = r"train batch 3 has 1 sample\(s\) and cannot be split over 2 ranks.*drop_last=True"
+    for rank in (0, 1):
+        with pytest.raises(ValueError, match=expect):
+            list(_loader(batches, tables, rank=rank, world_size=2))
+        with pytest.raises(ValueError, match=expect.replace("train", "val")):
+            list(EvalLoader(lambda: batches, tables, rank, 2, "val"))
+    assert [b.batch_size for b in EvalLoader(lambda: batches, tables, 0, 1, "val")] == [4, 4, 4, 1]
 
 
 def test_ragged_lengths_and_non_integer_ids_are_refused_at_construction() -> None:

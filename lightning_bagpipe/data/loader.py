@@ -92,16 +92,20 @@ class _LoaderBase:
                 raise TypeError(f"the {self.name} source has no length") from None
         return self._length
 
-    def _local(self, batch: Batch) -> tuple[Batch, tuple[int, int]]:
-        """This rank's samples of ``batch`` in a new :class:`Batch` (sharing its tensors): the loader attaches
-        lookups and plans to it, never to the source's own objects, which an in-memory source keeps."""
+    def _local(self, batch: Batch, index: int) -> tuple[Batch, tuple[int, int]]:
+        """This rank's samples of ``batch`` (the source's batch ``index``) in a new :class:`Batch` (sharing its
+        tensors): the loader attaches lookups and plans to it, never to the source's own objects, which an
+        in-memory source keeps."""
         if self.world_size == 1:
             shell = Batch(replace(batch.sparse, lookup=None), batch.dense, batch.labels)
             return shell, (0, batch.batch_size)
         b = batch.batch_size
         if b < self.world_size:
             raise ValueError(
-                f"{self.name}: global batch of {b} samples cannot be split over {self.world_size} ranks"
+                f"{self.name} batch {index} has {b} sample(s) and cannot be split over {self.world_size} ranks: "
+                "every rank needs at least one sample of every batch. Drop the last, partial batch "
+                "(drop_last=True on CriteoParquet/CriteoTSV, or in your own source) or choose a batch size "
+                f"that leaves it at least {self.world_size} samples"
             )
         start, stop = rank_bounds(b, self.rank, self.world_size)
         return batch.slice_samples(start, stop), (start, stop)
@@ -113,7 +117,7 @@ class EvalLoader(_LoaderBase):
     def __iter__(self) -> Iterator[Batch]:
         for i, batch in enumerate(self._source_fn()):
             check_batch(batch, self.tables, f"{self.name} batch {i}")
-            yield self._local(batch)[0]
+            yield self._local(batch, i)[0]
 
 
 class BagpipeLoader(_LoaderBase):
@@ -333,7 +337,7 @@ class _OracleThread(threading.Thread):
         ``prefetch_depth`` steps on (its early rows are fetched while ``cur`` trains)."""
         batch, plan, view = cur.batch, cur.plan, cur.view
         ld = self.loader
-        local, (start, stop) = ld._local(batch)
+        local, (start, stop) = ld._local(batch, step)
         if ld.world_size == 1:
             slots, inverse = plan.slots, plan.inverse
             ids = plan.ids
