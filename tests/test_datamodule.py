@@ -158,7 +158,7 @@ def test_stopping_early_leaves_no_thread_running() -> None:
     assert not _oracle_threads()
 
 
-def test_state_dict_counts_batches_handed_out_and_resume_starts_at_the_next_one() -> None:
+def test_without_a_trainer_state_dict_counts_batches_handed_out_and_resume_starts_at_the_next_one() -> None:
     tables = small_tables()
     batches = random_batches(tables, 10, 4)
     loader = _loader(batches, tables, queue_batches=4)
@@ -177,7 +177,24 @@ def test_state_dict_counts_batches_handed_out_and_resume_starts_at_the_next_one(
     assert len(rest) == 7
     assert torch.equal(rest[0].dense, batches[3].dense)
     assert rest[0].plan.key[1] == 3 and rest[0].plan.key[0] > first_key[0]  # a new stream
-    assert resumed.state_dict() == {"epoch": 0, "batches_yielded": 10}
+    # the epoch ran out: the next one starts from its first batch (a source without a length could not
+    # tell a resumed loader that nothing is left)
+    assert resumed.state_dict() == {"epoch": 1, "batches_yielded": 0}
+
+
+def test_the_position_is_the_count_of_batches_training_finished_when_known() -> None:
+    # Lightning asks for the next batch before a step ends (sources without a length), and a checkpoint
+    # saved during a step resumes at that step's batch: the position follows Lightning's count
+    tables = small_tables()
+    batches = random_batches(tables, 10, 4)
+    loader = _loader(batches, tables)
+    it = iter(loader)
+    for _ in range(3):
+        next(it)
+    for trained, position in [(2, 2), (3, 3), (None, 3), (4, 3)]:  # (4: not this loader's count)
+        loader.progress = lambda trained=trained: trained
+        assert loader.state_dict() == {"epoch": 0, "batches_yielded": position}
+    loader.close()
 
 
 def test_batch_moves_with_lightnings_default_transfer() -> None:

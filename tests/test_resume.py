@@ -24,7 +24,7 @@ import time
 import tracemalloc
 import zipfile
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,7 +34,7 @@ import numpy as np
 import pytest
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, OnExceptionCheckpoint
 from lightning.pytorch.plugins.io import AsyncCheckpointIO
 from torch import nn
 
@@ -157,6 +157,14 @@ def _evictions(tables: lb.Tables, batches: list[lb.Batch], lookahead: int, capac
     return [int(p.evict_ids.size) for p in plans]
 
 
+class UnsizedDataModule(ListDataModule):
+    """The same batches from a generator, as from a TSV stream: without a length, Lightning asks for each
+    next batch before the current step ends."""
+
+    def train_source(self) -> Iterator[lb.Batch]:  # type: ignore[override]
+        return (b for b in self.batches)
+
+
 @dataclass
 class Scenario:
     """A reference run, a run of the same length that saved a checkpoint after every step, its inputs."""
@@ -169,9 +177,10 @@ class Scenario:
     sparse: str
     reference: Run
     ckpt_dir: Path
+    sized: bool = True
 
     def dm(self, lookahead: int | None = None, cache_rows: int | None = -1) -> ListDataModule:
-        return ListDataModule(
+        return (ListDataModule if self.sized else UnsizedDataModule)(
             self.tables,
             self.train,
             lookahead=lookahead or self.lookahead,
@@ -193,18 +202,21 @@ class Scenario:
         )
 
 
-def _scenario(tmp: Path, *, n: int, lookahead: int, cache_rows: int, epochs: int, sparse: str) -> Scenario:
+def _scenario(
+    tmp: Path, *, n: int, lookahead: int, cache_rows: int, epochs: int, sparse: str, sized: bool = True
+) -> Scenario:
     tables = small_tables()
     train = random_batches(tables, n, 8, multi_hot=2, seed=3)
 
     def dm() -> ListDataModule:
-        return ListDataModule(tables, train, lookahead=lookahead, cache_rows=cache_rows)
+        cls = ListDataModule if sized else UnsizedDataModule
+        return cls(tables, train, lookahead=lookahead, cache_rows=cache_rows)
 
     reference = _fit(_model(tables, sparse=sparse), dm(), train, seed=1, max_epochs=epochs)
     every = ModelCheckpoint(dirpath=tmp, filename="{step}", every_n_train_steps=1, save_top_k=-1)
     saving = _fit(_model(tables, sparse=sparse), dm(), train, seed=1, callbacks=[every], max_epochs=epochs)
     _assert_same_result(saving, reference)  # saving checkpoints (which flushes the cache) changes nothing
-    return Scenario(tables, train, lookahead, cache_rows, epochs, sparse, reference, tmp)
+    return Scenario(tables, train, lookahead, cache_rows, epochs, sparse, reference, tmp, sized)
 
 
 @pytest.fixture(scope="module")
@@ -435,6 +447,91 @@ def test_resume_across_epochs_is_bitwise_the_uninterrupted_run(two_epochs: Scena
     run = two_epochs.resume(k)
     assert run.seen == [i % n for i in range(k, 2 * n)]
     _assert_same_result(run, two_epochs.reference)
+
+
+@pytest.fixture(scope="module")
+def unsized(tmp_path_factory: pytest.TempPathFactory) -> Scenario:
+    """A source without a length, over two epochs."""
+    return _scenario(
+        tmp_path_factory.mktemp("unsized"),
+        n=8,
+        lookahead=3,
+        cache_rows=28,
+        epochs=2,
+        sparse="adam",
+        sized=False,
+    )
+
+
+@pytest.mark.parametrize("k", [1, 5, 8, 11])
+def test_a_source_without_length_resumes_at_the_next_unseen_batch(unsized: Scenario, k: int) -> None:
+    # Lightning asks such a loader for the next batch before the step ends: the position saved is the
+    # count of batches trained, not of batches handed out
+    n = len(unsized.train)
+    run = unsized.resume(k)
+    assert run.seen == [i % n for i in range(k, 2 * n)]
+    _assert_same_result(run, unsized.reference)
+
+
+class SaveInsideStep(Callback):
+    """Saves a checkpoint between backward and the optimizer step of step ``step`` (after the step's
+    forward drew from every generator)."""
+
+    def __init__(self, step: int, path: Path) -> None:
+        self.step, self.path = step, path
+
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        if trainer.global_step == self.step:
+            trainer.save_checkpoint(self.path)
+
+
+def test_a_checkpoint_saved_inside_a_step_leaves_training_alone_and_resumes_at_that_step(
+    evicting: Scenario, tmp_path: Path
+) -> None:
+    sc, k = evicting, 7
+    path = tmp_path / "inside.ckpt"
+    run = _fit(
+        _model(sc.tables, sparse=sc.sparse), sc.dm(), sc.train, seed=1, callbacks=[SaveInsideStep(k, path)]
+    )
+    _assert_same_result(run, sc.reference)  # the save did not drop the step's row update
+    saved = torch.load(path, weights_only=True)
+    assert saved["global_step"] == k  # before the step's update: the resumed run trains its batch again
+    resumed = _fit(_model(sc.tables, sparse=sc.sparse), sc.dm(), sc.train, seed=99, ckpt_path=path)
+    assert resumed.seen == list(range(k, len(sc.train)))
+    _assert_same_result(resumed, sc.reference)  # with the generators as they were when the step began
+
+
+class FailInsideStep(Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        if trainer.global_step == self.step:
+            raise RuntimeError("failed inside the step")
+
+
+def test_the_checkpoint_lightning_saves_on_an_exception_resumes_exactly(
+    evicting: Scenario, tmp_path: Path
+) -> None:
+    sc, k = evicting, 11
+    on_exception = OnExceptionCheckpoint(dirpath=tmp_path)
+    with pytest.raises(RuntimeError, match="failed inside the step"):
+        _fit(
+            _model(sc.tables, sparse=sc.sparse),
+            sc.dm(),
+            sc.train,
+            seed=1,
+            callbacks=[on_exception, FailInsideStep(k)],
+        )
+    resumed = _fit(
+        _model(sc.tables, sparse=sc.sparse), sc.dm(), sc.train, seed=5, ckpt_path=on_exception.ckpt_path
+    )
+    assert resumed.seen == list(range(k, len(sc.train)))
+    _assert_same_result(resumed, sc.reference)
 
 
 @pytest.mark.parametrize(("lookahead", "cache_rows"), [(1, None), (12, 60)])

@@ -6,12 +6,25 @@ from collections.abc import Iterable
 from typing import Any, Literal
 
 import lightning.pytorch as pl
+from lightning.pytorch.trainer.states import TrainerFn
 
 from lightning_bagpipe.arguments import integer
 from lightning_bagpipe.data.batch import Batch
 from lightning_bagpipe.data.loader import BagpipeLoader, EvalLoader, SourceFn
 from lightning_bagpipe.oracle.partition import SYNC_MODES
 from lightning_bagpipe.tables import Tables, TableSpec
+
+
+def trained_batches(trainer: pl.Trainer | None) -> int | None:
+    """How many of the current epoch's training batches ``trainer`` has finished; None outside a fit.
+
+    Lightning's own count (the batches whose training step ran to its end), which is where Lightning
+    resumes the epoch from a checkpoint, so the loader resumes at the same batch.
+    """
+    if trainer is None or trainer.state.fn != TrainerFn.FITTING:
+        return None
+    progress: Any = trainer.fit_loop.epoch_loop.batch_progress.current  # (a _ProcessedTracker)
+    return int(progress.processed)
 
 
 class BagpipeDataModule(pl.LightningDataModule):
@@ -109,6 +122,7 @@ class BagpipeDataModule(pl.LightningDataModule):
             sync=self.sync,
             prefetch_depth=self.prefetch_depth,
         )
+        loader.progress = lambda: trained_batches(self.trainer)
         if self._pending_state is not None:
             loader.load_state_dict(self._pending_state)
             self._pending_state = None

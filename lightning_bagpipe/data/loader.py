@@ -93,17 +93,17 @@ class _LoaderBase:
         return self._length
 
     def _local(self, batch: Batch, index: int) -> tuple[Batch, tuple[int, int]]:
-        """This rank's samples of ``batch`` (the source's batch ``index``) in a new :class:`Batch` (sharing its
-        tensors): the loader attaches lookups and plans to it, never to the source's own objects, which an
-        in-memory source keeps."""
+        """This rank's samples of ``batch`` (the source's batch ``index``) in a new :class:`Batch` (sharing
+        its tensors): the loader attaches lookups and plans to it, never to the source's own objects, which
+        an in-memory source keeps."""
         if self.world_size == 1:
             shell = Batch(replace(batch.sparse, lookup=None), batch.dense, batch.labels)
             return shell, (0, batch.batch_size)
         b = batch.batch_size
         if b < self.world_size:
             raise ValueError(
-                f"{self.name} batch {index} has {b} sample(s) and cannot be split over {self.world_size} ranks: "
-                "every rank needs at least one sample of every batch. Drop the last, partial batch "
+                f"{self.name} batch {index} has {b} sample(s) and cannot be split over {self.world_size} "
+                "ranks: every rank needs at least one sample of every batch. Drop the last, partial batch "
                 "(drop_last=True on CriteoParquet/CriteoTSV, or in your own source) or choose a batch size "
                 f"that leaves it at least {self.world_size} samples"
             )
@@ -123,8 +123,11 @@ class EvalLoader(_LoaderBase):
 class BagpipeLoader(_LoaderBase):
     """Training batches for this rank, each carrying its cache plan; the oracle runs in a thread.
 
-    ``state_dict`` counts batches *handed out* (not fetched by the thread), so a resumed loader starts
-    exactly at the next unseen batch.
+    ``state_dict`` holds the epoch's position: the number of batches training has finished, read from
+    :attr:`progress` (Lightning's count, set by the data module and the strategy). Batches handed out
+    count only when nothing tells that: Lightning asks for the next batch before a step ends when the
+    source has no length, and a checkpoint saved during a step (on an exception, or from a hook inside
+    the step) must resume at that step's batch, not after it.
     """
 
     def __init__(
@@ -151,12 +154,20 @@ class BagpipeLoader(_LoaderBase):
         self.queue_batches = max(1, int(queue_batches))
         self.epoch = 0
         self.yielded = 0
+        self.progress: Callable[[], int | None] | None = None
+        """How many of the epoch's batches training has finished, or None when unknown (outside a fit)."""
         self._resume_from = 0
+        self._finished = False  # the current epoch's last batch was handed out
         self._threads: weakref.WeakSet[_OracleThread] = weakref.WeakSet()
 
     # -------------------------------------------------------------- state (exact resume)
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "batches_yielded": self.yielded}
+        done = self.progress() if self.progress is not None else None
+        position = done if done is not None and 0 <= done <= self.yielded else self.yielded
+        if self._finished and position == self.yielded:  # every batch of the epoch trained
+            # (a source without a length cannot tell a resumed loader that its epoch is over)
+            return {"epoch": self.epoch + 1, "batches_yielded": 0}
+        return {"epoch": self.epoch, "batches_yielded": position}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.epoch = int(state["epoch"])
@@ -175,6 +186,7 @@ class BagpipeLoader(_LoaderBase):
         elif skip == 0 and self.yielded:
             self.epoch += 1
         self.yielded = skip
+        self._finished = False
         return self._run_epoch(self.epoch, skip)
 
     def _run_epoch(self, epoch: int, skip: int) -> Iterator[Batch]:
@@ -185,6 +197,7 @@ class BagpipeLoader(_LoaderBase):
             while True:
                 item = thread.get()
                 if item is None:
+                    self._finished = True
                     return
                 self.yielded += 1
                 yield item

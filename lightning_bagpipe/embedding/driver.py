@@ -407,10 +407,14 @@ class CacheDriver:
 
     # ------------------------------------------------------------------ store consistency
     def sync_store(self, durable: bool = False) -> None:
-        """Write every row whose cache copy is newer than the store; afterwards the store is current."""
+        """Write every row whose cache copy is newer than the store; afterwards the store is current.
+
+        The current step stays open: a checkpoint saved from inside a step (a hook between backward and
+        the optimizer step, or on an exception) holds the rows before its update, and the step still
+        applies its update afterwards.
+        """
         if self.executor is None:
             return
-        self._end_step()
         self._submit_writeback()
         self.executor.drain()
         slots = np.flatnonzero(self.dirty)
@@ -431,6 +435,7 @@ class CacheDriver:
         """
         if self.executor is None:
             return
+        self._end_step()  # (a step that did not reach its update writes nothing)
         try:
             if flush:
                 self.sync_store(durable=True)

@@ -24,6 +24,8 @@ from typing_extensions import override
 
 from lightning_bagpipe.arguments import non_negative
 from lightning_bagpipe.data.batch import Batch, StepPlan
+from lightning_bagpipe.data.datamodule import trained_batches
+from lightning_bagpipe.data.loader import BagpipeLoader
 from lightning_bagpipe.embedding.cached import CachedEmbedding
 from lightning_bagpipe.embedding.distributed import RankGroups, shard_store, share_store
 from lightning_bagpipe.embedding.driver import CacheDriver, TotalStats
@@ -31,8 +33,10 @@ from lightning_bagpipe.embedding.store import EmbeddingStore
 from lightning_bagpipe.embedding.tiered_store import TieredStore
 from lightning_bagpipe.strategies.checkpointing import (
     AtomicCheckpointIO,
+    RngSnapshot,
     add_bagpipe_section,
     restore_rng_states,
+    rng_snapshot,
     written_rows_only,
 )
 from lightning_bagpipe.strategies.sharded_checkpoint import (
@@ -113,6 +117,7 @@ class BagpipeStrategy(DDPStrategy):
         self._failed = False
         self.cache_stats: TotalStats | None = None
         self._resume_section: dict[str, Any] | None = None
+        self._step_rng: RngSnapshot | None = None
 
     # ------------------------------------------------------------------ registration
     @classmethod
@@ -236,6 +241,7 @@ class BagpipeStrategy(DDPStrategy):
     @override
     def teardown(self) -> None:
         self._resume_section = None
+        self._step_rng = None
         driver, self._driver = self._driver, None
         if driver is not None:
             # After a failure the cache holds only completed steps' updates (the sparse update is applied
@@ -258,6 +264,7 @@ class BagpipeStrategy(DDPStrategy):
     @override
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         super().on_train_batch_start(batch, batch_idx)
+        self._step_rng = rng_snapshot()  # what a checkpoint saved during this step restores
         if self._driver is None:
             return
         plan = _find_plan(batch)
@@ -362,8 +369,9 @@ class BagpipeStrategy(DDPStrategy):
     ) -> None:
         # one file through checkpoint_io, or a directory, each rank writing its shard
         directory, self._save_as_directory = self._save_as_directory, None
+        rng = self._checkpoint_rng()
         if not (self._directory_checkpoints() if directory is None else directory):
-            add_bagpipe_section(checkpoint, self._cached_modules())
+            add_bagpipe_section(checkpoint, self._cached_modules(), rng=rng)
             super().save_checkpoint(checkpoint, filepath, storage_options)
             return
         if not isinstance(self.checkpoint_io, AtomicCheckpointIO):
@@ -372,8 +380,18 @@ class BagpipeStrategy(DDPStrategy):
                 f"{type(self.checkpoint_io).__name__} plugin is not used for them"
             )
         save_sharded_checkpoint(
-            checkpoint, filepath, self._cached_modules(), self._checkpoint_comm(), storage_options
+            checkpoint, filepath, self._cached_modules(), self._checkpoint_comm(), storage_options, rng
         )
+
+    def _checkpoint_rng(self) -> RngSnapshot | None:
+        """The RNG states a checkpoint saves: those at the start of the training step under way, if any
+        (the resumed run trains that step's batch again, so it must draw the same numbers), else None
+        (the current ones)."""
+        trainer = self.lightning_module.trainer if self.lightning_module is not None else None
+        if self._step_rng is None or trainer is None or trainer.state.fn != TrainerFn.FITTING:
+            return None
+        progress: Any = trainer.fit_loop.epoch_loop.batch_progress.current  # (a _ProcessedTracker)
+        return self._step_rng if progress.started > progress.processed else None
 
     @override
     def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> dict[str, Any]:
@@ -404,6 +422,11 @@ class BagpipeStrategy(DDPStrategy):
                     f"the ranks' training sources yield different numbers of batches {counts}; every rank "
                     "must read the same global stream"
                 )
+        if self.lightning_module is not None:
+            trainer = self.lightning_module.trainer
+            for loader in _bagpipe_loaders(trainer.train_dataloader):
+                if loader.progress is None:  # given to fit() directly, not by a BagpipeDataModule
+                    loader.progress = lambda: trained_batches(trainer)
         section, self._resume_section = self._resume_section, None
         if section is not None:
             restore_rng_states(section)
@@ -446,6 +469,17 @@ def _find_plan(batch: Any) -> StepPlan | None:
         if isinstance(item, Batch) and item.plan is not None:
             return item.plan
     return None
+
+
+def _bagpipe_loaders(loaders: Any) -> list[BagpipeLoader]:
+    """The BagpipeLoaders in what was given to ``fit`` (a loader, or a list, tuple or dict of them)."""
+    if isinstance(loaders, BagpipeLoader):
+        return [loaders]
+    if isinstance(loaders, dict):
+        loaders = list(loaders.values())
+    if isinstance(loaders, (list, tuple)):
+        return [found for item in loaders for found in _bagpipe_loaders(item)]
+    return []
 
 
 #: OpenMP settings that decide how long idle threads spin (a user who set one has chosen already).

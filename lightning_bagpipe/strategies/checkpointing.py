@@ -67,6 +67,7 @@ __all__ = [
     "capture_rng_states",
     "read_checkpoint",
     "restore_rng_states",
+    "rng_snapshot",
     "rows_checksum",
     "verify_bagpipe_section",
     "written_rows_only",
@@ -266,14 +267,18 @@ def written_rows_only(modules: Iterable[CachedEmbedding]) -> Iterator[None]:
 
 
 def add_bagpipe_section(
-    checkpoint: dict[str, Any], modules: dict[str, CachedEmbedding], *, rows_in_state_dict: bool = True
+    checkpoint: dict[str, Any],
+    modules: dict[str, CachedEmbedding],
+    *,
+    rows_in_state_dict: bool = True,
+    rng: RngSnapshot | None = None,
 ) -> None:
     """Write ``checkpoint["bagpipe"]``: format, version, per-module table config and row checksum, RNG states.
 
     ``modules`` maps module names (as in ``named_modules()``) to the model's CachedEmbedding modules; their
     rows must already be in ``checkpoint["state_dict"]`` (the checksum is taken over exactly those tensors).
     With ``rows_in_state_dict=False`` (directory checkpoints, whose rows are shard files checksummed by the
-    manifest) only the configuration is recorded.
+    manifest) only the configuration is recorded. ``rng``: the RNG states to save (default: the current).
     """
     state_dict = checkpoint.get("state_dict") or {}
     entries = {
@@ -287,7 +292,7 @@ def add_bagpipe_section(
         "library_version": __version__,
         "world_size": 1,
         "modules": entries,
-        "rng": capture_rng_states(),
+        "rng": capture_rng_states(rng),
     }
 
 
@@ -500,15 +505,27 @@ def _describe_table_difference(saved: list[list[Any]], model: list[list[Any]]) -
 
 
 # ---------------------------------------------------------------------------------------------- RNG
-def capture_rng_states() -> dict[str, Any]:
-    """RNG states of torch (CPU and each CUDA device), numpy (global) and ``random``, as plain values."""
-    np_state = np.random.get_state(legacy=True)
+RngSnapshot = tuple[Any, ...]
+"""The generators' states as they come (torch, CUDA, numpy, ``random``): :func:`rng_snapshot`."""
+
+
+def rng_snapshot() -> RngSnapshot:
+    """The RNG states of torch (CPU and each CUDA device), numpy (global) and ``random``, unconverted
+    (~45 us: cheap enough to take at every step)."""
+    cuda = list(torch.cuda.get_rng_state_all()) if torch.cuda.is_available() else []
+    return torch.get_rng_state(), cuda, np.random.get_state(legacy=True), random.getstate()
+
+
+def capture_rng_states(snapshot: RngSnapshot | None = None) -> dict[str, Any]:
+    """RNG states of torch (CPU and each CUDA device), numpy (global) and ``random``, as plain values:
+    the current ones, or those of an earlier :func:`rng_snapshot`."""
+    torch_state, cuda, np_state, py = snapshot if snapshot is not None else rng_snapshot()
     assert isinstance(np_state, tuple)  # legacy=True always gives the MT19937 tuple
     kind, keys, pos, has_gauss, cached = np_state
-    py_version, py_state, py_gauss = random.getstate()
+    py_version, py_state, py_gauss = py
     return {
-        "torch": torch.get_rng_state(),
-        "cuda": list(torch.cuda.get_rng_state_all()) if torch.cuda.is_available() else [],
+        "torch": torch_state,
+        "cuda": cuda,
         "numpy": {
             "kind": str(kind),
             "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),

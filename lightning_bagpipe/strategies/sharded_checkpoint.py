@@ -68,6 +68,7 @@ from lightning_bagpipe.strategies.checkpointing import (
     SHARDED_VERSION,
     WRITTEN_ROWS_VERSION,
     AtomicCheckpointIO,
+    RngSnapshot,
     _local_path,
     _pid_alive,
     _remove_stale_temporaries,
@@ -276,7 +277,7 @@ def _file_facts(path: Path) -> dict[str, int]:
 
 
 def _write_rank_files(
-    tmp: Path, modules: dict[str, CachedEmbedding], rank: int, world_size: int
+    tmp: Path, modules: dict[str, CachedEmbedding], rank: int, world_size: int, rng: RngSnapshot | None
 ) -> dict[str, Any]:
     """This rank's shards and RNG file; returns the manifest entries for them."""
     files: dict[str, dict[str, int]] = {}
@@ -301,7 +302,7 @@ def _write_rank_files(
             shards[name].update(ids_file=iname, init_seed=int(meta["seed"]), init_state=meta["state_init"])
     fname = _rank_name(rank, world_size)
     files[fname] = {
-        **_write_torch(tmp / fname, {"rank": rank, "world_size": world_size, "rng": capture_rng_states()}),
+        **_write_torch(tmp / fname, {"rank": rank, "world_size": world_size, "rng": capture_rng_states(rng)}),
         "rank": rank,
     }
     return {"files": files, "shards": shards}
@@ -313,12 +314,14 @@ def save_sharded_checkpoint(
     modules: dict[str, CachedEmbedding],
     comm: Comm,
     storage_options: Any | None = None,
+    rng: RngSnapshot | None = None,
 ) -> None:
     """Save ``checkpoint`` (identical dense parts on every rank) as a directory; collective on ``comm``.
 
     ``checkpoint["state_dict"]`` must not hold the ``<module>.rows`` tensors (see :func:`rows_left_out`);
     each rank writes its row range of every module in ``modules``. Every rank returns once the directory
-    is in place, or raises if any rank failed (then nothing at ``path`` has changed).
+    is in place, or raises if any rank failed (then nothing at ``path`` has changed). ``rng``: this
+    rank's RNG states to save (default: the current ones).
     """
     if storage_options is not None:
         raise TypeError(
@@ -337,7 +340,7 @@ def save_sharded_checkpoint(
 
     mine: dict[str, Any] | None = None
     try:
-        mine = _write_rank_files(tmp, modules, comm.rank, comm.world_size)
+        mine = _write_rank_files(tmp, modules, comm.rank, comm.world_size, rng)
     except Exception as err:
         error = err
     parts = comm.all_gather(mine)
