@@ -9,15 +9,18 @@ from __future__ import annotations
 import itertools
 import math
 import warnings
+from pathlib import Path
 
 import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 import lightning_bagpipe as lb
 from lightning_bagpipe.models import DLRM, DeepFM, fm_second_order, mlp, pairwise_dot_interactions
+from lightning_bagpipe.models.common import memory_store_for_loading
 from tests.helpers import ListDataModule, random_batches, small_tables
 
 NUM_DENSE = 3
@@ -377,3 +380,49 @@ def test_store_path_is_recorded_and_used(tmp_path: object) -> None:
     again = _dlrm(tables, store=model.embedding.store)
     assert again.hparams["store"] == path
     assert np.array_equal(again.embedding.store.tensor().numpy(), model.embedding.store.tensor().numpy())
+
+
+def test_loading_a_checkpoint_leaves_the_training_file_alone(tmp_path: Path) -> None:
+    # the hparams name the file the run trained on: loading must not write the checkpoint's rows into it
+    tables = small_tables()
+    batches = random_batches(tables, 6, 16, num_dense=NUM_DENSE, seed=9)
+    trained_on = tmp_path / "tables.f32"
+    model = _deepfm(tables, store=str(trained_on))
+    ckpt = ModelCheckpoint(dirpath=tmp_path, filename="{step}", every_n_train_steps=3, save_top_k=-1)
+    trainer = pl.Trainer(
+        strategy="bagpipe", max_steps=6, callbacks=[ckpt], logger=False, enable_progress_bar=False
+    )
+    trainer.fit(model, ListDataModule(tables, batches, lookahead=2, cache_rows=60))
+    model.embedding.store.flush()
+    after_training = trained_on.read_bytes()
+    early = torch.load(tmp_path / "step=3.ckpt", weights_only=True)["state_dict"]["embedding.rows"]
+    assert not torch.equal(early, model.embedding.store.tensor())  # the file has moved on since step 3
+    loaded = DeepFM.load_from_checkpoint(tmp_path / "step=3.ckpt")
+    assert isinstance(loaded.embedding.store, lb.MemoryStore) and loaded.hparams["store"] is None
+    assert torch.equal(loaded.embedding.store.tensor(), early)
+    assert trained_on.read_bytes() == after_training
+    into = tmp_path / "serve.f32"  # an explicit store= is honoured
+    served = DeepFM.load_from_checkpoint(tmp_path / "step=3.ckpt", store=str(into))
+    assert isinstance(served.embedding.store, lb.MmapStore) and served.hparams["store"] == str(into)
+    assert torch.equal(served.embedding.store.tensor(), early)
+
+
+def test_load_from_checkpoint_reads_directory_checkpoints(tmp_path: Path) -> None:
+    tables = small_tables()
+    batches = random_batches(tables, 4, 16, num_dense=NUM_DENSE, seed=2)
+    model = _dlrm(tables)
+    trainer = _trainer(strategy=lb.BagpipeStrategy(checkpoint_layout="directory"), max_steps=4)
+    trainer.fit(model, ListDataModule(tables, batches, lookahead=2))
+    trainer.save_checkpoint(tmp_path / "d.ckpt")
+    assert (tmp_path / "d.ckpt").is_dir()
+    loaded = DLRM.load_from_checkpoint(tmp_path / "d.ckpt")
+    assert torch.equal(loaded.embedding.store.tensor(), model.embedding.store.tensor())
+    assert all(torch.equal(p, q) for p, q in zip(loaded.parameters(), model.parameters()))
+
+
+def test_tables_too_large_for_ram_ask_for_a_file_store(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("lightning_bagpipe.models.common._memory_available", lambda: 1000 * 5 * 4 - 1)
+    with pytest.raises(ValueError, match=r"1,000 rows x 5 floats.*store='tables.f32'"):
+        memory_store_for_loading(1000, 5)
+    monkeypatch.setattr("lightning_bagpipe.models.common._memory_available", lambda: 1000 * 5 * 4)
+    assert memory_store_for_loading(1000, 5).tensor().shape == (1000, 5)

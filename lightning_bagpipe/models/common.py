@@ -27,11 +27,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import BinaryAUROC
+from typing_extensions import Self
 
 from lightning_bagpipe.data.batch import Batch
-from lightning_bagpipe.embedding.store import EmbeddingStore, MmapStore
+from lightning_bagpipe.embedding.store import EmbeddingStore, MemoryStore, MmapStore
 from lightning_bagpipe.embedding.tiered_store import TieredStore
 from lightning_bagpipe.optim.sparse import RowWiseAdagrad, SparseOptimizer, from_hparams
+from lightning_bagpipe.strategies.sharded_checkpoint import (
+    is_sharded_checkpoint,
+    load_checkpoint_for_inference,
+)
 from lightning_bagpipe.tables import Tables, TableSpec
 
 __all__ = [
@@ -44,6 +49,7 @@ __all__ = [
     "StoreLike",
     "TablesLike",
     "coerce_tables",
+    "memory_store_for_loading",
     "mlp",
     "resolve_sparse_optimizer",
     "store_hparam",
@@ -104,8 +110,8 @@ def store_hparam(store: StoreLike) -> str | None:
     store factory, whose path this cannot know).
 
     A checkpoint holds every table row, so a model rebuilt from it with ``store=None`` is complete; the
-    path only tells ``load_from_checkpoint`` where the original kept its tables (override it with
-    ``load_from_checkpoint(ckpt, store=...)``; loading writes the checkpoint's rows into that store).
+    path only tells where the original kept its tables: ``load_from_checkpoint`` loads into RAM unless
+    given ``store=...`` (and then writes the checkpoint's rows into that store).
     """
     if store is None:
         return None
@@ -120,6 +126,32 @@ def store_hparam(store: StoreLike) -> str | None:
     raise TypeError(
         f"store must be None, a path, an EmbeddingStore or a callable, got {type(store).__name__}"
     )
+
+
+def memory_store_for_loading(num_rows: int, width: int) -> MemoryStore:
+    """A RAM store for a model loaded from a checkpoint, refused (ValueError) when its tables would not fit
+    in the memory available (``MemAvailable`` on Linux; unchecked elsewhere)."""
+    need = num_rows * width * 4
+    available = _memory_available()
+    if available is not None and need > available:
+        raise ValueError(
+            f"loading the tables into RAM needs {need / 2**30:.1f} GiB ({num_rows:,} rows x {width} floats), "
+            f"but {available / 2**30:.1f} GiB is available: load into a file instead, with "
+            "load_from_checkpoint(path, store='tables.f32') (a memory-mapped file) or "
+            "store=functools.partial(lightning_bagpipe.TieredStore, 'tables.f32') (only written rows on disk)"
+        )
+    return MemoryStore(num_rows, width)
+
+
+def _memory_available() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def coerce_tables(tables: TablesLike) -> Tables:
@@ -189,6 +221,36 @@ class ClickModel(pl.LightningModule):
         self.val_logloss = MeanMetric()
         self.test_auc = BinaryAUROC()
         self.test_logloss = MeanMetric()
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def load_from_checkpoint(  # type: ignore[override]
+        cls,
+        checkpoint_path: str | Path,
+        map_location: Any = None,
+        hparams_file: str | Path | None = None,
+        strict: bool | None = None,
+        weights_only: bool | None = None,
+        **kwargs: Any,
+    ) -> Self:
+        """Lightning's ``load_from_checkpoint``, with the tables in RAM unless ``store=`` says otherwise, and
+        for directory checkpoints (several processes) too.
+
+        The hyper-parameters name the file the model trained on. Loading into that file would overwrite
+        the training run's tables with the checkpoint's rows (the run may still be training, or have
+        trained past this checkpoint), so it is used only when passed as ``store=`` explicitly. Tables
+        larger than the memory available are a ValueError asking for a file store instead.
+        """
+        kwargs.setdefault("store", memory_store_for_loading)
+        if is_sharded_checkpoint(checkpoint_path):
+            if hparams_file is not None:
+                raise ValueError("hparams_file is not supported for directory checkpoints")
+            return load_checkpoint_for_inference(
+                cls, checkpoint_path, map_location=map_location, strict=strict is not False, **kwargs
+            )
+        return super().load_from_checkpoint(
+            checkpoint_path, map_location, hparams_file, strict, weights_only, **kwargs
+        )
 
     # ------------------------------------------------------------------ inputs
     def dense_input(self, batch: Batch) -> Tensor:
