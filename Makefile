@@ -5,6 +5,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # torch is pinned here (the CPU build on this machine); an unpinned torch pulls a multi-GB CUDA build.
 TORCH_PIN := torch==2.13.0
+# Where pip finds torch: empty uses pip's configuration (this machine's has the CPU build). Elsewhere,
+# `make test TORCH_INDEX=https://download.pytorch.org/whl/cpu` gets the CPU build instead of CUDA's.
+TORCH_INDEX ?=
 
 .PHONY: venv test lint typecheck pytest demo bench clean
 
@@ -13,7 +16,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
-	$(BIN)/pip install "$(TORCH_PIN)"
+	$(BIN)/pip install $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH_PIN)"
 	$(BIN)/pip install -e ".[dev]"
 	touch $(STAMP)
 
