@@ -292,8 +292,9 @@ class ClickModel(pl.LightningModule):
 
     def on_train_epoch_end(self) -> None:
         if self.train_loss_mean.update_count:
-            self.log("train_loss_epoch", self.train_loss_mean.compute())
-        self.train_loss_mean.reset()
+            # the metric object, not its value: Lightning computes it (a sync across ranks) and resets it,
+            # and does not warn that a tensor logged per epoch is not synced
+            self.log("train_loss_epoch", self.train_loss_mean)
 
     def _evaluate(self, batch: Batch, auc: BinaryAUROC, logloss: MeanMetric, prefix: str) -> None:
         labels = self.labels_of(batch, f"{prefix}_step")

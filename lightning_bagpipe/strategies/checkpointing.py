@@ -440,6 +440,8 @@ def _verify_module(
     ):
         if entry.get(key) != have:
             diffs.append(f"{key}: checkpoint {entry.get(key)!r}, model {have!r}")
+            if key == "dim":  # (what a user set may be narrower: DeepFM's rows hold embedding_dim + 1)
+                diffs[-1] += " (the module's row width; DeepFM adds a first-order column to embedding_dim)"
     if diffs:
         raise ValueError(f"{where} was saved for another configuration of {label}: " + "; ".join(diffs))
     _warn_changed_hparams(label, entry, module)
