@@ -185,6 +185,20 @@ def test_two_process_resume_is_bitwise_the_uninterrupted_run(launches: Launches,
         _assert_bitwise(got, ref[r], f"resume from step {k}, rank {r}")
 
 
+def test_a_checkpoint_saved_inside_a_step_changes_nothing_and_resumes_at_that_step(
+    launches: Launches,
+) -> None:
+    # the directory holds each rank's RNG states of the step's start, and the save leaves the step's
+    # row update to happen afterwards
+    k = mp_resume.INSIDE_AT
+    for r in range(2):
+        ref = launches.result("ref", r)
+        _assert_bitwise(launches.result("inside-saving", r), ref, f"the run that saved, rank {r}")
+        got = launches.result("resume-inside", r)
+        assert got["seen"] == list(range(k, STEPS)), f"rank {r} must train step {k}'s batch again"
+        _assert_bitwise(got, ref, f"resume from inside step {k}, rank {r}")
+
+
 def test_the_cache_was_under_pressure_in_the_saving_run(launches: Launches) -> None:
     stats = [launches.result("saving", r)["stats"] for r in range(2)]
     assert sum(s["rows_evicted"] for s in stats) > 0 and all(s["rows_fetched"] > 0 for s in stats)

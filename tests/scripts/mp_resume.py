@@ -6,12 +6,14 @@ process start-up is paid once). Each phase writes ``OUT/<phase>/rank<r>.pt`` wit
 dense head, dense optimizer state, step count and the global batches this rank trained; phases with
 checkpoints write them under ``OUT/<phase>/ckpts``.
 
-``--scenario first``: ``ref`` (uninterrupted), ``saving`` (a checkpoint after every step), ``det-saving``
+``--scenario first``: ``ref`` (uninterrupted), ``saving`` (a checkpoint after every step), ``inside-saving``
+(one checkpoint saved inside step ``INSIDE_AT``, between backward and the optimizer step), ``det-saving``
 (a model without randomness, every step, and ``after_fit.ckpt`` saved after fit returned), then
 ``crash``: checkpoints every 3 steps into ``last.ckpt``, and at step ``--kill-at`` rank 1 writes
 ``OUT/crash/rank1.ready`` and waits to be killed with SIGKILL.
 
-``--scenario second``: ``resume<k>`` from ``saving``'s step ``k`` for each ``--resume-at``, ``restart`` from
+``--scenario second``: ``resume<k>`` from ``saving``'s step ``k`` for each ``--resume-at``, ``resume-inside``
+from ``inside-saving``'s checkpoint, ``restart`` from
 the crashed run's ``last.ckpt``, and ``det-from-file`` from the one-process file ``--file-ckpt``.
 
 ``--scenario measure`` (the figures in docs/checkpoints.md): for each ``--rows N``, one table of N rows
@@ -52,6 +54,7 @@ from tests.helpers import ListDataModule, TinyModel, random_batches, small_table
 TABLE_SIZES = (60, 45, 35)
 LOOKAHEAD = 4
 BATCH = 16
+INSIDE_AT = 5  # the step inside which ``inside-saving`` saves a checkpoint
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -103,6 +106,19 @@ class Seen(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         self.seen.append(self.index[batch.dense.numpy().tobytes()])
+
+
+class SaveInsideStep(Callback):
+    """Saves a checkpoint between backward and the optimizer step of step ``step`` (every rank, together)."""
+
+    def __init__(self, step: int, path: Path) -> None:
+        self.step, self.path = step, path
+
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        if trainer.global_step == self.step:
+            trainer.save_checkpoint(self.path)
 
 
 class KillRank1At(Callback):
@@ -288,6 +304,8 @@ def main(args: argparse.Namespace) -> None:
     if args.scenario == "first":
         fit(out, "ref", noisy=True, store="sharded", seed=1, **common)
         fit(out, "saving", noisy=True, store="sharded", seed=1, every=1, extra=(NoGather(),), **common)
+        inside = SaveInsideStep(INSIDE_AT, out / "inside-saving" / "inside.ckpt")
+        fit(out, "inside-saving", noisy=True, store="sharded", seed=1, extra=(inside,), **common)
         after = out / "det-saving" / "after_fit.ckpt"
         fit(out, "det-saving", noisy=False, store="shared", seed=1, every=1, save_after=after, **common)
         ready = out / "crash" / "rank1.ready"
@@ -308,6 +326,8 @@ def main(args: argparse.Namespace) -> None:
     for k in args.resume_at:
         ckpt = out / "saving" / "ckpts" / f"step={k}.ckpt"
         fit(out, f"resume{k}", noisy=True, store="sharded", seed=99, ckpt_path=ckpt, **common)
+    inside = out / "inside-saving" / "inside.ckpt"
+    fit(out, "resume-inside", noisy=True, store="sharded", seed=42, ckpt_path=inside, **common)
     fit(
         out,
         "restart",
