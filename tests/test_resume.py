@@ -473,6 +473,29 @@ def test_a_source_without_length_resumes_at_the_next_unseen_batch(unsized: Scena
     _assert_same_result(run, unsized.reference)
 
 
+def test_a_loader_given_to_fit_directly_resumes_at_the_next_unseen_batch(
+    unsized: Scenario, tmp_path: Path
+) -> None:
+    # no data module tells the loader what training finished: the strategy does
+    sc, k = unsized, 5
+
+    def fit(ckpt_path: Path | None, callbacks: list[Callback], seed: int) -> Run:
+        model, seen = _model(sc.tables, sparse=sc.sparse), Seen(sc.train)
+        trainer = quiet_trainer(
+            callbacks=[seen, *callbacks], enable_checkpointing=bool(callbacks), max_epochs=sc.epochs
+        )
+        _seed(seed)
+        trainer.fit(model, train_dataloaders=sc.dm().train_dataloader(), ckpt_path=ckpt_path)
+        return Run(model, trainer, seen.indices)
+
+    every = ModelCheckpoint(dirpath=tmp_path, filename="{step}", every_n_train_steps=1, save_top_k=-1)
+    _assert_same_result(fit(None, [every], seed=1), sc.reference)
+    run = fit(tmp_path / f"step={k}.ckpt", [], seed=3)
+    n = len(sc.train)
+    assert run.seen == [i % n for i in range(k, 2 * n)]
+    _assert_same_result(run, sc.reference)
+
+
 class SaveInsideStep(Callback):
     """Saves a checkpoint between backward and the optimizer step of step ``step`` (after the step's
     forward drew from every generator)."""

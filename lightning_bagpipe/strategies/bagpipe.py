@@ -424,9 +424,8 @@ class BagpipeStrategy(DDPStrategy):
                 )
         if self.lightning_module is not None:
             trainer = self.lightning_module.trainer
-            for loader in _bagpipe_loaders(trainer.train_dataloader):
-                if loader.progress is None:  # given to fit() directly, not by a BagpipeDataModule
-                    loader.progress = lambda: trained_batches(trainer)
+            for loader in _bagpipe_loaders(trainer.train_dataloader):  # (also one given to fit() directly)
+                loader.progress = lambda: trained_batches(trainer)
         section, self._resume_section = self._resume_section, None
         if section is not None:
             restore_rng_states(section)
