@@ -28,8 +28,9 @@ SIZES = [7 + 3 * j for j in range(26)]  # small tables, different per feature
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def random_lines(rng: np.random.Generator, n: int, labeled: bool = True, strip: float = 0.2) -> list[str]:
-    """Criteo-like lines: missing values, negative dense values, hashes over 2**31, stripped tails."""
+def random_lines(rng: np.random.Generator, n: int, labeled: bool = True, strip: float = 0.0) -> list[str]:
+    """Criteo-like lines: missing values, negative dense values, hashes over 2**31. With ``strip`` > 0 that
+    share of lines lose their trailing empty fields, which makes them malformed (short)."""
     lines = []
     for _ in range(n):
         fields = [str(int(rng.integers(0, 2)))] if labeled else []
@@ -46,7 +47,7 @@ def random_lines(rng: np.random.Generator, n: int, labeled: bool = True, strip: 
             r = rng.random()
             h = int(rng.integers(0, 2**32))
             fields.append("" if r < 0.15 else (f"{h:08x}" if r < 0.9 else f"{h:08X}"))
-        if rng.random() < strip:  # the writer stripped trailing empty fields
+        if rng.random() < strip:  # a tool stripped the trailing empty fields (the tabs)
             while fields and fields[-1] == "":
                 fields.pop()
         lines.append("\t".join(fields))
@@ -56,12 +57,12 @@ def random_lines(rng: np.random.Generator, n: int, labeled: bool = True, strip: 
 def reference(
     lines: list[str], labeled: bool, sizes: list[int]
 ) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
-    """Plain per-line parse: labels, dense [n, 13], rows [n, 26] with modulo hashing."""
+    """Plain per-line parse of well-formed lines: labels, dense [n, 13], rows [n, 26] with modulo hashing."""
     expected = 40 if labeled else 39
     labels, dense, rows = [], [], []
     for line in lines:
         f = line.rstrip("\r").split("\t")
-        f += [""] * (expected - len(f))
+        assert len(f) == expected, f"reference() takes well-formed lines only, got {len(f)} fields"
         if labeled:
             labels.append(float(int(f[0])))
             f = f[1:]
@@ -149,16 +150,47 @@ def test_missing_values_and_negative_dense(tmp_path):
     assert reader.stats.negative_dense == 2  # -5 and -1 ("-0" would not count)
 
 
-def test_stripped_trailing_fields_are_padded(tmp_path):
-    full = "1\t5\t6" + "\t" * 12 + "\t".join(["0000000f"] * 26)
-    short = "0\t7"  # everything after I1 stripped
-    cats_cut = "1" + "\t2" * 13 + "\t" + "\t".join(["ab"] * 10)  # C11..C26 stripped
-    lines = [full, short, cats_cut]
-    reader = CriteoTSV(write(tmp_path / "t.tsv", lines), 8, hashing=ModuloHashing(SIZES))
-    assert_matches(reader, lines)
-    rows = next(iter(reader)).sparse.values.view(26, -1)
-    assert rows[:, 1].tolist() == [MISSING_ROW] * 26
-    assert rows[10:, 2].tolist() == [MISSING_ROW] * 16
+def without_field(line: str, index: int) -> str:
+    """``line`` with its field ``index`` (0-based, the label is 0) deleted: the rest shift left."""
+    fields = line.split("\t")
+    del fields[index]
+    return "\t".join(fields)
+
+
+def test_short_lines_are_bad_lines_not_padded(tmp_path):
+    # A middle column deleted (C7, field 20 of 0..39) leaves 39 fields, as many as an unlabeled line has,
+    # but the file's format comes from its longest lines (40: labeled), so the line is reported instead of
+    # having C8..C26 read as C7..C25.
+    full = "1\t5\t6" + "\t" * 12 + "\t".join(f"{j + 1:08x}" for j in range(26))
+    no_c7 = without_field(full, 20)
+    stripped = "0\t7"  # everything after I1 stripped
+    path = write(tmp_path / "day_0.tsv", [full, full, no_c7, full, stripped, full])
+    with pytest.raises(ValueError) as err:
+        list(CriteoTSV(path, 8, hashing=ModuloHashing(SIZES)))
+    assert "day_0.tsv, line 3: 39 tab-separated fields, expected 40 (label, I1..I13, C1..C26)" in str(
+        err.value
+    )
+    assert "skip_bad_lines=True" in str(err.value)
+    # Skipping is on request only, and counted: the short lines are dropped, never padded.
+    reader = CriteoTSV(path, 8, hashing=ModuloHashing(SIZES), skip_bad_lines=True)
+    with pytest.warns(
+        BadLinesWarning, match=r"skipped 2 malformed line\(s\) of 6 \(first: .*day_0\.tsv:3, .*day_0\.tsv:5\)"
+    ):
+        got = collect(reader)
+    assert (
+        reader.skipped_lines == 2
+        and reader.stats.rows == 4
+        and reader.stats.skipped_examples[1].endswith(":5")
+    )
+    for a, b in zip(got, reference([full] * 4, True, SIZES)):
+        np.testing.assert_array_equal(a, b)
+    # The same in an unlabeled file: 38 fields where 39 are expected.
+    unlabeled = full.split("\t", 1)[1]
+    path = write(tmp_path / "test.txt", [unlabeled, without_field(unlabeled, 5), unlabeled])
+    with pytest.raises(
+        ValueError, match=r"test\.txt, line 2: 38 tab-separated fields, expected 39 \(I1\.\.I13, C1"
+    ):
+        list(CriteoTSV(path, 8, hashing=ModuloHashing(SIZES)))
 
 
 def test_unlabeled_test_files(tmp_path):
@@ -168,9 +200,9 @@ def test_unlabeled_test_files(tmp_path):
     assert all(b.labels is None for b in detected)
     assert_matches(detected, lines, labeled=False)
     assert_matches(CriteoTSV(path, 16, hashing=ModuloHashing(SIZES), labeled=False), lines, labeled=False)
-    # Told it is labeled, the first field must be a label: I1 values such as "523" are not.
+    # Told it is labeled, every line lacks a field.
     bad = CriteoTSV(path, 16, hashing=ModuloHashing(SIZES), labeled=True)
-    with pytest.raises(ValueError, match=r"test\.txt, line \d+: label"):
+    with pytest.raises(ValueError, match=r"test\.txt, line 1: 39 tab-separated fields, expected 40"):
         list(bad)
 
 
@@ -178,7 +210,9 @@ def test_format_detection_needs_a_full_line(tmp_path):
     path = write(tmp_path / "t.tsv", ["1\t2\t3"])
     with pytest.raises(ValueError, match="pass labeled=True or labeled=False"):
         list(CriteoTSV(path, 4))
-    assert next(iter(CriteoTSV(path, 4, labeled=True))).labels.tolist() == [1.0]
+    # Told the format, the line is checked and reported like any short line.
+    with pytest.raises(ValueError, match=r"t\.tsv, line 1: 3 tab-separated fields, expected 40"):
+        list(CriteoTSV(path, 4, labeled=True))
 
 
 def test_labeled_and_unlabeled_files_do_not_mix(tmp_path):
@@ -236,7 +270,7 @@ def test_missing_input_is_a_clear_error(tmp_path):
 # ---------------------------------------------------------------------------------------------- bad lines
 GOOD = "1\t1\t2" + "\t" * 12 + "\t".join(["1a2b3c4d"] * 26)
 BAD_LINES = [
-    (GOOD + "\textra", "41 tab-separated fields"),
+    (GOOD + "\textra", "41 tab-separated fields, expected 40"),
     ("", "empty line"),
     ("2" + GOOD[1:], "label '2' is not 0 or 1"),
     ("x" + GOOD[1:], "label 'x' is not 0 or 1"),
@@ -244,6 +278,8 @@ BAD_LINES = [
     (GOOD.replace("1\t1\t2", "1\t1\t-", 1), "dense feature I2 value '-' is not an integer"),
     (GOOD.replace("1a2b3c4d", "xyz", 1), "categorical feature C1 value 'xyz' is not a hexadecimal hash"),
     (GOOD.replace("1a2b3c4d", "1" * 16, 1), "categorical feature C1 value '1111111111111111'"),
+    (without_field(GOOD, 20), "39 tab-separated fields, expected 40"),  # C7 deleted
+    ("1\t1\t2", "3 tab-separated fields, expected 40"),  # trailing fields stripped
 ]
 
 
@@ -341,12 +377,25 @@ def test_vocabulary_load_rejects_other_files(tmp_path):
 )
 def test_any_block_size_and_batch_size_match_the_reference(seed, n, batch_size, chunk_bytes, labeled):
     lines = random_lines(np.random.default_rng(seed), n, labeled=labeled, strip=0.3)
+    expected = 40 if labeled else 39
+    good = [line for line in lines if line.count("\t") == expected - 1]
     with tempfile.TemporaryDirectory() as d:
         path = write(Path(d) / "t.tsv", lines)
         reader = CriteoTSV(
-            path, batch_size, hashing=ModuloHashing(SIZES), labeled=labeled, chunk_bytes=chunk_bytes
+            path,
+            batch_size,
+            hashing=ModuloHashing(SIZES),
+            labeled=labeled,
+            chunk_bytes=chunk_bytes,
+            skip_bad_lines=True,
         )
-        assert_matches(reader, lines, labeled=labeled)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", BadLinesWarning)
+            if good:
+                assert_matches(reader, good, labeled=labeled)
+            else:
+                assert list(reader) == []
+        assert reader.skipped_lines == len(lines) - len(good) and reader.stats.rows == len(good)
 
 
 def test_synthetic_data_written_as_tsv_reads_back(tmp_path):

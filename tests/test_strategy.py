@@ -367,3 +367,21 @@ def test_counts_and_sizes_are_refused_rather_than_truncated() -> None:
     for delay in (-1, float("nan")):
         with pytest.raises(ValueError, match=r"io_delay_ms must be a finite number >= 0"):
             lb.BagpipeStrategy(io_delay_ms=delay)
+
+
+def test_a_fit_after_predict_in_the_same_process_trains() -> None:
+    # predict runs under inference mode; layouts it caches per batch shape must still serve training
+    from lightning_bagpipe.data.batch import _one_hot_layout
+
+    _one_hot_layout.cache_clear()
+    tables = small_tables()
+    batches = random_batches(tables, 3, 8)
+
+    class Predicting(ListDataModule):
+        def predict_source(self) -> list[lb.Batch]:
+            return self.batches
+
+    assert len(quiet_trainer().predict(TinyModel(tables), datamodule=Predicting(tables, batches))) == 3
+    trainer = quiet_trainer(max_steps=2)
+    trainer.fit(TinyModel(tables), datamodule=ListDataModule(tables, batches, lookahead=2))
+    assert trainer.global_step == 2

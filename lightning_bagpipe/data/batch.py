@@ -116,10 +116,15 @@ def one_hot(lengths: Tensor, occurrences: int) -> bool:
 
 @functools.lru_cache(maxsize=8)
 def _one_hot_layout(num_features: int, batch_size: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    """``perm`` and ``offsets`` of a one-hot batch: they depend on its shape only (shared, never written)."""
+    """``perm`` and ``offsets`` of a one-hot batch: they depend on its shape only (shared, never written).
+
+    Made outside inference mode even when first asked for under it (``trainer.predict``): a cached
+    inference tensor could not be saved for backward by a later training step.
+    """
     n = num_features * batch_size
-    perm = torch.arange(n, device=device).view(num_features, batch_size).t().reshape(-1)
-    return perm, torch.arange(n, device=device)
+    with torch.inference_mode(False):
+        perm = torch.arange(n, device=device).view(num_features, batch_size).t().reshape(-1)
+        return perm, torch.arange(n, device=device)
 
 
 def group_by_row(inverse: Tensor, num_rows: int) -> tuple[Tensor, Tensor]:

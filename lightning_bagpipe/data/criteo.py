@@ -3,16 +3,18 @@
 ``source`` picks the data:
 
 * ``"synthetic"``: :class:`~lightning_bagpipe.data.synthetic.SyntheticCriteo` (validation uses the
-  ``"val"`` split: other samples of the same planted model);
+  ``"val"`` split, test and predict the ``"test"`` split: other samples of the same planted model);
 * a ``.parquet`` file, or a folder holding ``.parquet`` files:
   :class:`~lightning_bagpipe.data.parquet.CriteoParquet`;
 * any other file or folder: raw Criteo TSV through :class:`~lightning_bagpipe.data.criteo_tsv.CriteoTSV`,
   with ``hashing="modulo"`` (``table_sizes``) or ``hashing="vocab"`` (a :class:`Vocabulary` built from
   the training files with ``vocab_threshold``, or loaded from ``vocab_path``).
 
-``val_path`` (files only) is read the same way and must map to the same tables (TSV validation files
-use the training hashing/vocabulary). The sources are built once, in ``__init__``, because the tables
-must be known before training starts; every epoch re-iterates them.
+``val_path``, ``test_path`` and ``predict_path`` (file sources only; each a TSV or Parquet file or folder)
+are read the same way and must map to the same tables (TSV files use the training hashing/vocabulary).
+Prediction files may be unlabeled (39-field TSV, Parquet without ``label``): their format is detected
+whatever ``labeled`` says. The sources are built once, in ``__init__``, because the tables must be known
+before training starts; every epoch re-iterates them.
 """
 
 from __future__ import annotations
@@ -22,9 +24,12 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Literal
 
+import lightning.pytorch as pl
+
 from lightning_bagpipe.data.batch import Batch
 from lightning_bagpipe.data.criteo_tsv import CriteoTSV, Hashing, ModuloHashing, Vocabulary
 from lightning_bagpipe.data.datamodule import BagpipeDataModule
+from lightning_bagpipe.data.loader import EvalLoader
 from lightning_bagpipe.data.parquet import CriteoParquet
 from lightning_bagpipe.data.synthetic import DEFAULT_ZIPF, SyntheticCriteo
 
@@ -48,14 +53,21 @@ class CriteoDataModule(BagpipeDataModule):
         source: ``"synthetic"`` or a path (kind detected by :func:`detect_kind`).
         val_path: validation data for file sources (``None``: no validation). Synthetic sources validate
             on ``val_batches`` batches of the ``"val"`` split (``0``: no validation).
+        test_path, predict_path: data for ``trainer.test`` and ``trainer.predict`` (file sources; ``None``:
+            none, and asking for it is an error that says so). Prediction files may be unlabeled. Synthetic
+            sources test and predict on ``test_batches`` batches of the ``"test"`` split (the same batches
+            for both; ``None``: as many as ``val_batches``; ``0``: none).
         batch_size, lookahead, cache_rows, queue_batches, sync, prefetch_depth: as in
             :class:`BagpipeDataModule`.
-        scale, num_batches, val_batches, zipf, multi_hot, seed: the synthetic generator's options.
+        scale, num_batches, val_batches, test_batches, zipf, multi_hot, seed: the synthetic generator's
+            options.
         hashing, table_sizes, vocab_threshold, vocab_path: TSV hash-to-row mapping (modulo with
             ``table_sizes``, default Criteo Kaggle's; or a vocabulary built with ``vocab_threshold`` or
             loaded from ``vocab_path``).
-        labeled, skip_bad_lines: TSV parsing options.
-        drop_last: drop each pass's last partial batch (file sources).
+        labeled, skip_bad_lines: TSV parsing options (``labeled`` does not apply to ``predict_path``,
+            whose format is always detected).
+        drop_last: drop each training pass's last partial batch (file sources; evaluation keeps every
+            sample).
     """
 
     def __init__(
@@ -63,6 +75,8 @@ class CriteoDataModule(BagpipeDataModule):
         source: str | os.PathLike[str] = "synthetic",
         *,
         val_path: str | os.PathLike[str] | None = None,
+        test_path: str | os.PathLike[str] | None = None,
+        predict_path: str | os.PathLike[str] | None = None,
         batch_size: int = 4096,
         lookahead: int = 64,
         cache_rows: int | None = None,
@@ -70,6 +84,7 @@ class CriteoDataModule(BagpipeDataModule):
         scale: float = 1.0,
         num_batches: int | None = 1000,
         val_batches: int = 10,
+        test_batches: int | None = None,
         zipf: float | Sequence[float] = DEFAULT_ZIPF,
         multi_hot: int = 1,
         seed: int = 0,
@@ -84,32 +99,66 @@ class CriteoDataModule(BagpipeDataModule):
         prefetch_depth: int = 4,
     ) -> None:
         self.kind = "synthetic" if str(source) == "synthetic" else detect_kind(source)
+        self._where = str(source)
         self._train: Source
         self._val: Source | None = None
+        self._test: Source | None = None
+        self._predict: Source | None = None
         if self.kind == "synthetic":
-            if val_path is not None:
-                raise ValueError("val_path is for file sources; synthetic data validates on its 'val' split")
-            self._train = SyntheticCriteo(
-                batch_size, num_batches, scale=scale, zipf=zipf, multi_hot=multi_hot, seed=seed, split="train"
-            )
-            if val_batches:
-                self._val = SyntheticCriteo(
-                    batch_size,
-                    val_batches,
-                    scale=scale,
-                    zipf=zipf,
-                    multi_hot=multi_hot,
-                    seed=seed,
-                    split="val",
-                )
-        else:
-            options = (hashing, table_sizes, vocab_threshold, vocab_path, labeled, skip_bad_lines)
-            self._train = self._file_source(source, batch_size, *options, drop_last=drop_last)
-            if val_path is not None:
-                self._val = self._file_source(val_path, batch_size, *options, drop_last=False)
-                if self._val.tables != self._train.tables:
+            for name, value in (
+                ("val_path", val_path),
+                ("test_path", test_path),
+                ("predict_path", predict_path),
+            ):
+                if value is not None:
                     raise ValueError(
-                        f"validation data {str(val_path)!r} has {self._val.tables}, training data has "
+                        f"{name} is for file sources; synthetic data validates on its 'val' split and tests "
+                        "and predicts on its 'test' split"
+                    )
+
+            def synthetic(num: int | None, split: str) -> SyntheticCriteo:
+                return SyntheticCriteo(
+                    batch_size, num, scale=scale, zipf=zipf, multi_hot=multi_hot, seed=seed, split=split
+                )
+
+            self._train = synthetic(num_batches, "train")
+            if val_batches:
+                self._val = synthetic(val_batches, "val")
+            test_batches = val_batches if test_batches is None else test_batches
+            if test_batches:
+                self._test = self._predict = synthetic(test_batches, "test")
+        else:
+            if test_batches is not None:
+                raise ValueError("test_batches is for synthetic data; file sources test on test_path")
+
+            def files(
+                path: str | os.PathLike[str], labeled: bool | None = labeled, drop_last: bool = False
+            ) -> CriteoTSV | CriteoParquet:
+                return self._file_source(
+                    path,
+                    batch_size,
+                    hashing,
+                    table_sizes,
+                    vocab_threshold,
+                    vocab_path,
+                    labeled,
+                    skip_bad_lines,
+                    drop_last=drop_last,
+                )
+
+            self._train = files(source, drop_last=drop_last)
+            self._val = None if val_path is None else files(val_path)
+            self._test = None if test_path is None else files(test_path)
+            # Prediction files may lack labels whatever the training files have: always detect.
+            self._predict = None if predict_path is None else files(predict_path, labeled=None)
+            for what, path, data in (
+                ("validation", val_path, self._val),
+                ("test", test_path, self._test),
+                ("prediction", predict_path, self._predict),
+            ):
+                if data is not None and data.tables != self._train.tables:
+                    raise ValueError(
+                        f"{what} data {str(path)!r} has {data.tables}, training data has "
                         f"{self._train.tables}; they must share tables"
                     )
         super().__init__(
@@ -121,6 +170,10 @@ class CriteoDataModule(BagpipeDataModule):
             sync=sync,
             prefetch_depth=prefetch_depth,
         )
+        if self._val is None:
+            # Show Lightning the stock (not overridden) hook, so a fit sees no validation loader instead of
+            # warning that an empty one has length zero.
+            self.val_dataloader = pl.LightningDataModule.val_dataloader.__get__(self)  # type: ignore[method-assign]
 
     def _file_source(
         self,
@@ -157,7 +210,7 @@ class CriteoDataModule(BagpipeDataModule):
         labeled: bool | None,
         skip_bad_lines: bool,
     ) -> Hashing:
-        """The TSV hashing, built once and shared by training and validation files."""
+        """The TSV hashing, built once and shared by the training and evaluation files."""
         existing: Hashing | None = getattr(self, "_tsv_hashing", None)
         if existing is not None:
             return existing
@@ -189,11 +242,43 @@ class CriteoDataModule(BagpipeDataModule):
     def val_data(self) -> Source | None:
         return self._val
 
+    @property
+    def test_data(self) -> Source | None:
+        return self._test
+
+    @property
+    def predict_data(self) -> Source | None:
+        return self._predict
+
     def train_source(self) -> Iterable[Batch]:
         return self._train
 
     def val_source(self) -> Iterable[Batch] | None:
         return self._val
+
+    def test_source(self) -> Iterable[Batch] | None:
+        return self._test
+
+    def predict_source(self) -> Iterable[Batch] | None:
+        return self._predict
+
+    def test_dataloader(self) -> EvalLoader:
+        self._require(self._test, "trainer.test", "test_path")
+        return super().test_dataloader()
+
+    def predict_dataloader(self) -> EvalLoader:
+        self._require(self._predict, "trainer.predict", "predict_path")
+        return super().predict_dataloader()
+
+    def _require(self, data: Source | None, use: str, path_arg: str) -> None:
+        """Raise an error that says how to give the data ``use`` needs when there is none."""
+        if data is not None:
+            return
+        if self.kind == "synthetic":
+            fix = "test_batches > 0 (it defaults to val_batches) for batches of the 'test' split"
+        else:
+            fix = f"{path_arg}= (a TSV or Parquet file or folder)"
+        raise ValueError(f"CriteoDataModule({self._where!r}) has no data for {use}: pass {fix}")
 
 
 __all__ = ["CriteoDataModule", "detect_kind"]

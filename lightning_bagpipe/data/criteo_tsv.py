@@ -7,16 +7,19 @@ the real files is handled:
 
 * **Empty field** = missing. A missing dense value is 0; a missing categorical value maps to the table's
   dedicated row :data:`MISSING_ROW` (row 0).
-* **Stripped trailing fields** (a line that ends before its last, empty fields): the line is padded with
-  missing fields.
+* **Short lines** (fewer fields than the format has) are malformed, like lines with too many: a missing
+  column in the middle (``C7`` deleted) cannot be told apart from stripped trailing empty fields, and
+  padding the line would shift ``C8..C26`` into the wrong tables. The real Criteo files keep every tab
+  (a line whose last fields are empty ends in tabs), so a well-formed file has no short lines.
 * **Negative dense values** (Criteo's ``I2`` has some): the dense transform is ``log(1 + max(x, 0))``, so they
   become 0; the count is reported in :attr:`ParseStats.negative_dense`.
 * **Unlabeled files**: ``labeled=None`` tells the formats apart from the most fields on any line in the first
   block of each file (40 labeled, 39 unlabeled); pass ``labeled=`` to say it outright. Unlabeled batches have
-  ``labels=None``.
-* **Malformed lines** (more fields than the format has, an empty line, a label other than ``0``/``1``, a
-  non-integer dense value, a categorical value that is not 1 to 15 hex digits) raise a ``ValueError`` naming
-  the file and the 1-based line number, unless ``skip_bad_lines=True``: then they are dropped, counted in
+  ``labels=None``. In a file found labeled, a 39-field line is a short line (malformed).
+* **Malformed lines** (fewer or more fields than the format has, an empty line, a label other than
+  ``0``/``1``, a non-integer dense value, a categorical value that is not 1 to 15 hex digits) raise a
+  ``ValueError`` naming the file, the 1-based line number and the reason (for a wrong number of fields, the
+  count), unless ``skip_bad_lines=True``: then they are dropped, counted in
   :attr:`ParseStats.skipped_lines` and reported by a :class:`BadLinesWarning` at the end of the pass.
 * **Windows line ends** (``\\r\\n``) are accepted.
 
@@ -217,11 +220,8 @@ def _explain(line: bytes, labeled: bool) -> str:
     if not line:
         return "empty line"
     fields = line.split(b"\t")
-    if len(fields) > expected:
-        return (
-            f"{len(fields)} tab-separated fields, expected {expected} ({layout}) or fewer trailing-stripped"
-        )
-    fields += [b""] * (expected - len(fields))
+    if len(fields) != expected:
+        return f"{len(fields)} tab-separated fields, expected {expected} ({layout})"
     if labeled and fields[0] not in (b"0", b"1"):
         return f"label {fields[0].decode('latin-1')!r} is not 0 or 1"
     dense = fields[1 : 1 + NUM_DENSE] if labeled else fields[:NUM_DENSE]
@@ -243,8 +243,9 @@ def _field_bounds(
     """Byte ranges of every field of a block of whole lines, field-major.
 
     Returns ``(line_starts, newlines, num_fields, f_start, f_end)`` with ``f_start``/``f_end`` of shape
-    ``[expected, lines]``; fields absent from a short line are the empty range ``[0, 0)``. Lines with more
-    than ``expected`` fields get only their first ``expected - 1`` boundaries (they are malformed anyway).
+    ``[expected, lines]``. Lines with another number of fields are malformed, but still get bounds that
+    stay inside the block: fields absent from a short line are the empty range ``[0, 0)``, and a long line
+    gets only its first ``expected - 1`` boundaries.
     """
     newlines = np.flatnonzero(buf == 10)
     n = newlines.size
@@ -295,7 +296,7 @@ def parse_block(
     n = newlines.size
     f_len = f_end - f_start
 
-    bad = (num_fields > expected) | (f_len.sum(0) + num_fields - 1 == 0)  # too many fields, or empty line
+    bad = num_fields != expected  # too few (an empty line has 1) or too many fields
     labels = None
     col = 0
     if labeled:
