@@ -516,7 +516,12 @@ def test_a_checkpoint_saved_inside_a_step_leaves_training_alone_and_resumes_at_t
     sc, k = evicting, 7
     path = tmp_path / "inside.ckpt"
     run = _fit(
-        _model(sc.tables, sparse=sc.sparse), sc.dm(), sc.train, seed=1, callbacks=[SaveInsideStep(k, path)]
+        _model(sc.tables, sparse=sc.sparse),
+        sc.dm(),
+        sc.train,
+        seed=1,
+        callbacks=[SaveInsideStep(k, path)],
+        default_root_dir=tmp_path,
     )
     _assert_same_result(run, sc.reference)  # the save did not drop the step's row update
     saved = torch.load(path, weights_only=True)
@@ -549,6 +554,7 @@ def test_the_checkpoint_lightning_saves_on_an_exception_resumes_exactly(
             sc.train,
             seed=1,
             callbacks=[on_exception, FailInsideStep(k)],
+            default_root_dir=tmp_path,
         )
     resumed = _fit(
         _model(sc.tables, sparse=sc.sparse), sc.dm(), sc.train, seed=5, ckpt_path=on_exception.ckpt_path
