@@ -112,6 +112,9 @@ def add_stream_arguments(parser: argparse.ArgumentParser, *, default_batches: in
         default=None,
         help="Criteo TSV: one row count for every table (modulo hashing; default: Criteo Kaggle's sizes)",
     )
+    parser.add_argument(
+        "--skip-bad-lines", action="store_true", help="Criteo TSV: skip malformed lines instead of failing"
+    )
 
 
 def stream_from_args(args: argparse.Namespace) -> Stream:
@@ -125,6 +128,7 @@ def stream_from_args(args: argparse.Namespace) -> Stream:
         multi_hot=args.multi_hot,
         seed=args.seed,
         table_size=args.table_size,
+        skip_bad_lines=args.skip_bad_lines,
     )
 
 
@@ -138,12 +142,14 @@ def load_stream(
     multi_hot: int = 1,
     seed: int = 0,
     table_size: int | None = None,
+    skip_bad_lines: bool = False,
 ) -> Stream:
     """Read the fused ids of the first ``batches`` global batches (``0``: all) of ``data``.
 
     ``data`` is ``"synthetic"`` (:class:`~lightning_bagpipe.data.synthetic.SyntheticCriteo`), a Parquet
     file or folder (:class:`~lightning_bagpipe.data.parquet.CriteoParquet`) or Criteo TSV files
-    (:class:`~lightning_bagpipe.data.criteo_tsv.CriteoTSV` with modulo hashing).
+    (:class:`~lightning_bagpipe.data.criteo_tsv.CriteoTSV` with modulo hashing; ``skip_bad_lines`` drops
+    its malformed lines instead of failing).
     """
     if batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
@@ -167,12 +173,14 @@ def load_stream(
 
         if table_size is not None:
             raise ValueError("--table-size applies to Criteo TSV data; Parquet files record their tables")
+        if skip_bad_lines:
+            raise ValueError("--skip-bad-lines applies to Criteo TSV data; Parquet files have no lines")
         source = CriteoParquet(data, batch_size)
     else:
         from lightning_bagpipe.data.criteo_tsv import CriteoTSV, ModuloHashing
 
         hashing = ModuloHashing() if table_size is None else ModuloHashing(table_size)
-        source = CriteoTSV(data, batch_size, hashing=hashing)
+        source = CriteoTSV(data, batch_size, hashing=hashing, skip_bad_lines=skip_bad_lines)
     tables: Tables = source.tables
     out: list[np.ndarray] = []
     for i, batch in enumerate(_take(source, batches)):
@@ -450,12 +458,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "recommendation": recommend(result, row_bytes),
     }
     print(format_report(report))
-    if args.plot is not None:
-        plot(report, args.plot)
-        print(f"plot written to {args.plot}")
-    if args.json is not None:
+    if args.json is not None:  # before the plot: a failed plot does not lose the figures
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    if args.plot is not None:  # (the command line checked that matplotlib imports before any work)
+        plot(report, args.plot)
+        print(f"plot written to {args.plot}")
     return report
 
 

@@ -102,8 +102,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "machine": machine_info(),
     }
     if args.plot is not None:
-        _plot(out, result.as_dict(), args.plot)
-        out["plot"] = str(args.plot)
+        out["plot"] = str(args.plot)  # drawn by plot() once the JSON is written
     return out
 
 
@@ -111,11 +110,20 @@ def _ratio(a: int | None, b: int | None) -> float | None:
     return None if a is None or not b else a / b
 
 
-def _plot(out: dict[str, Any], sweep_dict: dict[str, Any], path: Path) -> None:
+def plot(out: dict[str, Any], path: Path) -> None:
+    """Rows fetched against capacity, one line per policy, from :func:`run`'s figures."""
     plt = require_matplotlib()
     fig, ax = plt.subplots(figsize=(7, 4.8))
-    plot_fetches(ax, sweep_dict)
     s = out["stream"]
+    plot_fetches(
+        ax,
+        {
+            "capacities": out["capacities"],
+            "fetched": out["contenders"],
+            "min_feasible_capacity": s["min_feasible_capacity"],
+            "distinct_rows": s["distinct_rows"],
+        },
+    )
     batches = f"{s['batches']} batches x {out['config']['batch_size']}"
     ax.set_title(f"{s['data']}: {batches}, {s['distinct_rows']:,} rows read")
     save_figure(fig, path)

@@ -144,15 +144,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "machine": machine_info(),
     }
     if args.plot is not None:
-        _plot(out, delays, args.plot)
-        out["plot"] = str(args.plot)
+        out["plot"] = str(args.plot)  # drawn by plot() once the JSON is written
     return out
 
 
-def _plot(out: dict[str, Any], delays: list[float], path: Path) -> None:
+def plot(out: dict[str, Any], path: Path) -> None:
     """Left: samples/s of each contender against the store latency. Right: rank 0's step breakdown of
     each contender at the lowest and the highest latency (the phases of StepBreakdown, stacked)."""
     plt = require_matplotlib()
+    delays = _delays(out["config"]["delay_ms"])
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 4.8))
     figures = out["contenders"]
     for name in CONTENDERS:
@@ -308,8 +308,10 @@ def _worker(cfg: dict[str, Any]) -> None:
 if __name__ == "__main__":
     p = argparse.ArgumentParser()
     add_arguments(p)
-    a = p.parse_args()
-    if a.worker is None:
-        print(json.dumps(run(a), indent=2))
-    else:
+    a, _ = p.parse_known_args()
+    if a.worker is not None:
         _worker(json.loads(a.worker))
+    else:  # the suite itself, as ``lightning-bagpipe bench distributed`` runs it (--json, --plot, errors)
+        from lightning_bagpipe.cli import main as cli_main
+
+        sys.exit(cli_main(["bench", "distributed", *sys.argv[1:]]))

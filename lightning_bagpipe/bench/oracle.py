@@ -17,7 +17,10 @@ Measured: wall time of :meth:`~LookaheadOracle.push` + :meth:`~LookaheadOracle.f
 stream (generation excluded) as ids/s and batches/s, and the rows each policy fetches with the same
 cache capacity: the oracle (default ``tie_break="recency"``, and again with ``"frequency"``), LRU, LFU
 and offline Belady (whole trace known, rows of the in-flight step protected, as for the oracle). The
-capacity defaults to 10% of the distinct rows the stream touches, small enough to force evictions.
+capacity defaults to 10% of the distinct rows the stream touches, small enough to force evictions, or to
+the smallest capacity that can run the stream (two consecutive steps' distinct rows) when that is more:
+small streams with large batches need it, and the note printed says so. A ``--capacity`` given below it
+is an error naming the minimum. The command prints :func:`summary`; ``--json`` has every figure.
 """
 
 from __future__ import annotations
@@ -37,6 +40,9 @@ from lightning_bagpipe.data.criteo_shape import scaled_cardinalities
 from lightning_bagpipe.oracle.lookahead import LookaheadOracle, OracleStats
 from lightning_bagpipe.oracle.simulators import belady_fetches, lfu_fetches, lru_fetches, min_capacity
 
+#: ``--capacity`` when not given: this fraction of the distinct rows, raised to the stream's minimum.
+DEFAULT_CAPACITY = "0.1"
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The benchmark's flags (``--json`` is added by the command line front end)."""
@@ -46,8 +52,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--capacity",
         type=str,
-        default="0.1",
-        help="cache rows: an integer count, or a decimal fraction in (0, 1] of the distinct rows touched",
+        default=None,
+        help="cache rows: an integer count, or a decimal fraction in (0, 1] of the distinct rows touched "
+        f"(default: {DEFAULT_CAPACITY}, or the smallest capacity the stream can run with if that is more)",
     )
     parser.add_argument("--scale", type=float, default=1.0, help="multiply Criteo Kaggle's cardinalities")
     parser.add_argument("--zipf", type=float, default=1.1, help="Zipf exponent of every feature's ids")
@@ -67,12 +74,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     total_rows = int(sum(cards))
     counts = np.bincount(np.concatenate(stream), minlength=total_rows)
     distinct = int(np.count_nonzero(counts))
-    capacity = _capacity(args.capacity, distinct)
+    given = args.capacity is not None
+    capacity_arg = args.capacity if given else DEFAULT_CAPACITY
+    capacity = _capacity(capacity_arg, distinct)
     need = min_capacity(stream, protect_previous=True)
-    if capacity < need:
+    raised = not given and capacity < need
+    if raised:
+        print(
+            f"lightning-bagpipe bench oracle: note: the default --capacity {capacity_arg} ({capacity:,} "
+            f"rows) is below the {need:,} distinct rows two consecutive steps need at once; using --capacity "
+            f"{need}",
+            file=sys.stderr,
+        )
+        capacity = need
+    elif capacity < need:
         raise ValueError(
-            f"--capacity {args.capacity} gives {capacity} rows but two consecutive steps of this stream need "
-            f"up to {need} distinct rows at once; raise --capacity or lower --batch-size"
+            f"--capacity {capacity_arg} gives {capacity:,} rows but two consecutive steps of this stream "
+            f"need up to {need:,} distinct rows at once: the minimum is --capacity {need} (or lower "
+            "--batch-size)"
         )
 
     stats, seconds = _time_oracle(stream, total_rows, args.lookahead, capacity, "recency")
@@ -85,8 +104,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "batch_size": args.batch_size,
             "features": len(cards),
             "lookahead": args.lookahead,
-            "capacity_arg": args.capacity,
+            "capacity_arg": capacity_arg,
             "capacity_rows": capacity,
+            "capacity_raised_to_minimum": raised,
             "scale": args.scale,
             "zipf": args.zipf,
             "seed": args.seed,
@@ -138,6 +158,29 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "oracle_within_10pct_of_belady": result["ratios"]["oracle_over_belady"] <= 1.1,
         }
     return result
+
+
+def summary(result: dict[str, Any]) -> str:
+    """What :func:`run` measured, in a few lines: the stream, the oracle's speed, each policy's fetches."""
+    c, s, fetched = result["config"], result["stream"], result["fetched"]
+    seconds = result["oracle_seconds"]
+    lines = [
+        f"bench oracle: {c['batches']} batches of {c['batch_size']:,} samples, {s['occurrences']:,} ids, "
+        f"{s['distinct_rows']:,} distinct rows; L = {c['lookahead']}, capacity {c['capacity_rows']:,} rows "
+        f"(minimum {s['min_feasible_capacity']:,})",
+        f"oracle time: {seconds:.3f} s, {1000 * seconds / c['batches']:.2f} ms per batch, "
+        f"{result['ids_per_second'] / 1e6:.1f} M ids/s "
+        f"(frequency ties: {result['oracle_frequency_ties']['seconds']:.3f} s)",
+        f"rows fetched (the stream reads {fetched['distinct_rows']:,} distinct rows):",
+    ]
+    names = {"oracle": "oracle", "oracle_frequency_ties": "oracle, frequency ties"}
+    names |= {"lru": "LRU", "lfu": "LFU", "belady": "Belady"}
+    for key, name in names.items():
+        if key in fetched:
+            over = fetched["oracle"] / fetched[key]
+            ratio = "" if key.startswith("oracle") else f"   oracle/{name} {over:.3f}"
+            lines.append(f"  {name:<24}{fetched[key]:>14,}{ratio}")
+    return "\n".join(lines)
 
 
 def _time_oracle(

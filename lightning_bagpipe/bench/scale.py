@@ -252,14 +252,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "load_average_1m_after": os.getloadavg()[0],
     }
     if args.plot is not None:
-        _plot(out, names, args.plot)
-        out["plot"] = str(args.plot)
+        out["plot"] = str(args.plot)  # drawn by plot() once the JSON is written
     return out
 
 
-def _plot(out: dict[str, Any], names: list[str], path: Path) -> None:
-    """Samples/s (with min-max and the ratio to ``memory_small``) and peak RSS (with the 2 GiB line)."""
+def plot(out: dict[str, Any], path: Path) -> None:
+    """Samples/s (with min-max and the ratio to ``memory_small``) and peak RSS (with the 2 GiB line) of
+    every training contender of :func:`run`'s figures."""
     plt = require_matplotlib()
+    names = [n for n in out["contenders"] if n != "oracle_big"]
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.5))
     figures = out["contenders"]
     colors = ["C3" if n == "tiered_big" else "C7" if n == "memory_small" else "C0" for n in names]
@@ -590,8 +591,10 @@ def _worker(cfg: dict[str, Any]) -> None:
 if __name__ == "__main__":
     p = argparse.ArgumentParser()
     add_arguments(p)
-    a = p.parse_args()
-    if a.worker is None:
-        print(json.dumps(run(a), indent=2))
-    else:
+    a, _ = p.parse_known_args()
+    if a.worker is not None:
         _worker(json.loads(a.worker))
+    else:  # the suite itself, as ``lightning-bagpipe bench scale`` runs it (--json, --plot, errors)
+        from lightning_bagpipe.cli import main as cli_main
+
+        sys.exit(cli_main(["bench", "scale", *sys.argv[1:]]))

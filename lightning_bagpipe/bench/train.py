@@ -683,12 +683,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         }
     out["losses_per_step"] = losses
     if args.plot is not None:
-        _plot(out, args.plot)
-        out["plot"] = str(args.plot)
+        out["plot"] = str(args.plot)  # drawn by plot() once the JSON is written
     return out
 
 
-def _plot(out: dict[str, Any], path: Path) -> None:
+def plot(out: dict[str, Any], path: Path) -> None:
+    """Samples/s of every contender of :func:`run`'s figures and bagpipe's step breakdown."""
     plt = require_matplotlib()
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.5))
     items = [(n, f) for n, f in out["contenders"].items() if "samples_per_second" in f]

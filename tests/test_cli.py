@@ -1,0 +1,179 @@
+"""The ``lightning-bagpipe`` command line: user errors in one line naming flags, ``--plot`` refused before
+any work, the JSON written before the plot, ``bench oracle``'s capacity and summary, the help text."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import lightning_bagpipe.bench.cache as cache_suite
+import lightning_bagpipe.trace as trace_module
+from lightning_bagpipe.cli import flag_hints, main
+from lightning_bagpipe.data.synthetic import SyntheticCriteo, write_criteo_tsv
+from tests.helpers import has_matplotlib
+
+
+def _one_error_line(err: str, command: str) -> str:
+    """The single ``error:`` line of ``err``, which must start a line and come without a traceback."""
+    assert "Traceback" not in err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert len(errors) == 1, err
+    assert errors[0].startswith(f"lightning-bagpipe {command}: error: "), err
+    return errors[0]
+
+
+@pytest.fixture
+def tsv(tmp_path: Path) -> tuple[Path, Path]:
+    """A well-formed Criteo TSV file, and a copy whose third line has an extra field."""
+    good = tmp_path / "good.tsv"
+    write_criteo_tsv(list(SyntheticCriteo(8, 1, scale=0.0005, seed=3)), good)
+    lines = good.read_text().splitlines()
+    lines[2] += "\textra"
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("\n".join(lines) + "\n")
+    return good, bad
+
+
+# ---------------------------------------------------------------------- user errors
+def test_convert_bad_line_is_one_error_line_naming_the_flag(
+    tsv: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, bad = tsv
+    # without --quiet: the error line must not be glued to the unfinished progress line
+    assert main(["convert", str(bad), str(tmp_path / "out")]) == 2
+    line = _one_error_line(capsys.readouterr().err, "convert")
+    assert "line 3" in line and "pass --skip-bad-lines" in line and "skip_bad_lines" not in line
+    with pytest.warns(UserWarning, match="skipped 1 malformed line"):
+        assert main(["convert", str(bad), str(tmp_path / "out"), "--quiet", "--skip-bad-lines"]) == 0
+
+
+def test_convert_existing_output_names_overwrite(
+    tsv: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    good, _ = tsv
+    out = str(tmp_path / "out")
+    assert main(["convert", str(good), out, "--quiet"]) == 0
+    assert main(["convert", str(good), out, "--quiet"]) == 2
+    assert _one_error_line(capsys.readouterr().err, "convert").endswith("pass --overwrite")
+    assert main(["convert", str(good), out, "--quiet", "--overwrite"]) == 0
+
+
+def test_missing_input_and_command_exits_are_error_lines(
+    tsv: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["trace", str(tmp_path / "no_such_dir")]) == 2
+    assert "no_such_dir" in _one_error_line(capsys.readouterr().err, "trace")
+    # convert's own SystemExit("message") is reported the same way
+    good, _ = tsv
+    assert main(["convert", str(good), str(tmp_path / "o"), "--hashing", "vocab", "--table-sizes", "5"]) == 2
+    assert "--table-sizes applies" in _one_error_line(capsys.readouterr().err, "convert")
+
+
+def test_traceback_flag_raises_the_error(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="no_such_dir"):
+        main(["trace", str(tmp_path / "no_such_dir"), "--traceback"])
+
+
+def test_trace_skip_bad_lines_flag(tsv: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    _, bad = tsv
+    flags = ["--batch-size", "4", "--batches", "0", "--table-size", "50", "--lookahead", "1"]
+    assert main(["trace", str(bad), *flags]) == 2
+    assert "pass --skip-bad-lines" in _one_error_line(capsys.readouterr().err, "trace")
+    with pytest.warns(UserWarning, match="skipped 1 malformed line"):
+        assert main(["trace", str(bad), *flags, "--skip-bad-lines"]) == 0
+    assert "recommendation" in capsys.readouterr().out
+
+
+def test_flag_hints_rewrite_only_known_keywords_of_the_command() -> None:
+    msg = "x; pass labeled=True or labeled=False"
+    assert flag_hints("convert", msg) == "x; pass --labeled or --unlabeled"
+    assert flag_hints("convert", "out holds files; pass overwrite") == "out holds files; pass --overwrite"
+    assert flag_hints("convert", "pass overwrite_store") == "pass overwrite_store"  # another keyword
+    assert flag_hints("bench oracle", "pass skip_bad_lines=True") == "pass skip_bad_lines=True"  # no flag
+
+
+# ---------------------------------------------------------------------- --plot
+@pytest.mark.parametrize("command", [["trace", "synthetic"], ["bench", "cache"]])
+def test_plot_without_matplotlib_is_refused_before_any_work(
+    command: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # "import matplotlib" raises ImportError
+
+    def no_work(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the data was read before --plot was refused")
+
+    monkeypatch.setattr(trace_module, "load_stream", no_work)
+    out = tmp_path / "r.json"
+    assert main([*command, "--plot", str(tmp_path / "p.png"), "--json", str(out)]) == 2
+    io = capsys.readouterr()
+    line = _one_error_line(io.err, "trace" if command[0] == "trace" else "bench cache")
+    assert "--plot needs matplotlib" in line and "lightning-bagpipe[plot]" in line
+    assert io.out == "" and not out.exists()
+
+
+@pytest.mark.skipif(not has_matplotlib(), reason="--plot is refused without matplotlib")
+@pytest.mark.parametrize("command", [["trace", "synthetic"], ["bench", "cache"]])
+def test_json_is_written_before_the_plot(
+    command: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def failing_plot(*args: Any) -> None:
+        raise OSError("no space left on device")
+
+    monkeypatch.setattr(trace_module, "plot", failing_plot)
+    monkeypatch.setattr(cache_suite, "plot", failing_plot)
+    out = tmp_path / "r.json"
+    flags = ["--scale", "0.001", "--batches", "4", "--batch-size", "128", "--lookahead", "2"]
+    assert main([*command, *flags, "--plot", str(tmp_path / "p.png"), "--json", str(out)]) == 2
+    assert "no space left" in capsys.readouterr().err
+    assert json.loads(out.read_text())["batches" if command[0] == "trace" else "stream"]
+
+
+# ---------------------------------------------------------------------- bench oracle
+ORACLE = ["bench", "oracle", "--batches", "4", "--batch-size", "256", "--scale", "0.002", "--lookahead", "2"]
+
+
+def test_bench_oracle_raises_the_default_capacity_and_prints_a_summary(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "o.json"
+    assert main([*ORACLE, "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    need = r["stream"]["min_feasible_capacity"]
+    assert r["config"]["capacity_rows"] == need > round(0.1 * r["stream"]["distinct_rows"])
+    assert r["config"]["capacity_raised_to_minimum"] is True
+    io = capsys.readouterr()
+    notes = io.err.strip().splitlines()
+    assert len(notes) == 1 and "note:" in notes[0] and f"using --capacity {need}" in notes[0]
+    lines = io.out.splitlines()
+    assert len(lines) <= 10 and not io.out.lstrip().startswith("{")  # a summary, not the JSON
+    text = io.out
+    assert "ms per batch" in text and "M ids/s" in text and f"capacity {need:,} rows" in text
+    for policy in ("oracle", "LRU", "LFU", "Belady"):
+        assert f"{r['fetched'][policy.lower()]:,}" in text
+    assert lines[-1] == f"all the figures: {out}"
+
+    # given explicitly, a capacity below the minimum is an error naming the minimum
+    assert main([*ORACLE, "--capacity", "0.1"]) == 2
+    line = _one_error_line(capsys.readouterr().err, "bench oracle")
+    assert f"the minimum is --capacity {need} " in line
+    assert main([*ORACLE, "--capacity", str(need), "--no-baselines"]) == 0
+    io = capsys.readouterr()
+    assert io.err == "" and "LRU" not in io.out and "(all the figures: --json PATH)" in io.out
+
+
+# ---------------------------------------------------------------------- help
+def test_help_describes_the_commands(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    for command in ("convert", "train", "trace", "bench"):
+        assert f"\n    {command} " in text
+    assert "--traceback" in text
+    assert "add_arguments" not in text and "run(args)" not in text
