@@ -69,6 +69,10 @@ FLAG_HINTS: dict[str, dict[str, str]] = {
         "labeled=True or labeled=False": "--labeled or --unlabeled",
         "overwrite": "--overwrite",
     },
+    "train": {
+        "skip_bad_lines=True": "--skip-bad-lines",
+        "labeled=True or labeled=False": "--labeled or --unlabeled",
+    },
     "trace": {"skip_bad_lines=True": "--skip-bad-lines"},
     "bench cache": {"skip_bad_lines=True": "--skip-bad-lines"},
 }

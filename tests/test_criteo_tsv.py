@@ -215,6 +215,16 @@ def test_format_detection_needs_a_full_line(tmp_path):
         list(CriteoTSV(path, 4, labeled=True))
 
 
+def test_comma_separated_files_are_named_as_such(tmp_path):
+    path = write(tmp_path / "t.csv", ["1,2,3", "0,5,6"])
+    with pytest.raises(ValueError, match=r"1 tab-separated field\(s\) and holds commas: Criteo fields"):
+        list(CriteoTSV(path, 4))
+    with pytest.raises(ValueError, match=r"line 1: 1 tab-separated fields.*the line holds 2 commas"):
+        list(CriteoTSV(path, 4, labeled=True))
+    with pytest.raises(ValueError, match=r"has 3 tab-separated field\(s\); pass labeled="):  # no commas
+        list(CriteoTSV(write(tmp_path / "t.tsv", ["1\t2\t3"]), 4))
+
+
 def test_labeled_and_unlabeled_files_do_not_mix(tmp_path):
     rng = np.random.default_rng(2)
     write(tmp_path / "a.tsv", random_lines(rng, 5, strip=0.0))

@@ -6,13 +6,16 @@ import argparse
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_bagpipe.data.criteo_shape import scaled_cardinalities
 from lightning_bagpipe.data.parquet import write_parquet
@@ -20,6 +23,7 @@ from lightning_bagpipe.data.synthetic import SyntheticCriteo
 from lightning_bagpipe.embedding.tiered_store import TieredStore
 from lightning_bagpipe.models import DLRM, DeepFM
 from lightning_bagpipe.models.train import add_arguments, main
+from lightning_bagpipe.oracle import min_capacity
 from lightning_bagpipe.strategies.sharded_checkpoint import load_checkpoint_for_inference
 from lightning_bagpipe.tables import Tables
 
@@ -94,9 +98,49 @@ def test_deepfm_example_tiny_run(tmp_path: Path) -> None:
         rows = list(csv.DictReader(f))
     assert any(r.get("val_auc") for r in rows) and any(r.get("train_loss_epoch") for r in rows)
     [ckpt] = list((version / "checkpoints").glob("*.ckpt"))
+    # the summary says where the checkpoint went, its size and the time the save took
+    [saved] = m["checkpoints"]
+    assert Path(saved["path"]).resolve() == ckpt.resolve() and saved["bytes"] == ckpt.stat().st_size
+    assert m["checkpoint_saves"] == 1 and m["checkpoint_seconds"] > 0
+    line = re.escape(f"  checkpoint          {saved['path']} (")
+    assert re.search(line + r"\d+\.\d (kB|MB); saved in \d+\.\d+ s\)\n", out), out
+    assert "s of training, checkpoint saves not included)" in out
+    assert "hint:" not in out  # 40 steps touch most of the 33,785 rows
     model = DeepFM.load_from_checkpoint(ckpt)
     assert len(model.hparams["tables"]) == 26 and model.embedding.tables.total_rows == 33785
     assert not torch.equal(model.embedding.store.tensor()[:, :16], torch.zeros(33785, 16))
+
+
+def test_checkpoint_saves_are_timed_apart_from_training(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A slow checkpoint save (3 s here, a 2.4 GB file in real life) is reported on its own line and left
+    out of the training time and the throughput."""
+    slow_s = 3.0
+    save = ModelCheckpoint._save_checkpoint
+
+    def slow_save(self: ModelCheckpoint, trainer: object, filepath: str) -> None:
+        time.sleep(slow_s)
+        save(self, trainer, filepath)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(ModelCheckpoint, "_save_checkpoint", slow_save)
+    metrics = tmp_path / "m.json"
+    argv = ["--scale", "0.001", "--batch-size", "64", "--max-steps", "4", "--val-batches", "0"]
+    argv += ["--lookahead", "2", "--no-progress-bar", "--no-logger", "--root-dir", str(tmp_path / "run")]
+    assert main([*argv, "--metrics-json", str(metrics)], model="deepfm") == 0
+    m = json.loads(metrics.read_text())
+    [ckpt] = (tmp_path / "run" / "checkpoints").glob("*.ckpt")
+    assert m["checkpoint_saves"] == 1 and m["checkpoint_seconds"] >= slow_s
+    assert 0 < m["train_seconds"] < slow_s  # 4 tiny steps; the save's 3 s are not training
+    assert m["samples_per_second"] == pytest.approx(4 * 64 / m["train_seconds"])
+    out = capsys.readouterr().out
+    assert f"  checkpoint          {ckpt} (" in out and "; saved in 3." in out
+    # without a checkpoint the summary says so
+    assert main([*argv, "--no-checkpoint", "--metrics-json", str(metrics)], model="deepfm") == 0
+    m = json.loads(metrics.read_text())
+    assert m["checkpoints"] == [] and m["checkpoint_saves"] == 0 and m["checkpoint_seconds"] == 0.0
+    out = capsys.readouterr().out
+    assert "  checkpoint          none saved" in out and "checkpoint saves not included" not in out
 
 
 def test_dlrm_example_in_process_with_mmap_store(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -205,6 +249,8 @@ def test_every_flag_is_documented(model: str | None, capsys: pytest.CaptureFixtu
         (["--data", "/nonexistent/criteo"], "does not exist"),
         (["--val-data", "v.tsv"], "--val-data is for file sources"),
         (["--table-size", "100"], "--table-size: TSV options, but --data is synthetic"),
+        (["--labeled"], "--labeled/--unlabeled: TSV options, but --data is synthetic"),
+        (["--labeled", "--unlabeled"], "not allowed with argument --labeled"),
     ],
 )
 def test_bad_flags_are_clear_errors(
@@ -261,3 +307,70 @@ def test_example_trains_from_files(kind: str, tmp_path: Path) -> None:
     assert m["table_rows"] == (26 * 5000 if kind == "tsv" else 33785)
     assert 0.55 < m["val_auc"] < 1.0 and 0.0 < m["val_logloss"] < 2.0
     assert m["rows_fetched"] > 0
+
+
+def _tiny_tsv(path: Path, lines: int = 7, sep: str = "\t") -> Path:
+    """A few Criteo lines: label, 13 integer counts, 26 hex hashes (few distinct ids)."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for _ in range(lines):
+        fields = [str(rng.integers(0, 2)), *map(str, rng.integers(0, 50, 13))]
+        rows.append(sep.join(fields + [f"{h:08x}" for h in rng.integers(0, 2**32, 26)]))
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def _tsv_run(tmp_path: Path, *extra: str) -> dict:
+    metrics = tmp_path / "m.json"
+    argv = ["--data", str(tmp_path / "tiny.tsv"), "--batch-size", "4", "--max-steps", "2"]
+    argv += ["--no-progress-bar", "--no-logger", "--no-checkpoint", "--metrics-json", str(metrics)]
+    argv += ["--root-dir", str(tmp_path / "run")]
+    assert main([*argv, *extra], model="deepfm") == 0
+    return json.loads(metrics.read_text())
+
+
+def test_tables_far_larger_than_the_data_get_a_hint(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """7 lines touch at most 7 * 26 rows: 1,000 rows per table is far more than they need (the hint
+    names the flags that size the tables to the data); a vocabulary is sized to the data already."""
+    _tiny_tsv(tmp_path / "tiny.tsv")
+    m = _tsv_run(tmp_path, "--table-size", "1000")
+    out = capsys.readouterr().out
+    assert m["table_rows"] == 26_000 and 0 < m["rows_fetched"] <= 7 * 26
+    [hint] = [line for line in out.splitlines() if line.startswith("hint:")]
+    assert f"training touched at most {m['rows_fetched']:,} of the 26,000 table rows" in hint
+    assert "--hashing vocab" in hint and "--table-size" in hint
+    m = _tsv_run(tmp_path, "--hashing", "vocab")
+    out = capsys.readouterr().out
+    assert m["table_rows"] < 26 * 10 and "hint:" not in out  # 7 values per table and 2 reserved rows
+
+
+def test_tsv_format_flags_reach_the_reader(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--labeled/--unlabeled set the reader's labeled=, and its messages name the flags, not the keyword."""
+    _tiny_tsv(tmp_path / "tiny.tsv")
+    with pytest.raises(SystemExit):
+        _tsv_run(tmp_path, "--table-size", "100", "--unlabeled")  # 40-field lines read as 39-field ones
+    err = capsys.readouterr().err
+    assert "tiny.tsv, line 1:" in err and "expected 39" in err
+    # a comma-separated file: the format cannot be detected, and the message says which flag to pass
+    _tiny_tsv(tmp_path / "tiny.tsv", sep=",")
+    with pytest.raises(SystemExit):
+        _tsv_run(tmp_path, "--table-size", "100")
+    err = capsys.readouterr().err
+    assert "--labeled or --unlabeled" in err and "labeled=True" not in err
+
+
+def test_a_cache_too_small_names_the_flag_and_the_rows_needed(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["--scale", "0.001", "--batch-size", "256", "--max-steps", "5", "--lookahead", "4"]
+    argv += ["--cache-rows", "100", "--no-progress-bar", "--no-logger", "--no-checkpoint"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv, model="deepfm")
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    least = re.search(r"need at least (\d+) rows \(step \d+ with step \d+\)", err)
+    assert least is not None, err
+    # all 5 steps are read when step 0 fails (L = 4): the figure is the stream's two-step minimum
+    stream = SyntheticCriteo(256, 5, scale=0.001, seed=0, split="train")
+    assert int(least[1]) == min_capacity(b.sparse.fused_ids(stream.tables) for b in stream)
+    assert f"[here: --cache-rows {least[1]} or more, or no --cache-rows for a cache that grows]" in err

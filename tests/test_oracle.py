@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from lightning_bagpipe.bench import oracle as bench
-from lightning_bagpipe.oracle import LookaheadOracle
+from lightning_bagpipe.oracle import LookaheadOracle, min_capacity
 from lightning_bagpipe.oracle import lookahead as lookahead_module
 from lightning_bagpipe.oracle.plan import CachePlan
 
@@ -179,6 +179,54 @@ def test_in_flight_rows_that_do_not_fit_are_a_clear_error() -> None:
         plans_of(10, 1, 3, [1, 2], [3, 4])
     with pytest.raises(ValueError, match="raise the cache capacity or lower the batch size"):
         plans_of(10, 1, 3, [1, 2], [3, 4])
+
+
+# step 0 alone fits no cache of 3; steps 2 and 3 together need 9 rows, the most of any two steps
+TOO_BIG = ([1, 2, 3, 4], [5, 6], [7, 8, 9], [10, 11, 12, 13, 14, 15])
+
+
+def test_a_step_that_does_not_fit_reports_the_rule_and_the_largest_need_read_so_far() -> None:
+    assert min_capacity(trace(*TOO_BIG)) == 9
+    with pytest.raises(ValueError) as err:
+        plans_of(20, 3, 3, *TOO_BIG)  # step 0 is planned once step 3 is read: every pair is known
+    message = str(err.value)
+    assert message.startswith("step 0 uses 4 distinct rows but the cache holds 3; raise the cache")
+    # the rule: two consecutive steps, not one; the figure is the two-step need (9), not step 0's (4)
+    assert "Each step's distinct rows and the previous step's must fit in the cache together" in message
+    assert "the steps read so far (up to step 3) need at least 9 rows (step 3 with step 2)" in message
+    assert "later steps may need more" in message  # streaming: the oracle has not seen the end
+    # the fixes, by name: the datamodule's cache_rows, None, and how to compute the minimum
+    assert "Set cache_rows (the capacity of LookaheadOracle) to at least 9, or to None" in message
+    assert "lightning_bagpipe.oracle.min_capacity(" in message and "lightning-bagpipe trace" in message
+    # the figure is enough: 9 rows run the whole stream, 8 do not
+    assert len(plans_of(20, 3, 9, *TOO_BIG)) == 4
+    with pytest.raises(ValueError, match="needs 9 cache rows at once"):
+        plans_of(20, 3, 8, *TOO_BIG)
+
+
+def test_the_need_reported_is_a_lower_bound_until_the_stream_ends() -> None:
+    # L = 1: when step 0 fails only step 1 is known (need 6); steps 2 and 3 need 9 but are unread
+    with pytest.raises(ValueError) as err:
+        plans_of(20, 1, 3, *TOO_BIG)
+    assert "the steps read so far (up to step 1) need at least 6 rows (step 1 with step 0)" in str(err.value)
+    assert "later steps may need more" in str(err.value)
+    # a failure in finish(): the stream has ended, so the figure is the stream's minimum, said as such
+    with pytest.raises(ValueError) as err:
+        plans_of(20, 8, 7, [1], [2], [3, 4, 5, 6], [7, 8, 9, 10])
+    message = str(err.value)
+    assert message.startswith("step 3 needs 8 cache rows at once (4 distinct rows of its own plus 4")
+    assert "the whole stream (steps 0 to 3) needs 8 rows (step 3 with step 2)" in message
+    assert "at least 8, or to None" in message and "may need more" not in message
+
+
+def test_the_in_flight_error_counts_the_previous_step_in_the_reported_need() -> None:
+    # step 1 fails with the rows of step 0 in flight: 4 rows at once, and step 2 with step 1 needs 5
+    with pytest.raises(ValueError) as err:
+        plans_of(20, 2, 3, [1, 2], [3, 4], [5, 6, 7], [8])
+    message = str(err.value)
+    assert message.startswith("step 1 needs 4 cache rows at once (2 distinct rows of its own plus 2 rows")
+    assert "need at least 5 rows (step 2 with step 1)" in message
+    assert "cache_rows" in message and "or to None to let the cache grow" in message
 
 
 @pytest.mark.parametrize("dtype", [np.int32, np.uint16, np.uint32, np.uint64])

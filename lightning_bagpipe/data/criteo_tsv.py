@@ -221,7 +221,10 @@ def _explain(line: bytes, labeled: bool) -> str:
         return "empty line"
     fields = line.split(b"\t")
     if len(fields) != expected:
-        return f"{len(fields)} tab-separated fields, expected {expected} ({layout})"
+        commas = (
+            f" (the line holds {line.count(b',')} commas: fields are tab-separated)" if b"," in line else ""
+        )
+        return f"{len(fields)} tab-separated fields, expected {expected} ({layout}){commas}"
     if labeled and fields[0] not in (b"0", b"1"):
         return f"label {fields[0].decode('latin-1')!r} is not 0 or 1"
     dense = fields[1 : 1 + NUM_DENSE] if labeled else fields[:NUM_DENSE]
@@ -376,10 +379,16 @@ def iter_parsed(
             if not detected_here:
                 fields = int(_count_fields(data).max())
                 if fields < UNLABELED_FIELDS:
+                    commas = (
+                        " and holds commas: Criteo fields are separated by tabs (convert comma-separated "
+                        "files first); if the fields are right,"
+                        if b"," in data[: data.find(b"\n") if b"\n" in data else len(data)]
+                        else ";"
+                    )
                     raise ValueError(
                         f"{path}: cannot tell labeled ({LABELED_FIELDS} fields) from unlabeled "
                         f"({UNLABELED_FIELDS} fields) Criteo data: the longest of the first lines has "
-                        f"{fields} fields; pass labeled=True or labeled=False"
+                        f"{fields} tab-separated field(s){commas} pass labeled=True or labeled=False"
                     )
                 here = fields >= LABELED_FIELDS  # longer lines are reported as malformed
                 if resolved is not None and here != resolved:

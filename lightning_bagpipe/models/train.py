@@ -17,6 +17,7 @@ import functools
 import json
 import math
 import os
+import re
 import sys
 import time
 import warnings
@@ -26,8 +27,9 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
+from lightning_bagpipe.cli import flag_hints
 from lightning_bagpipe.data.criteo import CriteoDataModule
 from lightning_bagpipe.data.synthetic import DEFAULT_ZIPF, SyntheticCriteo
 from lightning_bagpipe.embedding.tiered_store import DEFAULT_BUFFER_BYTES, TieredStore, store_files
@@ -43,7 +45,16 @@ from lightning_bagpipe.models.dlrm import DLRM
 from lightning_bagpipe.optim.sparse import SparseOptimizer, from_hparams
 from lightning_bagpipe.strategies.bagpipe import BagpipeStrategy
 
-__all__ = ["MODELS", "ThroughputMeter", "add_arguments", "build_datamodule", "build_model", "main", "run"]
+__all__ = [
+    "MODELS",
+    "CheckpointTimer",
+    "ThroughputMeter",
+    "add_arguments",
+    "build_datamodule",
+    "build_model",
+    "main",
+    "run",
+]
 
 MODELS = ("deepfm", "dlrm")
 SPARSE_OPTIMIZERS = ("rowwise_adagrad", "adagrad", "adam", "sgd")
@@ -156,6 +167,23 @@ def add_arguments(parser: argparse.ArgumentParser, model: str | None = None) -> 
     add("--vocab-path", metavar="PATH", help="TSV with --hashing vocab: load this saved vocabulary")
     add(
         "--skip-bad-lines", action="store_true", help="TSV: skip malformed lines (counted) instead of failing"
+    )
+    labels = data.add_mutually_exclusive_group()
+    labels.add_argument(
+        "--labeled",
+        dest="labeled",
+        action="store_const",
+        const=True,
+        default=None,
+        help="TSV: the lines start with a label (40 fields: label, I1..I13, C1..C26) (default: detect from "
+        "the first lines of each file)",
+    )
+    labels.add_argument(
+        "--unlabeled",
+        dest="labeled",
+        action="store_const",
+        const=False,
+        help="TSV: the lines have no label (39 fields, like Criteo's test files)",
     )
 
     cache = parser.add_argument_group("cache and store")
@@ -281,6 +309,7 @@ def build_datamodule(args: argparse.Namespace) -> CriteoDataModule:
         "--table-size": args.table_size is not None,
         "--vocab-path": args.vocab_path is not None,
         "--skip-bad-lines": args.skip_bad_lines,
+        "--labeled/--unlabeled": args.labeled is not None,
     }
     if synthetic and any(tsv_flags.values()):
         given = [k for k, v in tsv_flags.items() if v]
@@ -307,6 +336,7 @@ def build_datamodule(args: argparse.Namespace) -> CriteoDataModule:
         table_sizes=args.table_size,
         vocab_threshold=args.vocab_threshold,
         vocab_path=args.vocab_path,
+        labeled=args.labeled,
         skip_bad_lines=args.skip_bad_lines,
     )
 
@@ -367,7 +397,8 @@ def build_model(
 
 
 class ThroughputMeter(Callback):
-    """Training samples per second (global: local batch times ranks) over a fit, excluding validation.
+    """Training samples per second (global: local batch times ranks) over a fit, excluding validation and
+    the time :meth:`exclude` is told about (checkpoint saves: :class:`CheckpointTimer`).
 
     Also remembers the ``global_step`` of the last (non-sanity) validation, so a caller can tell whether
     the final model was validated.
@@ -380,11 +411,19 @@ class ThroughputMeter(Callback):
         self._start: float | None = None
         self._val_start: float | None = None
         self._val_seconds = 0.0
+        self._excluded = 0.0
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._start = time.perf_counter()
         self._val_seconds = 0.0
+        self._excluded = 0.0
         self.samples = 0
+
+    def exclude(self, seconds: float) -> None:
+        """Leave ``seconds`` just spent (e.g. saving a checkpoint) out of the training time, unless they were
+        spent in validation, which is left out already."""
+        if self._start is not None and self._val_start is None:
+            self._excluded += seconds
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -404,11 +443,106 @@ class ThroughputMeter(Callback):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._start is not None:
-            self.train_seconds = time.perf_counter() - self._start - self._val_seconds
+            self.train_seconds = time.perf_counter() - self._start - self._val_seconds - self._excluded
 
     @property
     def samples_per_second(self) -> float:
         return self.samples / self.train_seconds if self.train_seconds > 0 else 0.0
+
+
+class CheckpointTimer(ModelCheckpoint):
+    """Lightning's default checkpoint callback (same arguments) that times its saves, remembers the files,
+    and leaves the save time out of a :class:`ThroughputMeter`'s training time."""
+
+    def __init__(self, meter: ThroughputMeter | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.meter = meter
+        self.saves = 0
+        self.save_seconds = 0.0
+        self.saved: list[str] = []
+
+    def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
+        start = time.perf_counter()
+        super()._save_checkpoint(trainer, filepath)
+        self.saves += 1
+        if filepath not in self.saved:
+            self.saved.append(filepath)
+        self._took(time.perf_counter() - start)
+
+    def _remove_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
+        start = time.perf_counter()  # deleting a large file takes a while too
+        super()._remove_checkpoint(trainer, filepath)
+        self._took(time.perf_counter() - start)
+
+    def _took(self, seconds: float) -> None:
+        self.save_seconds += seconds
+        if self.meter is not None:
+            self.meter.exclude(seconds)
+
+    @property
+    def kept(self) -> list[str]:
+        """The saved checkpoints still on disk (the default keeps only the latest), oldest first."""
+        return [p for p in self.saved if os.path.exists(p)]
+
+
+def _disk_bytes(path: str | os.PathLike[str]) -> int:
+    """Size of a checkpoint: a file, or a directory (a sharded checkpoint) with everything in it."""
+    p = Path(path)
+    if p.is_dir():
+        return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+    return p.stat().st_size
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
+#: The tables-sized-to-the-data hint appears when training touched fewer than this share of the rows.
+TOUCHED_HINT_SHARE = 0.01
+
+
+def _tables_hint(args: argparse.Namespace, kind: str, r: dict[str, Any]) -> str | None:
+    """A hint when training touched a tiny share of the tables' rows (file sources with fixed table sizes,
+    one process: the cache figures are rank 0's otherwise); ``None`` when there is nothing to say."""
+    touched, rows = r["rows_fetched"], r["table_rows"]
+    if touched is None or r["world_size"] != 1 or touched >= TOUCHED_HINT_SHARE * rows:
+        return None
+    if kind == "tsv" and args.hashing == "modulo":
+        sizes = (
+            "Criteo Kaggle's sizes, the default"
+            if args.table_size is None
+            else f"{args.table_size:,} rows each (--table-size)"
+        )
+        fix = (
+            "--hashing vocab gives each value of the training data its own row (or --table-size N sets a "
+            "smaller row count for every table)"
+        )
+    elif kind == "parquet":
+        sizes = "the sizes in the Parquet metadata"
+        fix = "convert the TSV again with `lightning-bagpipe convert --hashing vocab` (or --table-sizes)"
+    else:  # synthetic tables are sized by --scale on purpose; a vocabulary fits the data already
+        return None
+    return (
+        f"hint: training touched at most {touched:,} of the {rows:,} table rows "
+        f"({100 * touched / rows:.2g}%; the tables have {sizes}), yet every row costs memory, start-up time "
+        f"and checkpoint space: {fix}"
+    )
+
+
+def _in_flags(message: str) -> str:
+    """A library error message in this command's terms: the flags instead of the keyword arguments."""
+    message = flag_hints("train", message)
+    notes = []
+    if "labeled=" in message:
+        notes.append("--labeled or --unlabeled sets labeled=")
+    if "cache_rows" in message:
+        least = re.search(r"cache_rows\b[^.;]*? at least (\d+)", message)
+        rows = f"--cache-rows {least[1]} or more" if least else "a larger --cache-rows"
+        notes.append(f"here: {rows}, or no --cache-rows for a cache that grows")
+    return message + "".join(f" [{n}]" for n in notes)
 
 
 def _metric(trainer: pl.Trainer, name: str) -> float | None:
@@ -417,7 +551,21 @@ def _metric(trainer: pl.Trainer, name: str) -> float | None:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Train as the flags say; return (and print, and with ``--metrics-json`` write) the final figures."""
+    """Train as the flags say; return (and print, and with ``--metrics-json`` write) the final figures.
+
+    A ``ValueError`` naming a keyword argument the flags set (``labeled=``, ``cache_rows``, ...) is raised
+    again naming the flag.
+    """
+    try:
+        return _run(args)
+    except ValueError as err:
+        message = _in_flags(str(err))
+        if message == str(err):
+            raise
+        raise ValueError(message) from err
+
+
+def _run(args: argparse.Namespace) -> dict[str, Any]:
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*", category=FutureWarning)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -427,6 +575,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     dm = build_datamodule(args)
     model = build_model(args, dm, _store_arg(args, root))
     meter = ThroughputMeter()
+    checkpoint = None if args.no_checkpoint else CheckpointTimer(meter)
     # several processes share one mmap file per node (the default); each keeps its own tiered store
     strategy = BagpipeStrategy(store="sharded") if args.store == "tiered" and args.devices > 1 else "bagpipe"
     trainer = pl.Trainer(
@@ -439,7 +588,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         logger=not args.no_logger,
         enable_checkpointing=not args.no_checkpoint,
         enable_progress_bar=not args.no_progress_bar,
-        callbacks=[meter],
+        callbacks=[meter] if checkpoint is None else [meter, checkpoint],
         num_sanity_val_steps=0,
         log_every_n_steps=min(50, args.max_steps),
     )
@@ -452,6 +601,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     true_auc = None
     if trainer.is_global_zero and isinstance(dm.val_data, SyntheticCriteo):
         true_auc = dm.val_data.true_auc(len(dm.val_data))  # the planted model's AUC on the same samples
+    kept = checkpoint.kept if checkpoint is not None and trainer.is_global_zero else []
     result: dict[str, Any] = {
         "model": name,
         "data": str(args.data),
@@ -471,9 +621,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "rows_written_back": stats.get("rows_written_back"),
         "rows_evicted": stats.get("rows_evicted"),
         "fetch_wait_ms_total": stats.get("fetch_wait_ms_total"),
+        "checkpoints": [{"path": p, "bytes": _disk_bytes(p)} for p in kept],
+        "checkpoint_saves": 0 if checkpoint is None else checkpoint.saves,
+        "checkpoint_seconds": 0.0 if checkpoint is None else checkpoint.save_seconds,
     }
     if trainer.is_global_zero:
         print(_summary(result))
+        hint = _tables_hint(args, dm.kind, result)
+        if hint is not None:
+            print(hint)
         if args.metrics_json is not None:
             path = Path(args.metrics_json)
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -486,18 +642,25 @@ def _fmt(value: Any, spec: str) -> str:
 
 
 def _summary(r: dict[str, Any]) -> str:
+    saves, seconds = r["checkpoint_saves"], r["checkpoint_seconds"]
     lines = [
         f"{r['model']} on {r['data']}: {r['steps']} steps of {r['batch_size']} samples, "
         f"{r['table_rows']:,} table rows",
         f"  validation AUC      {_fmt(r['val_auc'], '.4f')}  (true model's AUC {_fmt(r['true_auc'], '.4f')})",
         f"  validation log loss {_fmt(r['val_logloss'], '.4f')}",
         f"  throughput          {_fmt(r['samples_per_second'], ',.0f')} samples/s "
-        f"({r['train_seconds']:.1f} s of training)",
+        f"({r['train_seconds']:.1f} s of training{', checkpoint saves not included' if saves else ''})",
         f"  cache{' of rank 0' if r['world_size'] > 1 else ''} (L={r['lookahead']}, "
         f"rows={r['cache_rows'] or 'as needed'}): hit rate "
         f"{_fmt(r['hit_rate'], '.2%')}, rows fetched {_fmt(r['rows_fetched'], ',')}, written back "
         f"{_fmt(r['rows_written_back'], ',')}, evicted {_fmt(r['rows_evicted'], ',')}",
     ]
+    if not saves:
+        lines.append("  checkpoint          none saved")
+    took = f"{seconds:.{2 if seconds < 1 else 1}f} s"
+    took = f"saved in {took}" if saves == 1 else f"{saves} saves took {took}, this is the last"
+    for ckpt in r["checkpoints"]:
+        lines.append(f"  checkpoint          {ckpt['path']} ({_size(ckpt['bytes'])}; {took})")
     return "\n".join(lines)
 
 
@@ -512,7 +675,7 @@ def main(argv: Sequence[str] | None = None, *, model: str | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         run(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError) as err:  # (ValueErrors name flags: run)
         parser.exit(2, f"{parser.prog}: error: {err}\n")
     return 0
 

@@ -41,6 +41,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from lightning_bagpipe.id_sets import member_of
 from lightning_bagpipe.oracle.plan import CachePlan
 from lightning_bagpipe.oracle.row_index import CompactRowIndex, DenseRowIndex
 
@@ -353,10 +354,7 @@ class LookaheadOracle:
             self._in_use += n_miss
             return np.arange(start, start + n_miss, dtype=np.int64), _EMPTY, _EMPTY
         if ids.size > self.capacity:
-            raise ValueError(
-                f"step {step} uses {ids.size} distinct rows but the cache holds {self.capacity}; "
-                "raise the cache capacity or lower the batch size"
-            )
+            raise self._too_small(step, ids, f"step {step} uses {ids.size} distinct rows")
         take = min(n_miss, self._n_free)
         start = self.capacity - self._n_free
         free = np.arange(start, start + take, dtype=np.int64)
@@ -405,11 +403,12 @@ class LookaheadOracle:
         cut = self._cut_class(cls, k, protected - 1)
         if cut == protected - 1 and np.count_nonzero(cls < protected) < k:
             in_flight = np.setdiff1d(self._rows.ids(self._slot_row[self._prev_slots]), ids).size
-            raise ValueError(
+            raise self._too_small(
+                step,
+                ids,
                 f"step {step} needs {ids.size + in_flight} cache rows at once ({ids.size} distinct rows of "
                 f"its own plus {in_flight} rows of step {step - 1}, which is still in flight and cannot be "
-                f"evicted) but the cache holds {self.capacity}; raise the cache capacity or lower the "
-                "batch size"
+                "evicted)",
             )
         cand = np.flatnonzero(cls <= cut)  # the victims and the rest of their class, ascending
         cand_cls = np.maximum(cls[cand], 0)
@@ -424,6 +423,38 @@ class LookaheadOracle:
                 ties = ties[_smallest(last, need)]
         take[ties] = True
         return cand[take]  # ascending
+
+    def _too_small(self, step: int, ids: np.ndarray, need: str) -> ValueError:
+        """The error for step ``step`` not fitting: ``need`` (what the step needs), the rule, and the
+        largest need among the steps read so far, which is all the oracle can know of the stream: a lower
+        bound of the capacity the stream needs until the stream has ended (then it is the minimum, as
+        every earlier step fitted)."""
+        prev = np.sort(self._rows.ids(self._slot_row[self._prev_slots])) if step > 0 else _EMPTY
+        known = [prev, ids, *(uniq for uniq, _, _ in self._steps)]  # steps step - 1, step, step + 1, ...
+        best, best_step = 0, step
+        for i in range(1, len(known)):  # ascending distinct ids: |a u b| = |a| + |b| - |a n b|
+            a, b = known[i - 1], known[i]
+            rows = a.size + b.size - int(np.count_nonzero(member_of(b, a)))
+            if rows > best:
+                best, best_step = rows, step + i - 1
+        last = step + len(known) - 2
+        pair = f"step {best_step} with step {best_step - 1}" if best_step > 0 else "step 0 on its own"
+        if self._finished:  # every step is known, and every step before this one fitted
+            bound = f"the whole stream (steps 0 to {last}) needs {best} rows ({pair})"
+        else:
+            bound = (
+                f"the steps read so far (up to step {last}) need at least {best} rows ({pair}); later "
+                "steps may need more"
+            )
+        return ValueError(
+            f"{need} but the cache holds {self.capacity}; raise the cache capacity or lower the batch "
+            "size. Each step's distinct rows and the previous step's must fit in the cache together (a "
+            f"step's rows are fetched while the previous step computes); {bound}. Set cache_rows (the "
+            f"capacity of LookaheadOracle) to at least {best}, or to None to let the cache grow. "
+            "lightning_bagpipe.oracle.min_capacity(batch.sparse.fused_ids(tables) for batch in batches) "
+            "computes a whole stream's minimum; `lightning-bagpipe trace DATA` reports it for Parquet, "
+            "Criteo TSV or synthetic data"
+        )
 
     def _cut_class(self, cls: np.ndarray, k: int, top: int) -> int:
         """The class of the ``k``-th victim: the smallest ``c`` with at least ``k`` slots of class ``<= c``
