@@ -73,8 +73,14 @@ FLAG_HINTS: dict[str, dict[str, str]] = {
         "skip_bad_lines=True": "--skip-bad-lines",
         "labeled=True or labeled=False": "--labeled or --unlabeled",
     },
-    "trace": {"skip_bad_lines=True": "--skip-bad-lines"},
-    "bench cache": {"skip_bad_lines=True": "--skip-bad-lines"},
+    "trace": {
+        "skip_bad_lines=True": "--skip-bad-lines",
+        "labeled=True or labeled=False": "--labeled or --unlabeled",
+    },
+    "bench cache": {
+        "skip_bad_lines=True": "--skip-bad-lines",
+        "labeled=True or labeled=False": "--labeled or --unlabeled",
+    },
 }
 #: The error types reported in one line (see the module docstring).
 USER_ERRORS = (ValueError, OSError)

@@ -115,6 +115,18 @@ def add_stream_arguments(parser: argparse.ArgumentParser, *, default_batches: in
     parser.add_argument(
         "--skip-bad-lines", action="store_true", help="Criteo TSV: skip malformed lines instead of failing"
     )
+    labels = parser.add_mutually_exclusive_group()
+    labels.add_argument(
+        "--labeled",
+        dest="labeled",
+        action="store_const",
+        const=True,
+        default=None,
+        help="Criteo TSV: 40-field lines starting with a label (default: detect from the first lines)",
+    )
+    labels.add_argument(
+        "--unlabeled", dest="labeled", action="store_const", const=False, help="Criteo TSV: 39-field lines"
+    )
 
 
 def stream_from_args(args: argparse.Namespace) -> Stream:
@@ -129,6 +141,7 @@ def stream_from_args(args: argparse.Namespace) -> Stream:
         seed=args.seed,
         table_size=args.table_size,
         skip_bad_lines=args.skip_bad_lines,
+        labeled=args.labeled,
     )
 
 
@@ -143,13 +156,14 @@ def load_stream(
     seed: int = 0,
     table_size: int | None = None,
     skip_bad_lines: bool = False,
+    labeled: bool | None = None,
 ) -> Stream:
     """Read the fused ids of the first ``batches`` global batches (``0``: all) of ``data``.
 
     ``data`` is ``"synthetic"`` (:class:`~lightning_bagpipe.data.synthetic.SyntheticCriteo`), a Parquet
     file or folder (:class:`~lightning_bagpipe.data.parquet.CriteoParquet`) or Criteo TSV files
     (:class:`~lightning_bagpipe.data.criteo_tsv.CriteoTSV` with modulo hashing; ``skip_bad_lines`` drops
-    its malformed lines instead of failing).
+    its malformed lines instead of failing; ``labeled`` as in ``CriteoTSV``: ``None`` detects the format).
     """
     if batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
@@ -173,14 +187,15 @@ def load_stream(
 
         if table_size is not None:
             raise ValueError("--table-size applies to Criteo TSV data; Parquet files record their tables")
-        if skip_bad_lines:
-            raise ValueError("--skip-bad-lines applies to Criteo TSV data; Parquet files have no lines")
+        if skip_bad_lines or labeled is not None:
+            flag = "--skip-bad-lines" if skip_bad_lines else "--labeled/--unlabeled"
+            raise ValueError(f"{flag} applies to Criteo TSV data; Parquet files have no lines")
         source = CriteoParquet(data, batch_size)
     else:
         from lightning_bagpipe.data.criteo_tsv import CriteoTSV, ModuloHashing
 
         hashing = ModuloHashing() if table_size is None else ModuloHashing(table_size)
-        source = CriteoTSV(data, batch_size, hashing=hashing, skip_bad_lines=skip_bad_lines)
+        source = CriteoTSV(data, batch_size, hashing=hashing, skip_bad_lines=skip_bad_lines, labeled=labeled)
     tables: Tables = source.tables
     out: list[np.ndarray] = []
     for i, batch in enumerate(_take(source, batches)):

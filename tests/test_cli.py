@@ -88,6 +88,20 @@ def test_trace_skip_bad_lines_flag(tsv: tuple[Path, Path], capsys: pytest.Captur
     assert "recommendation" in capsys.readouterr().out
 
 
+def test_trace_labeled_flags(
+    tsv: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    good, _ = tsv
+    flags = ["--batch-size", "4", "--batches", "0", "--table-size", "50", "--lookahead", "1"]
+    assert main(["trace", str(good), *flags, "--unlabeled"]) == 2  # 40-field lines read as 39-field ones
+    assert "line 1: 40 tab-separated fields, expected 39" in _one_error_line(capsys.readouterr().err, "trace")
+    assert main(["trace", str(good), *flags, "--labeled"]) == 0
+    short = tmp_path / "short.tsv"
+    short.write_text("1\t2\t3\n")
+    assert main(["trace", str(short), *flags]) == 2
+    assert "pass --labeled or --unlabeled" in _one_error_line(capsys.readouterr().err, "trace")
+
+
 def test_flag_hints_rewrite_only_known_keywords_of_the_command() -> None:
     msg = "x; pass labeled=True or labeled=False"
     assert flag_hints("convert", msg) == "x; pass --labeled or --unlabeled"
