@@ -222,7 +222,10 @@ def _top_share(counts: np.ndarray, fraction: float) -> float:
     if total == 0:
         return 0.0
     k = min(counts.size, max(1, math.ceil(fraction * counts.size)))
-    return float(np.partition(counts, counts.size - k)[counts.size - k :].sum() / total)
+    read = counts[counts > 0]  # (rows never read add nothing: partitioning only the rows read is far cheaper)
+    if k >= read.size:
+        return 1.0
+    return float(np.partition(read, read.size - k)[read.size - k :].sum() / total)
 
 
 def access_skew(stream: Stream, counts: np.ndarray | None = None) -> dict[str, Any]:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import re
+from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import pytest
@@ -141,3 +145,65 @@ def test_reads_of_scattered_clustered_and_repeated_positions_return_those_rows(
     for bad in ([250], [-1]):  # written rows only: past the runs is garbage
         with pytest.raises(IndexError, match=r"\[0, 250\)"):
             log.read(np.array(bad))
+
+
+def _fail(code: int) -> Callable[..., NoReturn]:
+    def call(*args: object) -> NoReturn:
+        raise OSError(code, os.strerror(code))
+
+    return call
+
+
+def test_io_errors_name_the_file_and_what_was_being_done(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bare ``OSError(28, 'No space left on device')`` says neither which file nor what failed; its repr
+    (how a background write-back failure is reported) leaves out even ``filename``."""
+    log = SpillLog(tmp_path / "t.f32", 100, WIDTH, None)
+    log.append(np.array([3, 9]), torch.ones(2, WIDTH))
+    rows_file, ids_file = log_files(tmp_path / "t.f32")
+    cases = [
+        (
+            "pwrite",
+            errno.ENOSPC,
+            lambda: log.append(np.array([1, 2]), torch.zeros(2, WIDTH)),
+            rows_file,
+            "appending rows to the spill log",
+        ),
+        (
+            "pread",
+            errno.EIO,
+            lambda: log.read(np.array([0, 1])),
+            rows_file,
+            "reading rows from the spill log",
+        ),
+        ("fsync", errno.EIO, log.flush, rows_file, "flushing (fsync) the spill log file"),
+    ]
+    for name, code, call, path, doing in cases:
+        with monkeypatch.context() as m:
+            m.setattr(os, name, _fail(code))
+            with pytest.raises(OSError) as caught:
+                call()
+        err = caught.value
+        assert (err.errno, err.filename) == (code, str(path))
+        assert repr(err) == f"OSError({code}, '{os.strerror(code)} while {doing} {path}')"
+        assert isinstance(err.__cause__, OSError) and err.__cause__.filename is None
+    # the ids of a run are written after its rows: a failure there names the ids file
+    real = os.pwrite
+
+    def ids_fail(fd: int, data: memoryview, offset: int) -> int:
+        if len(data) == 16:  # (two int64 ids; the rows take 24 bytes)
+            _fail(errno.ENOSPC)()
+        return real(fd, data, offset)
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "pwrite", ids_fail)
+        with pytest.raises(OSError, match=f"while appending ids to the spill log {re.escape(str(ids_file))}"):
+            log.append(np.array([5, 6]), torch.zeros(2, WIDTH))
+    # failed appends add no run: the log holds what it held, and takes rows again once there is room
+    assert log.runs == [2] and log.read(log.find(np.array([3, 9]))).eq(1).all()
+    log.append(np.array([4]), torch.full((1, WIDTH), 2.0))
+    assert log.runs == [2, 1] and log.read(log.find(np.array([4]))).eq(2).all()
+    gone = re.escape(str(tmp_path / "gone" / "t.f32.log"))
+    with pytest.raises(FileNotFoundError, match=f"while creating the spill log file {gone}"):
+        SpillLog(tmp_path / "gone" / "t.f32", 100, WIDTH, None)

@@ -11,6 +11,9 @@ from the store, without the cache and without gradients, so a trained model is u
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
@@ -124,13 +127,13 @@ class CachedEmbedding(nn.Module):
     ) -> EmbeddingStore:
         n = self.tables.total_rows
         what = f"CachedEmbedding({len(self.tables)} tables, dim={self.dim}, optimizer={self.optimizer.name})"
+        created = opened = False  # a new store made here / an existing file opened by its path
         if store is None:
             s: EmbeddingStore = MemoryStore(n, self.width)
+            created = True
         elif isinstance(store, (str, Path)):
-            s = MmapStore(store, num_rows=n, width=self.width, mode="auto")
-            if s.metadata.get("lazy"):  # written by a TieredStore: only it knows which rows the file holds
-                s.close()
-                s = TieredStore(store, num_rows=n, width=self.width, mode="open")
+            s, created = _open_path(Path(store), n, self.width)
+            opened = not created
         elif isinstance(store, EmbeddingStore):
             s = store
         elif callable(store):
@@ -141,25 +144,41 @@ class CachedEmbedding(nn.Module):
             raise TypeError(
                 f"store must be None, a path, an EmbeddingStore or a callable, got {type(store).__name__}"
             )
-        s.validate(n, self.width, what=what)
-        meta = s.metadata
-        if meta.get("initialized"):
-            fp = meta.get("tables_fingerprint")
-            if fp is not None and fp != self.tables.fingerprint():
-                raise ValueError(f"store {s!r} was created for other tables (fingerprint {fp}) than {what}")
-            if meta.get("optimizer") not in (None, self.optimizer.name):
-                raise ValueError(
-                    f"store {s!r} holds {meta['optimizer']} optimizer state, but {what} uses "
-                    f"{self.optimizer.name}"
-                )
-        else:
+        try:
+            self._prepare_store(s, created, opened, what)
+        except BaseException:
+            if isinstance(store, (str, Path)):  # opened here: let go of the file
+                with contextlib.suppress(Exception):
+                    s.close()
+            raise
+        return s
+
+    def _prepare_store(self, s: EmbeddingStore, created: bool, opened: bool, what: str) -> None:
+        """Initialise store ``s`` if it is new (or its initialisation was interrupted), else check that its
+        metadata describes rows of this module (ValueError otherwise)."""
+        s.validate(self.tables.total_rows, self.width, what=what)
+        if created or _new_or_unfinished(s, opened):
             state = self.optimizer.initial_state(self.dim)
             if isinstance(s, TieredStore):  # rows computed on first read instead of written now
                 s.initialize_lazily(self.tables, self.dim, state, self.seed)
             else:
                 initialize_store(s, self.tables, self.dim, state, self.seed)
             s.set_metadata(initialized=True, **self._store_metadata())
-        return s
+            return
+        meta = s.metadata
+        fp = meta["tables_fingerprint"]
+        if fp != self.tables.fingerprint():
+            raise ValueError(f"store {s!r} was created for other tables (fingerprint {fp}) than {what}")
+        if meta.get("optimizer") not in (None, self.optimizer.name):
+            raise ValueError(
+                f"store {s!r} holds {meta['optimizer']} optimizer state, but {what} uses "
+                f"{self.optimizer.name}"
+            )
+        if meta["dim"] != self.dim:
+            raise ValueError(
+                f"store {s!r} holds rows of dim {meta['dim']} and {meta['state_width']} optimizer state "
+                f"columns, but {what} needs dim {self.dim} and {self.width - self.dim}"
+            )
 
     def export(self) -> dict[str, Tensor]:
         """The trained tables as plain ``[num_embeddings, dim]`` tensors, keyed by feature name.
@@ -412,3 +431,130 @@ class CachedEmbedding(nn.Module):
             f"tables={len(self.tables)}, rows={self.tables.total_rows}, dim={self.dim}, "
             f"optimizer={self.optimizer.name}, pooling={self.pooling}, store={type(self.store).__name__}"
         )
+
+
+# ------------------------------------------------------------------------------------------ opening stores
+#: What the metadata of an initialised store records besides ``initialized: true`` (every way of
+#: initialising one does: this module, :func:`~lightning_bagpipe.embedding.init.initialize_store` and
+#: :meth:`~lightning_bagpipe.embedding.tiered_store.TieredStore.initialize_lazily`).
+_INITIALIZED_KEYS = ("tables_fingerprint", "dim", "state_width", "seed")
+_SCAN_BYTES = 1 << 20
+
+
+def _open_path(path: Path, num_rows: int, width: int) -> tuple[EmbeddingStore, bool]:
+    """The store at ``path`` and whether this call created it: a new ``MmapStore`` file if nothing is there,
+    else the existing file, as a ``TieredStore`` when its metadata says one wrote it (rows never written,
+    computed on read, or rows in its spill log: a plain mapping sees neither)."""
+    if not path.exists():
+        return MmapStore(path, num_rows=num_rows, width=width, mode="create"), True
+    s = MmapStore(path, num_rows=num_rows, width=width, mode="open")
+    if s.metadata.get("lazy") or s.metadata.get("log_runs"):
+        s.close()
+        return TieredStore(path, num_rows=num_rows, width=width, mode="open"), False
+    return s, False
+
+
+def _sidecar(s: EmbeddingStore) -> Path | None:
+    if isinstance(s, TieredStore):
+        return s.file.sidecar
+    if isinstance(s, MmapStore):
+        return s.sidecar
+    return None
+
+
+def _data_at(path: Path) -> int | None:
+    """Offset of the first byte that is not zero in file ``path``, or ``None`` (all zeros, or holes: a new
+    sparse store file). Holes are skipped without reading them where the filesystem reports them."""
+    seek_data = getattr(os, "SEEK_DATA", None)
+    with open(path, "rb") as f:
+        fd, pos = f.fileno(), 0
+        while True:
+            if seek_data is not None:
+                try:
+                    pos = os.lseek(fd, pos, seek_data)
+                except OSError as err:
+                    if err.errno == errno.ENXIO:  # only holes from here on
+                        return None
+                    seek_data = None  # (not supported: read everything)
+            chunk = os.pread(fd, _SCAN_BYTES, pos)
+            if not chunk:
+                return None
+            nonzero = np.flatnonzero(np.frombuffer(chunk, dtype=np.uint8))
+            if nonzero.size:
+                return pos + int(nonzero[0])
+            pos += len(chunk)
+
+
+def _rows_on_disk(s: EmbeddingStore) -> Path | None:
+    """A file of file store ``s`` that shows rows were written to it already (``None``: none do, or ``s``
+    is not a file store): a ``TieredStore``'s bitmap, or a row file that is not all zeros."""
+    if isinstance(s, TieredStore):
+        if s.bitmap_path.exists():  # (saved by the lazy initialisation and by every flush)
+            return s.bitmap_path
+        path = s.file.path
+    elif isinstance(s, MmapStore):
+        path = s.path
+    else:
+        return None
+    return None if _data_at(path) is None else path
+
+
+def _new_or_unfinished(s: EmbeddingStore, opened: bool) -> bool:
+    """Whether store ``s``, which this module did not create, is to be initialised.
+
+    Yes when its metadata says ``initialized: false`` (a fill that was interrupted), and for a new store
+    handed in (a store object or a factory's): one in RAM without ``initialized``, or a file store with no
+    metadata at all and no row written to its files yet. No for an initialised store whose metadata
+    records what its rows are. Otherwise (and always for an existing file ``opened`` by its path whose
+    metadata lacks ``initialized``) the store may hold trained rows its metadata no longer describes, which
+    initialising it would overwrite: ValueError, naming the sidecar file and what it lacks.
+    """
+    meta = s.metadata
+    flag = meta.get("initialized")
+    sidecar = _sidecar(s)
+    where = f"the metadata in its sidecar {sidecar}" if sidecar is not None else "its metadata"
+    remedy = (
+        "Restore the sidecar (from a backup), or, to start again from new rows, delete the store's files "
+        "(lightning_bagpipe.embedding.tiered_store.store_files(path) lists them)"
+        if sidecar is not None
+        else "Record the store's metadata, or pass a new store"
+    )
+    if flag is False:
+        return True
+    if flag is True:
+        missing = [k for k in _INITIALIZED_KEYS if k not in meta]
+        if sidecar is not None and "state_init" in meta and "lazy" not in meta:
+            missing.append("lazy")  # (state_init is recorded by a lazy initialisation only)
+        if missing:
+            raise ValueError(
+                f"{s.describe()}: {where} says initialized=true but lacks {', '.join(map(repr, missing))}, "
+                f"so what its rows hold is unknown (the sidecar was damaged or edited). {remedy}"
+            )
+        if isinstance(s, MmapStore) and (meta.get("lazy") or meta.get("log_runs")):
+            raise ValueError(
+                f"{s.describe()}: {where} says a TieredStore wrote the file: rows never written are computed "
+                "on read, and newer rows may wait in its spill log, which a plain MmapStore does not see "
+                "(they would read as zeros or old values). Pass the path, or a TieredStore"
+            )
+        return False
+    if flag is not None:
+        raise ValueError(
+            f"{s.describe()}: {where} says initialized={flag!r}, expected true or false. {remedy}"
+        )
+    if not opened and sidecar is None:
+        return True  # a store in RAM handed in without metadata: new
+    if not opened and not meta:
+        found = _rows_on_disk(s)
+        if found is None:
+            return True  # a new file store handed in (or one whose creator stopped before initialising it)
+        raise ValueError(
+            f"{s.describe()}: {where} is empty (no 'initialized'), but {found} shows that rows were written "
+            "to the store: they may be trained rows whose description was lost, which initialising the "
+            f"store would overwrite. {remedy}"
+        )
+    keys = ", ".join(map(repr, sorted(meta))) or "nothing"
+    raise ValueError(
+        f"{s.describe()}: {where} lacks 'initialized' (it holds {keys}), so whether the file holds trained "
+        "rows is unknown, and initialising it would overwrite them: the sidecar was damaged, or another "
+        f"process is creating the store right now. {remedy}"
+    )

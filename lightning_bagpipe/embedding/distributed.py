@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
@@ -62,6 +63,68 @@ def _shm_root() -> str:
     return "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
 
 
+def _size_text(n: int) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n / 2**10:.1f} KiB"
+
+
+def _shm_need(store: EmbeddingStore) -> int:
+    """Bytes a shared copy of ``store`` takes: its rows in whole pages, and a page for the sidecar."""
+    page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+    return -(-store.nbytes // page) * page + page
+
+
+def _shm_problem(root: str, store: EmbeddingStore, name: str, st: os.statvfs_result) -> str:
+    """The error of a shared store that does not fit in ``root`` (whose ``statvfs`` is ``st``)."""
+    need = _shm_need(store)
+    free, total = st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
+    if root == "/dev/shm":
+        room = (
+            f"a larger /dev/shm (a Docker container's is 64 MiB unless it is started with --shm-size: "
+            f"docker run --shm-size=N with N of at least {_size_text(total - free + need)}, more if data "
+            "loader workers use it too)"
+        )
+    else:
+        room = f"{_size_text(need - free)} more free space in {root}"
+    return (
+        f"BagpipeStrategy(store='shared') (the default on one node) copies the in-RAM table of "
+        f"{name or 'the embedding'} ({store.num_rows:,} rows x {store.width} floats: {_size_text(need)}) "
+        f"into {root} for the ranks of this node to share, but {root} has {_size_text(free)} free of "
+        f"{_size_text(total)}. Options: {room}; or BagpipeStrategy(store='sharded') (each rank keeps its "
+        "share of the rows in its own RAM); or the tables in a file that every rank maps: "
+        "CachedEmbedding(..., store='path/to/tables.f32')"
+    )
+
+
+def _shm_shortfall(root: str, store: EmbeddingStore, name: str) -> str | None:
+    """Why the tables of ``store`` do not fit in ``root`` (``None``: they do, or the system cannot say).
+    Checked before the file is made: once a shared mapping of a full tmpfs is written, the process dies
+    of SIGBUS ("Bus error") instead of raising."""
+    try:
+        st = os.statvfs(root)
+    except (OSError, AttributeError):
+        return None
+    return None if st.f_bavail * st.f_frsize >= _shm_need(store) else _shm_problem(root, store, name, st)
+
+
+def _reserve(path: str, nbytes: int) -> bool:
+    """Allocate every block of the new file ``path`` now (``posix_fallocate``), so that writing its mapping
+    cannot end in SIGBUS if the space went to another process since it was checked. ``False`` if the space
+    is not there; ``True`` once reserved, or where the system cannot reserve it."""
+    if not hasattr(os, "posix_fallocate"):
+        return True
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, nbytes)
+    except OSError as err:
+        return err.errno not in (errno.ENOSPC, errno.EDQUOT)  # (else not supported here: EOPNOTSUPP...)
+    finally:
+        os.close(fd)
+    return True
+
+
 def share_store(
     store: EmbeddingStore, groups: RankGroups, name: str
 ) -> tuple[EmbeddingStore, Callable[[bool], None]]:
@@ -82,15 +145,26 @@ def share_store(
         groups.barrier()
         return store, lambda collective: None
     path = None
+    short: str | None = None  # why the tables do not fit where they would be shared
     if groups.rank == 0:
-        folder = os.path.join(_shm_root(), f"lightning-bagpipe-{uuid.uuid4().hex[:12]}")
-        os.makedirs(folder)
-        path = os.path.join(folder, f"{name or 'embedding'}.rows")
-        shared = MmapStore(path, num_rows=store.num_rows, width=store.width, mode="create")
-        shared.write_range(0, store.tensor())
-        shared.set_metadata(**store.metadata)
-        shared.flush()
-    path = groups.broadcast_object(path)
+        root = _shm_root()
+        short = _shm_shortfall(root, store, name)
+        if short is None:
+            folder = os.path.join(root, f"lightning-bagpipe-{uuid.uuid4().hex[:12]}")
+            os.makedirs(folder)
+            path = os.path.join(folder, f"{name or 'embedding'}.rows")
+            shared = MmapStore(path, num_rows=store.num_rows, width=store.width, mode="create")
+            if not _reserve(path, shared.nbytes):
+                shared.close()
+                shutil.rmtree(folder, ignore_errors=True)
+                short = _shm_problem(root, store, name, os.statvfs(root))
+        if short is None:
+            shared.write_range(0, store.tensor())
+            shared.set_metadata(**store.metadata)
+            shared.flush()
+    path, short = groups.broadcast_object((path, short))  # (every rank raises, not only rank 0)
+    if short is not None:
+        raise RuntimeError(short if groups.rank == 0 else f"rank 0 could not share the tables: {short}")
     if groups.rank != 0:
         shared = MmapStore(path, mode="open")
     groups.barrier()

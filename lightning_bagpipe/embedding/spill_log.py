@@ -50,6 +50,9 @@ class SpillLog:
     Each :meth:`append` writes one *run*: its rows sorted by id. The index is the runs' ids, kept in RAM
     (4 bytes per row while the ids are below ``2**32``, else 8; a hash table took 24 to 48): a lookup is
     a binary search in each run, newest first, and the newest copy of an id wins.
+
+    An ``OSError`` of the files (a full disk while appending, a failed ``fsync``) is raised again with its
+    errno and a message naming the file and what was being done; an append that fails adds no run.
     """
 
     def __init__(
@@ -76,12 +79,18 @@ class SpillLog:
                 raise ValueError(f"spill log {self.rows_path}: runs {segments} do not fit in {capacity} rows")
         if segments is None:
             for p, itemsize in ((self.rows_path, 4 * self.width), (self.ids_path, 8)):
-                with open(p, "wb") as f:
-                    f.truncate(self.capacity * itemsize)  # (sparse: nothing is allocated until written)
+                try:
+                    with open(p, "wb") as f:
+                        f.truncate(self.capacity * itemsize)  # (sparse: nothing is allocated until written)
+                except OSError as err:
+                    raise _naming(err, "creating the spill log file", p) from err
         self._runs: list[tuple[int, np.ndarray]] = []  # (first position, ids ascending), oldest first
         self.length = 0
         if segments:
-            ids = np.fromfile(self.ids_path, dtype=np.int64, count=sum(int(n) for n in segments))
+            try:
+                ids = np.fromfile(self.ids_path, dtype=np.int64, count=sum(int(n) for n in segments))
+            except OSError as err:
+                raise _naming(err, "reading the ids of the spill log", self.ids_path) from err
             for n in segments:
                 run = ids[self.length : self.length + int(n)]
                 if run.size > 1 and bool(np.any(run[1:] <= run[:-1])):
@@ -124,9 +133,9 @@ class SpillLog:
         for a in range(0, n, chunk):
             b = min(n, a + chunk)
             data = rows(a, b).detach().to(torch.float32).contiguous().numpy()
-            _pwrite_all(self.rows_path, data, (lo + a) * self.width * 4)
+            _pwrite_all(self.rows_path, data, (lo + a) * self.width * 4, "appending rows to the spill log")
         run = np.ascontiguousarray(ids, dtype=np.int64)
-        _pwrite_all(self.ids_path, run, lo * 8)
+        _pwrite_all(self.ids_path, run, lo * 8, "appending ids to the spill log")
         self._runs.append((lo, _in_ram(run)))
         self.length += n
 
@@ -180,11 +189,14 @@ class SpillLog:
         base = np.cumsum(span) - span  # where each span starts in the buffer
         size = 4 * self.width
         pread = os.pread
-        fd = os.open(self.rows_path, os.O_RDONLY)
         try:
-            data = b"".join([pread(fd, k * size, a * size) for a, k in zip(lo.tolist(), span.tolist())])
-        finally:
-            os.close(fd)
+            fd = os.open(self.rows_path, os.O_RDONLY)
+            try:
+                data = b"".join([pread(fd, k * size, a * size) for a, k in zip(lo.tolist(), span.tolist())])
+            finally:
+                os.close(fd)
+        except OSError as err:
+            raise _naming(err, "reading rows from the spill log", self.rows_path) from err
         want = int(span.sum()) * size
         if len(data) != want:  # (a regular file reads short only at its end)
             raise OSError(f"spill log {self.rows_path}: short read ({len(data)} of {want} bytes)")
@@ -213,11 +225,14 @@ class SpillLog:
     def flush(self) -> None:
         """Make the appended rows and ids durable."""
         for p in (self.rows_path, self.ids_path):
-            fd = os.open(p, os.O_RDONLY)
             try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+                fd = os.open(p, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            except OSError as err:
+                raise _naming(err, "flushing (fsync) the spill log file", p) from err
 
     def close(self) -> None:
         """Flush (the log keeps no file open between calls)."""
@@ -227,7 +242,10 @@ class SpillLog:
         """Forget every row and delete the files (a merged log replaced this one): nothing is flushed."""
         self.clear()
         for p in (self.rows_path, self.ids_path):
-            p.unlink(missing_ok=True)
+            try:
+                p.unlink(missing_ok=True)
+            except OSError as err:
+                raise _naming(err, "deleting the spill log file", p) from err
 
 
 _NARROW = 2**32
@@ -241,13 +259,25 @@ def _in_ram(run: np.ndarray) -> np.ndarray:
     return run
 
 
-def _pwrite_all(path: Path, arr: np.ndarray, offset: int) -> None:
-    """Write the bytes of ``arr`` into ``path`` at ``offset`` (all of them: ``pwrite`` may write fewer)."""
+def _naming(err: OSError, doing: str, path: Path) -> OSError:
+    """``err`` as a new error of the same errno (and class) whose message says what failed on which file:
+    ``OSError(28, 'No space left on device while appending rows to the spill log /x/t.f32.log')`` where
+    the system call's error says neither, and its ``repr`` (how a background failure is reported) leaves
+    out ``filename``."""
+    return OSError(err.errno, f"{err.strerror or err} while {doing} {path}", str(path))
+
+
+def _pwrite_all(path: Path, arr: np.ndarray, offset: int, doing: str) -> None:
+    """Write the bytes of ``arr`` into ``path`` at ``offset`` (all of them: ``pwrite`` may write fewer).
+    An OSError names ``path`` and what was being done (``doing``)."""
     view = memoryview(arr.reshape(-1).view(np.uint8))  # type: ignore[arg-type]
-    fd = os.open(path, os.O_WRONLY)
     try:
-        done = 0
-        while done < len(view):
-            done += os.pwrite(fd, view[done:], offset + done)
-    finally:
-        os.close(fd)
+        fd = os.open(path, os.O_WRONLY)
+        try:
+            done = 0
+            while done < len(view):
+                done += os.pwrite(fd, view[done:], offset + done)
+        finally:
+            os.close(fd)
+    except OSError as err:
+        raise _naming(err, doing, path) from err

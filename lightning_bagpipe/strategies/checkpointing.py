@@ -28,6 +28,7 @@ renames it over the target, so a crash or ``kill -9`` during a save leaves the p
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import pickle
 import random
@@ -162,11 +163,59 @@ def atomic_torch_save(obj: Any, path: _PATH) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as err:
         with contextlib.suppress(OSError):
             tmp.unlink()
-        raise
+        failure = _io_failure(
+            err, f"saving checkpoint {target} (as the temporary file {tmp}, now removed)", target
+        )
+        if failure is None:
+            raise
+        raise failure from err
     fsync_dir(directory)
+
+
+def _io_failure(err: BaseException, what: str, path: Path) -> BaseException | None:
+    """The error to raise when writing file ``path`` failed with ``err``: one that says ``what`` was being
+    done (``"... while <what>"``), keeps the system's errno and names ``path`` (and, for a full disk, the
+    space left on its filesystem); ``None`` to raise ``err`` as it is (not an I/O failure).
+
+    ``torch.save`` that cannot write (a full disk) raises the ``OSError`` of the write, or, when its zip
+    writer then fails to finish the file, a ``RuntimeError`` such as ``[enforce fail at
+    inline_container.cc:672] . unexpected pos 3904 vs 3796`` with that ``OSError`` as its context.
+    """
+    if not isinstance(err, (OSError, RuntimeError)):
+        return None  # (an interrupt, a pickling error...: as they are)
+    chain: list[BaseException] = []
+    e: BaseException | None = err
+    while e is not None and e not in chain:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    os_error = next((c for c in chain if isinstance(c, OSError)), None)
+    if os_error is None and "inline_container" not in str(err):  # (torch's writer: a short write)
+        return None
+    full = os_error is None or os_error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+    doing = f"while {what}{_space_left(path.parent) if full else ''}"
+    if os_error is None:
+        return RuntimeError(f"{err} ({doing})")
+    return OSError(os_error.errno, f"{os_error.strerror or os_error} {doing}", str(path))
+
+
+def _space_left(directory: Path) -> str:
+    """``"; N MiB free on its filesystem"``, or nothing if the system cannot tell."""
+    try:
+        st = os.statvfs(directory)
+    except (OSError, AttributeError):  # (no statvfs off POSIX)
+        return ""
+    free = st.f_bavail * st.f_frsize
+    text = (
+        f"{free / 2**30:,.1f} GiB"
+        if free >= 2**30
+        else f"{free / 2**20:.1f} MiB"
+        if free >= 2**20
+        else f"{free:,} bytes"
+    )
+    return f"; {text} free on its filesystem"
 
 
 def _remove_stale_temporaries(target: Path) -> None:

@@ -69,6 +69,7 @@ from lightning_bagpipe.strategies.checkpointing import (
     WRITTEN_ROWS_VERSION,
     AtomicCheckpointIO,
     RngSnapshot,
+    _io_failure,
     _local_path,
     _pid_alive,
     _remove_stale_temporaries,
@@ -225,7 +226,8 @@ def _rank_name(rank: int, world_size: int) -> str:
 
 
 def _write_npy(path: Path, rows: Tensor | np.ndarray) -> dict[str, int]:
-    """Write ``rows`` as a ``.npy`` file straight from its memory; fsync; return bytes and CRC-32."""
+    """Write ``rows`` as a ``.npy`` file straight from its memory; fsync; return bytes and CRC-32. (Errors:
+    see :func:`_write_npy_chunks`.)"""
     arr = np.ascontiguousarray(rows) if isinstance(rows, np.ndarray) else rows.detach().cpu().numpy()
     return _write_npy_chunks(path, arr.dtype, arr.shape, [arr])
 
@@ -234,13 +236,14 @@ def _write_npy_chunks(
     path: Path, dtype: np.dtype[Any] | type, shape: tuple[int, ...], chunks: Iterable[np.ndarray]
 ) -> dict[str, int]:
     """Write a ``.npy`` file of ``shape`` whose data is ``chunks`` in order, holding one chunk at a time;
-    fsync; return bytes and CRC-32."""
+    fsync; return bytes and CRC-32. A failed write removes the file and raises an OSError naming it (and
+    the space left, for a full disk)."""
     header = io.BytesIO()
     descr = np.lib.format.dtype_to_descr(np.dtype(dtype))
     np.lib.format.write_array_header_1_0(header, {"descr": descr, "fortran_order": False, "shape": shape})
     head = header.getvalue()
     crc, size = zlib.crc32(head), len(head)
-    with open(path, "xb") as f:
+    with _written_or_removed(path, "writing the checkpoint file"), open(path, "xb") as f:
         f.write(head)
         for chunk in chunks:
             data = memoryview(np.ascontiguousarray(chunk, dtype=dtype).reshape(-1).view(np.uint8))  # type: ignore[arg-type]
@@ -259,12 +262,32 @@ SHARD_CHUNK_ROWS = 1 << 16
 
 
 def _write_torch(path: Path, obj: Any) -> dict[str, int]:
-    """``torch.save`` to a new file, fsync it, and return its size and CRC-32 (read back)."""
-    with open(path, "xb") as f:
+    """``torch.save`` to a new file, fsync it, and return its size and CRC-32 (read back). A failed write
+    removes the file and raises an error naming it (see :func:`_written_or_removed`)."""
+    with _written_or_removed(path, "saving the checkpoint file"), open(path, "xb") as f:
         torch.save(obj, f)
         f.flush()
         os.fsync(f.fileno())
     return _file_facts(path)
+
+
+@contextlib.contextmanager
+def _written_or_removed(path: Path, doing: str) -> Iterator[None]:
+    """Around the writing of new file ``path``: if it raises, remove the partial file, and raise an I/O
+    failure again as one that names the file and what was being done to it (``doing``): a full disk's bare
+    ``OSError(28)``, or torch's ``unexpected pos`` RuntimeError, names neither."""
+    try:
+        yield
+    except BaseException as err:
+        what = f"{doing} {path}"
+        if not isinstance(err, FileExistsError):  # (else the file is not ours)
+            with contextlib.suppress(OSError):
+                path.unlink()
+            what += " (removed)"
+        failure = _io_failure(err, what, path)
+        if failure is None:
+            raise
+        raise failure from err
 
 
 def _file_facts(path: Path) -> dict[str, int]:

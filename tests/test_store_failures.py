@@ -1,0 +1,357 @@
+"""Store failures that used to pass silently or unexplained: damaged metadata that re-initialised trained
+rows, I/O errors (a full disk) that named no file, and a /dev/shm too small for a shared table."""
+
+from __future__ import annotations
+
+import errno
+import functools
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+import lightning_bagpipe as lb
+from lightning_bagpipe.embedding import distributed
+from lightning_bagpipe.embedding.cached import CachedEmbedding
+from lightning_bagpipe.embedding.init import initialize_store
+from lightning_bagpipe.embedding.store import EmbeddingStore, MemoryStore, MmapStore
+from lightning_bagpipe.embedding.tiered_store import TieredStore
+from lightning_bagpipe.strategies import sharded_checkpoint as sc
+from lightning_bagpipe.strategies.checkpointing import atomic_torch_save
+
+TABLES = lb.Tables([("a", 100), ("b", 300)])
+DIM = 4
+
+
+def emb(store: Any, optimizer: Any = None, dim: int = DIM) -> CachedEmbedding:
+    return CachedEmbedding(TABLES, dim, optimizer or lb.optim.RowWiseAdagrad(lr=0.1), store=store, seed=1)
+
+
+def tiered(path: Path) -> Any:
+    """A factory of TieredStores small enough to spill to their log (and compact) within a few writes."""
+    return functools.partial(TieredStore, path, buffer_bytes=4096, log_bytes=30_000)
+
+
+TRAINED_IDS = np.arange(0, 400, 3)
+
+
+def trained(path: Path, kind: str) -> torch.Tensor:
+    """Create a store at ``path`` through a module, write "trained" rows into it, close it; return every
+    row as it then reads."""
+    m = emb(path if kind == "mmap" else tiered(path))
+    rows = torch.randn(TRAINED_IDS.size, m.width) + 5.0
+    m.store.write(TRAINED_IDS, rows)
+    table = m.store.read(np.arange(TABLES.total_rows))
+    m.store.close()
+    return table
+
+
+def edit_metadata(path: Path, change: Any) -> Path:
+    sidecar = Path(f"{path}.json")
+    header = json.loads(sidecar.read_text())
+    change(header["metadata"])
+    sidecar.write_text(json.dumps(header))
+    return sidecar
+
+
+def files_of(path: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(path.parent.iterdir()) if p.name.startswith(path.name)}
+
+
+# ---------------------------------------------------------------------------------------------- item 1
+@pytest.mark.parametrize("kind", ["mmap", "tiered"])
+def test_a_store_whose_metadata_was_emptied_is_refused_and_left_as_it_was(tmp_path: Path, kind: str) -> None:
+    path = tmp_path / "t.f32"
+    trained(path, kind)
+    sidecar = edit_metadata(path, lambda meta: meta.clear())
+    before = files_of(path)
+    for store in (path, str(path)):
+        with pytest.raises(ValueError, match=rf"sidecar {re.escape(str(sidecar))} lacks 'initialized'"):
+            emb(store)
+    assert files_of(path) == before  # (it used to re-initialise the file: every trained row overwritten)
+
+
+KEYS = [("mmap", k) for k in ("tables_fingerprint", "dim", "state_width", "seed")]
+# (a lazily initialised file without "lazy" would read its unwritten rows as zeros)
+KEYS += [("tiered", "tables_fingerprint"), ("tiered", "lazy")]
+
+
+@pytest.mark.parametrize("kind, key", KEYS)
+def test_an_initialised_store_missing_a_key_is_refused_naming_it(tmp_path: Path, kind: str, key: str) -> None:
+    path = tmp_path / "t.f32"
+    trained(path, kind)
+    sidecar = edit_metadata(path, lambda meta: meta.pop(key))
+    with pytest.raises(
+        ValueError, match=rf"{re.escape(str(sidecar))} says initialized=true but lacks '{key}'"
+    ):
+        emb(path)
+
+
+def test_the_ways_to_make_or_reopen_a_store_still_work(tmp_path: Path) -> None:
+    # a new file (created here), then reopened with its trained rows
+    path = tmp_path / "m.f32"
+    before = trained(path, "mmap")
+    again = emb(path)
+    assert isinstance(again.store, MmapStore) and torch.equal(again.store.tensor(), before)
+    again.store.close()
+    # a lazily initialised TieredStore file, reopened by its path and through a factory
+    tpath = tmp_path / "t.f32"
+    before = trained(tpath, "tiered")
+    for store in (tpath, tiered(tpath)):
+        again = emb(store)
+        assert isinstance(again.store, TieredStore)
+        assert torch.equal(again.store.read(np.arange(TABLES.total_rows)), before)
+        again.store.close()
+    # new store objects handed in (and a factory's new file) are initialised
+    fresh = emb(None).store.tensor()
+    for store in (
+        MemoryStore(TABLES.total_rows, DIM + 1, pin_memory=False),
+        MmapStore(tmp_path / "new.f32", TABLES.total_rows, DIM + 1),
+        TieredStore(tmp_path / "new_t.f32", TABLES.total_rows, DIM + 1),
+        lambda n, w: MmapStore(tmp_path / "factory.f32", n, w),
+        tiered(tmp_path / "factory_t.f32"),
+    ):
+        m = emb(store)
+        assert m.store.metadata["initialized"] is True
+        assert torch.equal(m.store.read(np.arange(TABLES.total_rows)), fresh)
+        m.store.close()
+    # an already initialised store object is used as it is
+    same = emb(None)
+    same.store.write([5], torch.ones(1, DIM + 1))
+    assert emb(same.store).store.read([5]).eq(1).all()
+
+
+def test_an_interrupted_initialisation_is_redone(tmp_path: Path) -> None:
+    path = tmp_path / "m.f32"
+    trained(path, "mmap")
+    edit_metadata(path, lambda meta: meta.update(initialized=False))  # what initialize_store records first
+    m = emb(path)
+    assert m.store.metadata["initialized"] is True and torch.equal(m.store.tensor(), emb(None).store.tensor())
+
+
+def test_a_store_object_holding_rows_but_no_metadata_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "m.f32"
+    s = MmapStore(path, TABLES.total_rows, DIM + 1)
+    s.write([7], torch.ones(1, DIM + 1))  # rows, but nothing recorded about them
+    s.flush()
+    with pytest.raises(ValueError, match=rf"sidecar .*m\.f32\.json is empty .*{re.escape(str(path))} shows"):
+        emb(s)
+    assert s.read([7]).eq(1).all()
+    s.close()
+    t = TieredStore(path, mode="open")  # its bitmap (saved by the flush) shows the file was used
+    t.flush()
+    t.close()
+    edit_metadata(path, lambda meta: meta.clear())
+    with pytest.raises(ValueError, match=r"is empty \(no 'initialized'\), but .*m\.f32\.written shows"):
+        emb(tiered(path))
+    # but a file whose creator stopped before initialising it holds nothing yet: a factory initialises it
+    MmapStore(tmp_path / "stopped.f32", TABLES.total_rows, DIM + 1).close()
+    assert emb(tiered(tmp_path / "stopped.f32")).store.metadata["lazy"] is True
+
+
+def test_a_plain_mmap_store_of_a_tiered_file_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "t.f32"
+    trained(path, "tiered")
+    with pytest.raises(
+        ValueError, match=r"says a TieredStore wrote the file.*Pass the path, or a TieredStore"
+    ):
+        emb(MmapStore(path, mode="open"))
+
+
+def test_rows_in_the_spill_log_of_a_file_not_initialised_lazily_are_read_back_by_path(tmp_path: Path) -> None:
+    path = tmp_path / "m.f32"
+    emb(path).store.close()  # a plain file, initialised in full
+    t = tiered(path)(TABLES.total_rows, DIM + 1)  # then written through a TieredStore: rows in its log
+    rows = torch.full((40, DIM + 1), 7.0)
+    t.write(np.arange(40), rows)
+    t.close()
+    assert json.loads(Path(f"{path}.json").read_text())["metadata"]["log_runs"]  # (not compacted)
+    again = emb(path)
+    assert isinstance(again.store, TieredStore)  # (a plain mapping would read the rows from before)
+    assert torch.equal(again.store.read(np.arange(40)), rows)
+
+
+def test_a_store_of_another_dim_with_the_same_width_is_refused() -> None:
+    s = MemoryStore(TABLES.total_rows, 4, pin_memory=False)
+    initialize_store(s, TABLES, 3, torch.zeros(1), 1)  # 3 weights, 1 state column
+    with pytest.raises(
+        ValueError, match=r"rows of dim 3 and 1 optimizer state columns, but .* needs dim 2 and 2"
+    ):
+        emb(s, lb.optim.Adagrad(lr=0.1), dim=2)  # (a state per weight: 4 columns too)
+
+
+# ---------------------------------------------------------------------------------------------- item 2
+def enospc(*args: Any, **kwargs: Any) -> Any:
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_a_spill_to_a_full_disk_names_the_spill_log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "t.f32"
+    store = emb(tiered(path)).store
+    assert isinstance(store, TieredStore) and store.log is not None
+    monkeypatch.setattr(os, "pwrite", enospc)
+    with pytest.raises(OSError) as caught:
+        for lo in range(0, 400, 40):  # enough rows to fill the buffer: a spill
+            store.write(np.arange(lo, lo + 40), torch.zeros(40, DIM + 1))
+    err = caught.value
+    log_file = str(store.log.rows_path)
+    assert err.errno == errno.ENOSPC and err.filename == log_file
+    # the executor reports a background failure by its repr, which leaves the filename out
+    assert (
+        repr(err)
+        == f"OSError(28, 'No space left on device while appending rows to the spill log {log_file}')"
+    )
+    monkeypatch.undo()
+    assert store.log.length == 0  # the failed append left no run behind
+    store.close()
+
+
+def test_atomic_save_to_a_full_disk_names_the_target_and_removes_the_temporary(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    target = tmp_path / "m.ckpt"
+    atomic_torch_save({"x": torch.arange(3)}, target)
+    real_save = torch.save
+
+    class FullDisk:
+        """A file that takes the first ``room`` bytes, then fails like a full disk."""
+
+        def __init__(self, f: Any, room: int) -> None:
+            self.f, self.room = f, room
+
+        def write(self, data: Any) -> int:
+            n = memoryview(data).nbytes
+            if n > self.room:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            self.room -= n
+            return self.f.write(data)
+
+        def flush(self) -> None:
+            self.f.flush()
+
+    # room for 2000 bytes: torch's zip writer cannot finish the file and raises RuntimeError("[enforce fail
+    # at inline_container.cc:...] . unexpected pos ..."), the OSError as its context; then room for all,
+    # but the fsync fails
+    for room in (2000, 10**9):
+        monkeypatch.setattr(
+            torch,
+            "save",
+            lambda obj, f, room=room: real_save(obj, FullDisk(f, room)),  # type: ignore[arg-type]
+        )
+        if room > 2000:
+            monkeypatch.setattr(os, "fsync", enospc)
+        with pytest.raises(OSError) as caught:
+            atomic_torch_save({"x": torch.zeros(10_000)}, target)
+        message = str(caught.value)
+        assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(target)
+        assert type(caught.value.__cause__) is (RuntimeError if room == 2000 else OSError)
+        assert re.search(
+            rf"while saving checkpoint {re.escape(str(target))} \(as the temporary file .*\.tmp", message
+        )
+        assert "now removed); " in message and "free on its filesystem" in message
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["m.ckpt"]  # no temporary left
+        assert torch.equal(torch.load(target, weights_only=True)["x"], torch.arange(3))  # the old file
+
+
+def test_a_directory_checkpoint_shard_that_cannot_be_written_is_named_and_removed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    npy, pt = tmp_path / "rows.npy", tmp_path / "rank.pt"
+    monkeypatch.setattr(os, "fsync", enospc)
+    with pytest.raises(
+        OSError, match=rf"space left on device while writing the checkpoint file {re.escape(str(npy))}"
+    ):
+        sc._write_npy(npy, torch.zeros(10, 3))
+    with pytest.raises(OSError, match=rf"while saving the checkpoint file {re.escape(str(pt))} \(removed\)"):
+        sc._write_torch(pt, {"x": 1})
+    assert list(tmp_path.iterdir()) == []
+    # a whole directory save: the error names the shard; nothing is left, the target is not created
+    m = emb(None)
+    target = tmp_path / "ck"
+    with pytest.raises(
+        OSError, match=r"writing the checkpoint file .*\.ck\..*\.tmp/emb\.rows\.00000-of-00001\.npy"
+    ):
+        sc.save_sharded_checkpoint({"state_dict": {}}, target, {"emb": m}, sc.LocalComm())
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------- item 3
+class OneRank:
+    """The collectives of one rank of a two-rank node, as share_store uses them (rank 1 receives what
+    rank 0 broadcast: ``sent``)."""
+
+    def __init__(self, rank: int, sent: Any = None) -> None:
+        self.rank, self.world_size, self.sent = rank, 2, sent
+
+    def barrier(self) -> None:
+        pass
+
+    def broadcast_object(self, obj: Any, src: int = 0) -> Any:
+        if self.rank == 0:
+            self.sent = obj
+        return self.sent
+
+
+def small_shm(monkeypatch: pytest.MonkeyPatch, root: Path, free: int) -> None:
+    monkeypatch.setattr(distributed, "_shm_root", lambda: str(root))
+    real = os.statvfs
+
+    def statvfs(p: Any) -> os.statvfs_result:
+        if str(p) != str(root):
+            return real(p)
+        return os.statvfs_result((4096, 4096, 16384, free // 4096, free // 4096, 100, 100, 100, 0, 255))
+
+    monkeypatch.setattr(os, "statvfs", statvfs)
+
+
+def test_a_table_that_does_not_fit_in_dev_shm_is_a_clear_error_on_every_rank(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = emb(None).store  # 400 rows x 5 floats: 8 KiB, a page more with the sidecar
+    small_shm(monkeypatch, tmp_path, 8192)
+    rank0 = OneRank(0)
+    with pytest.raises(RuntimeError) as caught:
+        distributed.share_store(store, rank0, "emb")  # type: ignore[arg-type]
+    message = str(caught.value)
+    assert f"the in-RAM table of emb (400 rows x 5 floats: 12.0 KiB) into {tmp_path} for the ranks" in message
+    assert f"{tmp_path} has 8.0 KiB free of 64.0 MiB" in message and "4.0 KiB more free space" in message
+    assert "BagpipeStrategy(store='sharded')" in message and "store='path/to/tables.f32'" in message
+    assert list(tmp_path.iterdir()) == []  # nothing was made
+    with pytest.raises(
+        RuntimeError, match=r"^rank 0 could not share the tables: BagpipeStrategy\(store='shared'\)"
+    ):
+        distributed.share_store(store, OneRank(1, rank0.sent), "emb")  # type: ignore[arg-type]
+
+
+def test_the_dev_shm_hint_names_dockers_shm_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    st = os.statvfs_result((4096, 4096, 16384, 10, 10, 100, 100, 100, 0, 255))  # 64 MiB, 40 KiB free
+    message = distributed._shm_problem("/dev/shm", MemoryStore(2**20, 20, pin_memory=False), "emb", st)
+    assert "(1,048,576 rows x 20 floats: 80.0 MiB) into /dev/shm" in message
+    assert "/dev/shm has 40.0 KiB free of 64.0 MiB" in message
+    assert "docker run --shm-size=N with N of at least 144.0 MiB" in message
+
+
+def test_space_taken_after_the_check_is_an_error_rather_than_a_bus_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store: EmbeddingStore = emb(None).store
+    small_shm(monkeypatch, tmp_path, 2**20)  # the check passes ...
+    monkeypatch.setattr(os, "posix_fallocate", enospc)  # ... but the space is gone when the file is made
+    with pytest.raises(RuntimeError, match=r"has 1\.0 MiB free of 64\.0 MiB"):
+        distributed.share_store(store, OneRank(0), "emb")  # type: ignore[arg-type]
+    assert list(tmp_path.iterdir()) == []  # the file and its folder were removed
+
+
+def test_a_table_that_fits_is_shared_as_before(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    original = emb(None)
+    small_shm(monkeypatch, tmp_path, 2**20)
+    shared, end = distributed.share_store(original.store, OneRank(0), "emb")  # type: ignore[arg-type]
+    assert isinstance(shared, MmapStore) and str(shared.path).startswith(str(tmp_path))
+    shared.write([3], torch.full((1, DIM + 1), 2.0))
+    end(True)
+    assert original.store.read([3]).eq(2).all() and list(tmp_path.iterdir()) == []
