@@ -10,7 +10,7 @@ from lightning.pytorch.strategies import StrategyRegistry
 from lightning_bagpipe import models, optim
 from lightning_bagpipe.__about__ import __version__
 from lightning_bagpipe.data import BagpipeDataModule, Batch, SparseFeatures
-from lightning_bagpipe.embedding import CachedEmbedding, MemoryStore, MmapStore, TieredStore
+from lightning_bagpipe.embedding import CachedEmbedding, MemoryStore, MmapStore, StoreInUseError, TieredStore
 from lightning_bagpipe.strategies import BagpipeStrategy
 from lightning_bagpipe.strategies.sharded_checkpoint import load_checkpoint_for_inference
 from lightning_bagpipe.tables import Tables, TableSpec
@@ -28,6 +28,7 @@ __all__ = [
     "MemoryStore",
     "MmapStore",
     "SparseFeatures",
+    "StoreInUseError",
     "TableSpec",
     "Tables",
     "TieredStore",

@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import gc
 import json
 import math
+import os
+import re
+import select
+import signal
+import subprocess
 import sys
 import threading
 import time
@@ -20,7 +28,15 @@ from lightning_bagpipe.embedding.init import (
     initial_weights,
     initialize_store,
 )
-from lightning_bagpipe.embedding.store import EmbeddingStore, MemoryStore, MmapStore
+from lightning_bagpipe.embedding.store import (
+    RANK_VARIABLES,
+    EmbeddingStore,
+    MemoryStore,
+    MmapStore,
+    StoreInUseError,
+    locks_by_default,
+    store_lock,
+)
 from lightning_bagpipe.tables import Tables
 
 ROWS, WIDTH = 1000, 5
@@ -515,3 +531,283 @@ def test_a_random_access_mapping_lets_go_of_its_pages_and_keeps_every_row(
     store.read(ids)
     assert store.releases == released
     store.close()
+
+
+# ---------------------------------------------------------------------------- one store file, one run
+REPO = Path(__file__).resolve().parent.parent
+HOLDER_TIMEOUT_S = 90
+
+#: A second process that opens a store (mmap or tiered) and holds it until its stdin closes.
+_HOLDER = """
+import signal, sys
+signal.alarm(int(sys.argv[3]))  # never outlives a test that forgot it
+from lightning_bagpipe.embedding.store import MmapStore
+from lightning_bagpipe.embedding.tiered_store import TieredStore
+kind, path = sys.argv[1], sys.argv[2]
+store = MmapStore(path, mode="open") if kind == "mmap" else TieredStore(path, mode="open")
+if kind == "tiered":  # rows in its buffer, its log and its bitmap, as a live run would have
+    import numpy as np, torch
+    ids = np.arange(0, store.num_rows, 3)
+    store.write(ids, torch.full((ids.size, store.width), 7.0))
+    store.flush()
+print("ready", flush=True)
+sys.stdin.read()
+store.close()
+"""
+
+#: A process of its own that tries the file's lock without the package: exit 0 if free, 3 if held.
+_PROBE = """
+import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_RDONLY)
+try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+except BlockingIOError:
+    sys.exit(3)
+"""
+
+
+def _env_of_a_lone_run() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in RANK_VARIABLES}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    return env
+
+
+@contextlib.contextmanager
+def holding(path: Path, kind: str = "mmap") -> Iterator[subprocess.Popen[bytes]]:
+    """Another process (another run) with the store at ``path`` open, until the block ends (or it is
+    killed in it); whatever happens, it does not survive the block."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, kind, str(path), str(HOLDER_TIMEOUT_S)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=_env_of_a_lone_run(),
+    )
+    try:
+        assert proc.stdout is not None and proc.stdin is not None
+        deadline = time.monotonic() + HOLDER_TIMEOUT_S
+        line = b""
+        while time.monotonic() < deadline and proc.poll() is None:
+            if select.select([proc.stdout], [], [], 0.2)[0]:
+                line = proc.stdout.readline()
+                break
+        if line.strip() != b"ready":
+            proc.kill()
+            _, err = proc.communicate(timeout=30)
+            pytest.fail(f"the holder process did not open {path}: {err.decode()[-3000:]}")
+        yield proc
+        if proc.poll() is None:
+            proc.stdin.close()  # the holder closes its store and exits
+            proc.wait(timeout=HOLDER_TIMEOUT_S)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=30)
+        for pipe in (proc.stdin, proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.close()
+
+
+def locked_elsewhere(path: Path) -> bool:
+    """Whether some process holds the lock of ``path`` (asked by a process of its own)."""
+    done = subprocess.run([sys.executable, "-c", _PROBE, str(path)], timeout=60, env=_env_of_a_lone_run())
+    assert done.returncode in (0, 3)
+    return done.returncode == 3
+
+
+def fingerprint(folder: Path) -> dict[str, tuple[bytes, int]]:
+    """Every file of ``folder``: its bytes and modification time (ns)."""
+    return {f.name: (f.read_bytes(), f.stat().st_mtime_ns) for f in sorted(folder.iterdir())}
+
+
+@pytest.fixture
+def lone_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    """This process is no rank of a multi-process run: its stores lock by default."""
+    for name in RANK_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_a_store_another_run_has_open_is_refused_naming_the_file_and_its_pid(
+    tmp_path: Path, lone_run: None
+) -> None:
+    path = tmp_path / "x.f32"
+    first = MmapStore(path, ROWS, WIDTH, mode="create")
+    first.write_range(0, torch.ones(ROWS, WIDTH))
+    first.close()
+    assert not locked_elsewhere(path)  # a closed store holds no lock
+    before = fingerprint(tmp_path)
+    with holding(path) as other:
+        for mode in ("auto", "open"):
+            held = f"{re.escape(str(path))} is in use by process {other.pid}"
+            with pytest.raises(StoreInUseError, match=held) as info:
+                MmapStore(path, mode=mode)  # type: ignore[arg-type]
+            assert info.value.pid == other.pid and info.value.path == path
+            assert isinstance(info.value, ValueError)  # (a user error: the CLI prints one line)
+        with pytest.raises(StoreInUseError):
+            MmapStore(path, ROWS, WIDTH, lock=True)
+        assert fingerprint(tmp_path) == before  # refused before anything was read or written
+    # the other run ended (and closed its store): the file opens, with its rows
+    again = MmapStore(path, mode="open")
+    assert again.locked and torch.equal(again.tensor(), torch.ones(ROWS, WIDTH))
+    again.close()
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["x.f32", "x.f32.json"]  # no lock files
+
+
+def test_a_killed_run_leaves_its_store_free(tmp_path: Path, lone_run: None) -> None:
+    path = tmp_path / "x.f32"
+    MmapStore(path, ROWS, WIDTH, mode="create").close()
+    with holding(path) as other:
+        assert locked_elsewhere(path)
+        other.send_signal(signal.SIGKILL)  # no close(), no exit handlers
+        other.wait(timeout=60)
+        assert not locked_elsewhere(path)  # the system let go of the lock with the process
+        s = MmapStore(path)
+        assert s.locked
+        s.close()
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["x.f32", "x.f32.json"]
+
+
+def test_one_process_may_open_its_own_store_again(tmp_path: Path, lone_run: None) -> None:
+    """A notebook or test reopening a file (load_from_checkpoint(ckpt, store=path) beside the trained
+    model): the process's stores share its lock, which lasts until the last of them is closed."""
+    path = tmp_path / "x.f32"
+    a = MmapStore(path, ROWS, WIDTH, mode="create")
+    assert a.locked and locked_elsewhere(path)
+    b = MmapStore(path, mode="open")
+    c = MmapStore(str(path))
+    assert b.locked and c.locked
+    b.write(np.array([3]), torch.full((1, WIDTH), 2.0))
+    assert torch.equal(a.read([3]), torch.full((1, WIDTH), 2.0))  # one file
+    b.close()
+    b.close()  # (idempotent: releases its share once)
+    c.close()
+    assert locked_elsewhere(path)  # a still has it open
+    a.close()
+    assert not locked_elsewhere(path)
+
+
+def test_a_lock_is_let_go_when_the_store_fails_to_open_or_is_dropped(tmp_path: Path, lone_run: None) -> None:
+    path = tmp_path / "x.f32"
+    MmapStore(path, ROWS, WIDTH, mode="create").close()
+    with pytest.raises(ValueError, match="num_rows=7 was requested"):
+        MmapStore(path, num_rows=7)
+    assert not locked_elsewhere(path)
+    s = MmapStore(path)
+    assert locked_elsewhere(path)
+    del s
+    gc.collect()
+    assert not locked_elsewhere(path)  # an unclosed store lets go of its lock when it is collected
+
+
+def test_ranks_other_than_zero_do_not_lock(
+    tmp_path: Path, lone_run: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The processes of one multi-process run all map its file: rank 0 locks it for them."""
+    assert locks_by_default()
+    for name, value in [("LOCAL_RANK", "0"), ("RANK", "0"), ("LOCAL_RANK", "1"), ("RANK", "3")]:
+        monkeypatch.setenv(name, value)
+        assert locks_by_default() is (value == "0")
+    path = tmp_path / "x.f32"
+    rank0 = MmapStore(path, ROWS, WIDTH, lock=True)  # (as rank 0 of this run)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    rank1 = MmapStore(path)
+    assert rank0.locked and not rank1.locked
+    rank1.close()
+    assert locked_elsewhere(path)
+    rank0.close()
+    monkeypatch.setenv("RANK", "1")
+    rank1 = MmapStore(path, mode="open")  # without the lock ...
+    assert not rank1.locked and not locked_elsewhere(path)
+    rank1.close()
+    forced = MmapStore(path, lock=True)  # ... unless asked
+    assert forced.locked and locked_elsewhere(path)
+    forced.close()
+    never = MmapStore(path, lock=False)
+    assert not never.locked and not locked_elsewhere(path)
+    never.close()
+
+
+def test_a_rank_other_than_zero_opens_the_file_its_rank_0_holds(
+    tmp_path: Path, lone_run: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "x.f32"
+    MmapStore(path, ROWS, WIDTH, mode="create").close()
+    with holding(path):  # (the run's rank 0)
+        monkeypatch.setenv("LOCAL_RANK", "1")
+        rank1 = MmapStore(path, mode="open")
+        assert not rank1.locked
+        rank1.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_does_not_keep_its_parents_lock(tmp_path: Path, lone_run: None) -> None:
+    """A forked child (a data loader worker, say) may reopen its parent's store, but the parent's close()
+    still lets go of the lock while the child lives."""
+    path = tmp_path / "x.f32"
+    s = MmapStore(path, ROWS, WIDTH, mode="create")
+    ready_r, ready_w = os.pipe()
+    go_r, go_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child
+        code = 1
+        try:
+            again = MmapStore(path, mode="open")  # inherited from the parent: allowed
+            again.close()
+            code = 0
+        finally:
+            os.write(ready_w, bytes([code]))
+            os.read(go_r, 1)
+            os._exit(code)
+    try:
+        assert os.read(ready_r, 1) == bytes([0])
+        s.close()
+        assert not locked_elsewhere(path)  # the child lives on, without the lock
+    finally:
+        os.write(go_w, b"x")
+        _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
+def _cli_args(path: Path, store: str = "mmap", devices: int = 1) -> argparse.Namespace:
+    return argparse.Namespace(
+        store=store, store_path=path, overwrite_store=True, buffer_mib=None, devices=devices
+    )
+
+
+def test_overwrite_store_refuses_a_file_another_run_has_open(tmp_path: Path, lone_run: None) -> None:
+    """--overwrite-store must not unlink a file a live run trains on (its training would be lost)."""
+    from lightning_bagpipe.embedding.tiered_store import TieredStore
+    from lightning_bagpipe.models.train import _store_arg
+
+    path = tmp_path / "x.f32"
+    MmapStore(path, ROWS, WIDTH, mode="create").close()
+    before = fingerprint(tmp_path)
+    with holding(path) as other:
+        held = rf"{re.escape(str(path))} is in use by process {other.pid}.*--overwrite-store"
+        with pytest.raises(StoreInUseError, match=held):
+            _store_arg(_cli_args(path), tmp_path)
+        assert fingerprint(tmp_path) == before  # nothing removed
+    assert _store_arg(_cli_args(path), tmp_path) == str(path)  # the run ended: replaced
+    assert not path.exists()
+    # a tiered store on several processes: each rank's own file, locked by that rank
+    rank0 = tmp_path / "t.rank0.f32"
+    TieredStore(rank0, ROWS, WIDTH).close()
+    with holding(rank0, "tiered"):
+        with pytest.raises(StoreInUseError, match="--overwrite-store"):
+            _store_arg(_cli_args(tmp_path / "t.f32", "tiered", devices=2), tmp_path)
+        assert rank0.exists()
+    # this process's own open store does not stop it (it replaces its own file)
+    mine = MmapStore(path, ROWS, WIDTH)
+    _store_arg(_cli_args(path), tmp_path)
+    assert not path.exists()
+    mine.close()
+
+
+def test_store_lock_holds_the_file_for_its_block(tmp_path: Path, lone_run: None) -> None:
+    path = tmp_path / "x.f32"
+    with store_lock(path):  # (no file: nothing to hold)
+        pass
+    MmapStore(path, ROWS, WIDTH).close()
+    with store_lock(path):
+        assert locked_elsewhere(path)
+    assert not locked_elsewhere(path)

@@ -423,3 +423,47 @@ def test_a_merge_that_fails_midway_leaves_the_old_log_in_force(
     again = TieredStore(path, buffer_bytes=2**20, log_bytes=LOGS["small_log"])
     assert torch.equal(again.read(np.arange(TABLES.total_rows)), on_disk)
     again.close()
+
+
+# ---------------------------------------------------------------------- one store file, one run
+def test_a_tiered_store_another_run_has_open_is_refused_before_its_log_or_bitmap_is_touched(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two runs on one TieredStore file: the second is refused before it reads or rewrites the log, the
+    bitmap or the sidecar (a reopening with another log size would compact the first run's log)."""
+    from lightning_bagpipe.embedding.store import RANK_VARIABLES, StoreInUseError
+    from tests.test_store import fingerprint, holding, locked_elsewhere
+
+    for name in RANK_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    path = tmp_path / "t.f32"
+    lazy_store(path, 8).close()
+    with holding(path, "tiered") as other:
+        assert sorted(f.name for f in tmp_path.iterdir()) == [
+            "t.f32",
+            "t.f32.json",
+            "t.f32.log",
+            "t.f32.log.ids",
+            "t.f32.written",
+        ]
+        before = fingerprint(tmp_path)
+        for log_bytes in (LOGS["default_log"], 0, LOGS["small_log"]):
+            with pytest.raises(StoreInUseError, match=f"in use by process {other.pid}"):
+                TieredStore(path, buffer_bytes=2**20, log_bytes=log_bytes)
+        with pytest.raises(StoreInUseError):
+            lb.CachedEmbedding(TABLES, dim=DIM, optimizer=lb.optim.Adagrad(lr=0.1), store=str(path))
+        monkeypatch.setenv("LOCAL_RANK", "1")  # a TieredStore is one process's: every rank locks its file
+        with pytest.raises(StoreInUseError):
+            TieredStore(path)
+        monkeypatch.delenv("LOCAL_RANK")
+        assert fingerprint(tmp_path) == before
+    assert not locked_elsewhere(path)
+    again = TieredStore(path, buffer_bytes=2**20)  # the other run's rows, as it left them
+    ids = np.arange(TABLES.total_rows)
+    mine = ids % 3 == 0
+    got = again.read(ids)
+    assert torch.equal(got[mine], torch.full((int(mine.sum()), WIDTH), 7.0))
+    assert torch.equal(got[~mine], initial_table()[~mine])
+    assert again.file.locked and locked_elsewhere(path)
+    again.close()
+    assert not locked_elsewhere(path)

@@ -11,6 +11,10 @@ Two stores implement one interface, :class:`EmbeddingStore`:
 * :class:`MmapStore`: a raw float32 file plus a JSON sidecar, for tables larger than RAM, for
   resuming from disk, and for sharing one table between the processes of a node.
 
+A process that opens or creates a store file holds an advisory ``flock`` on it until it closes the
+store (or dies), so a second run on the same file is refused (:class:`StoreInUseError`) instead of
+interleaving its writes with the first's (see :class:`MmapStore`, "Locking").
+
 Every access is vectorized (``index_select`` / ``index_copy_`` on one CPU tensor view of the whole
 table). Thread-safety: any number of concurrent readers plus one writer are safe as long as the writer's
 rows are disjoint from the rows being read at that moment; ordering reads and write-backs of the *same*
@@ -23,6 +27,7 @@ import contextlib
 import json
 import mmap
 import os
+import weakref
 from abc import ABC
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,9 +39,28 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_bagpipe.embedding.store_lock import (
+    RANK_VARIABLES,
+    StoreInUseError,
+    acquire,
+    locks_by_default,
+    release,
+    store_lock,
+)
 from lightning_bagpipe.id_sets import union_ids
 
-__all__ = ["STORE_FORMAT", "STORE_VERSION", "EmbeddingStore", "Ids", "MemoryStore", "MmapStore"]
+__all__ = [
+    "RANK_VARIABLES",
+    "STORE_FORMAT",
+    "STORE_VERSION",
+    "EmbeddingStore",
+    "Ids",
+    "MemoryStore",
+    "MmapStore",
+    "StoreInUseError",
+    "locks_by_default",
+    "store_lock",
+]
 
 #: Row ids accepted by reads and writes: a 1-D integer numpy array, tensor (any device) or int sequence.
 Ids = np.ndarray | Tensor | Sequence[int]
@@ -334,6 +358,15 @@ class MmapStore(EmbeddingStore):
     Use it when the tables exceed RAM (the OS pages rows in and out), to keep trained tables on disk
     between runs, or to share one table between the processes of a node (the mapping is shared, so a
     row written by one process is visible to the others; create the file in one process first).
+
+    **Locking.** With ``lock=True`` the store takes an advisory ``flock`` on ``path`` as it opens or
+    creates it, before it reads or writes anything, and holds it until :meth:`close` (or until the
+    process dies: the system lets go of it then, even after ``kill -9``). If another process holds it, the
+    store is not opened: :class:`StoreInUseError` names the file and the holder's pid. Stores of one
+    process share its lock on a file, so a process may open a file it has open already. ``lock=None``
+    (default) locks unless this process is a rank other than 0 of a multi-process run
+    (:func:`locks_by_default`): the ranks of one run map one file, and their rank 0 holds the lock for
+    them. ``lock=False`` never locks (e.g. to read a file a live run is writing, at your own risk).
     """
 
     def __init__(
@@ -342,29 +375,40 @@ class MmapStore(EmbeddingStore):
         num_rows: int | None = None,
         width: int | None = None,
         mode: Literal["auto", "create", "open"] = "auto",
+        *,
+        lock: bool | None = None,
     ) -> None:
         self.path = Path(path)
         self.sidecar = Path(str(self.path) + ".json")
+        self._unlock: weakref.finalize[Any, MmapStore] | None = None
         if mode not in ("auto", "create", "open"):
             raise ValueError(f"MmapStore mode must be 'auto', 'create' or 'open', got {mode!r}")
+        locking = locks_by_default() if lock is None else bool(lock)
         if mode == "auto":
             mode = "open" if self.path.exists() else "create"
-        if mode == "create":
-            if num_rows is None or width is None:
-                raise ValueError(
-                    f"MmapStore('{self.path}'): creating a store needs num_rows and width "
-                    f"(got num_rows={num_rows}, width={width})"
-                )
-            super().__init__(num_rows, width)
-            self._create()
-        else:
-            header = self._read_sidecar()
-            super().__init__(header["num_rows"], header["width"])
-            self.metadata = dict(header.get("metadata") or {})
-            self._check_open(num_rows, width)
-        self._array: np.memmap | None = np.memmap(
-            self.path, dtype=np.float32, mode="r+", shape=(self.num_rows, self.width)
-        )
+        if mode == "create" and (num_rows is None or width is None):
+            raise ValueError(
+                f"MmapStore('{self.path}'): creating a store needs num_rows and width "
+                f"(got num_rows={num_rows}, width={width})"
+            )
+        if mode == "open" and locking and self.path.exists():  # (a missing file: the error below names it)
+            self._hold(acquire(self.path))  # first: a store in use is left untouched, sidecar included
+        try:
+            if mode == "create":
+                assert num_rows is not None and width is not None
+                super().__init__(num_rows, width)
+                self._create(locking)
+            else:
+                header = self._read_sidecar()
+                super().__init__(header["num_rows"], header["width"])
+                self.metadata = dict(header.get("metadata") or {})
+                self._check_open(num_rows, width)
+            self._array: np.memmap | None = np.memmap(
+                self.path, dtype=np.float32, mode="r+", shape=(self.num_rows, self.width)
+            )
+        except BaseException:
+            self._let_go()  # (a store that failed to open holds no lock)
+            raise
         self._table = torch.from_numpy(self._array)
         # Rows are read and written scattered. On a file much larger than what RAM can cache, reading ahead
         # around each row wastes the disk and the page cache: tell the kernel not to (measured ~20x faster
@@ -382,6 +426,19 @@ class MmapStore(EmbeddingStore):
 
     def describe(self) -> str:
         return f"MmapStore('{self.path}')"
+
+    @property
+    def locked(self) -> bool:
+        """Whether this store holds the lock on its file (shares this process's lock)."""
+        return self._unlock is not None and self._unlock.alive
+
+    def _hold(self, key: tuple[int, int] | None) -> None:
+        if key is not None:  # released by close(), or when the store is garbage collected
+            self._unlock = weakref.finalize(self, release, key)
+
+    def _let_go(self) -> None:
+        if self._unlock is not None:
+            self._unlock()
 
     #: Gathers of at least this many rows from a random-access mapping first ask the kernel for their
     #: pages (``MADV_WILLNEED``).
@@ -453,15 +510,19 @@ class MmapStore(EmbeddingStore):
                 raw.madvise(mmap.MADV_WILLNEED, a * _PAGE, min(b * _PAGE, size) - a * _PAGE)
 
     # ------------------------------------------------------------------ files
-    def _create(self) -> None:
+    def _create(self, locking: bool) -> None:
         if self.path.exists():
             raise FileExistsError(
                 f"MmapStore('{self.path}'): file exists; open it with mode='open' (or 'auto') or delete it"
             )
         if self.path.parent and not self.path.parent.exists():
             raise FileNotFoundError(f"MmapStore('{self.path}'): directory {self.path.parent} does not exist")
-        with open(self.path, "xb") as f:
-            f.truncate(self.nbytes)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
+        if locking:  # the new file's own descriptor holds the lock (or is closed), before anything is written
+            self._hold(acquire(self.path, fd))
+        else:
+            os.close(fd)
+        os.truncate(self.path, self.nbytes)
         self._write_sidecar()
 
     def _read_sidecar(self) -> dict[str, Any]:
@@ -542,8 +603,10 @@ class MmapStore(EmbeddingStore):
             self._array.flush()
 
     def close(self) -> None:
+        """Flush, drop the mapping and let go of the lock (this store's share of it)."""
         super().close()
         self._array = None
+        self._let_go()
 
 
 def fsync_dir(path: Path) -> None:

@@ -113,6 +113,11 @@ class TieredStore(EmbeddingStore):
         log_bytes: disk for the spill log (rows and their ids), which a full buffer is appended to
             (:mod:`~lightning_bagpipe.embedding.spill_log`); ``0``: spills write the row file directly.
         mode: ``"auto"`` (open if ``path`` exists, else create), ``"create"`` or ``"open"``.
+        lock: lock the row file (:class:`MmapStore`, "Locking") before the bitmap or the log is touched;
+            :class:`~lightning_bagpipe.embedding.store.StoreInUseError` if another process has it open.
+            ``True`` (default) on every rank, since a ``TieredStore`` is one process's store (with several
+            ranks, each has its own file); ``None``: only where
+            :func:`~lightning_bagpipe.embedding.store.locks_by_default`; ``False``: never.
 
     ``CachedEmbedding`` calls :meth:`initialize_lazily` on a new store instead of writing every row. Pass
     the store itself, or ``functools.partial(TieredStore, path)`` to let the module supply the shape.
@@ -127,9 +132,17 @@ class TieredStore(EmbeddingStore):
         buffer_bytes: int = DEFAULT_BUFFER_BYTES,
         log_bytes: int = DEFAULT_LOG_BYTES,
         mode: Literal["auto", "create", "open"] = "auto",
+        lock: bool | None = True,
     ) -> None:
         created = mode == "create" or (mode == "auto" and not Path(path).exists())
-        self.file = MmapStore(path, num_rows, width, mode=mode)
+        self.file = MmapStore(path, num_rows, width, mode=mode, lock=lock)  # (locks first)
+        try:
+            self._open(created, buffer_bytes, log_bytes)
+        except BaseException:
+            self.file.close()  # (lets go of the lock)
+            raise
+
+    def _open(self, created: bool, buffer_bytes: int, log_bytes: int) -> None:
         super().__init__(self.file.num_rows, self.file.width)
         self.metadata = self.file.metadata
         self._table = self.file.tensor()

@@ -32,6 +32,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning_bagpipe.cli import flag_hints
 from lightning_bagpipe.data.criteo import CriteoDataModule
 from lightning_bagpipe.data.synthetic import DEFAULT_ZIPF, SyntheticCriteo
+from lightning_bagpipe.embedding.store import store_lock
 from lightning_bagpipe.embedding.tiered_store import DEFAULT_BUFFER_BYTES, TieredStore, store_files
 from lightning_bagpipe.models.common import (
     DEFAULT_DENSE_LR,
@@ -210,7 +211,11 @@ def add_arguments(parser: argparse.ArgumentParser, model: str | None = None) -> 
         help="file of the mmap or tiered store (default: ROOT_DIR/tables.f32; with several processes a "
         "tiered store adds .rankR before the suffix); an existing file is an error unless --overwrite-store",
     )
-    add("--overwrite-store", action="store_true", help="replace an existing store file")
+    add(
+        "--overwrite-store",
+        action="store_true",
+        help="replace an existing store file (refused while another run has it open)",
+    )
     add(
         "--buffer-mib",
         type=pos_int,
@@ -368,8 +373,11 @@ def _store_arg(args: argparse.Namespace, root: Path) -> StoreLike:
             raise FileExistsError(
                 f"{path} exists but is not a lightning-bagpipe store ({sidecar} is missing)"
             )
-        for f in files:
-            f.unlink(missing_ok=True)
+        # a live run holds the file's lock: refused (StoreInUseError, naming its pid) before anything is
+        # removed; while the files go, this process holds the lock, so no run can open them meanwhile
+        with store_lock(path, "replace it (--overwrite-store)"):
+            for f in files:
+                f.unlink(missing_ok=True)
     path.parent.mkdir(parents=True, exist_ok=True)
     if args.store == "tiered":
         mib = args.buffer_mib if args.buffer_mib is not None else DEFAULT_BUFFER_BYTES // 2**20
