@@ -355,3 +355,27 @@ def test_a_table_that_fits_is_shared_as_before(tmp_path: Path, monkeypatch: pyte
     shared.write([3], torch.full((1, DIM + 1), 2.0))
     end(True)
     assert original.store.read([3]).eq(2).all() and list(tmp_path.iterdir()) == []
+
+
+def test_sidecar_and_bitmap_write_failures_name_the_file_and_leave_no_temporary(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    mm = MmapStore(tmp_path / "m.f32", num_rows=10, width=3, mode="create")
+    ts = TieredStore(tmp_path / "t.f32", num_rows=10, width=3, mode="create")
+
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(
+        OSError, match=rf"No space left on device while writing the sidecar {re.escape(str(mm.sidecar))}"
+    ):
+        mm.set_metadata(note=1)
+    with pytest.raises(
+        OSError, match=rf"while saving the bitmap of written rows {re.escape(str(ts.bitmap_path))}"
+    ):
+        ts._save_bitmap()
+    assert not [p.name for p in tmp_path.iterdir() if ".tmp" in p.name]
+    monkeypatch.undo()
+    mm.close()
+    ts.close()

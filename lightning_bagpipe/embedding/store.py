@@ -583,11 +583,18 @@ class MmapStore(EmbeddingStore):
             "metadata": self.metadata,
         }
         tmp = Path(f"{self.sidecar}.tmp{os.getpid()}")
-        with open(tmp, "w") as f:
-            json.dump(header, f, indent=1, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.sidecar)
+        try:
+            with open(tmp, "w") as f:
+                json.dump(header, f, indent=1, sort_keys=True)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.sidecar)
+        except OSError as err:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise OSError(
+                err.errno, f"{err.strerror} while writing the sidecar {self.sidecar}", str(self.sidecar)
+            ) from err
         fsync_dir(self.sidecar.parent)
 
     # ------------------------------------------------------------------ overrides
@@ -600,7 +607,14 @@ class MmapStore(EmbeddingStore):
         """``msync`` the mapping: written rows reach the file."""
         self._t()
         if self._array is not None:
-            self._array.flush()
+            try:
+                self._array.flush()
+            except OSError as err:
+                raise OSError(
+                    err.errno,
+                    f"{err.strerror} while flushing (msync) the store file {self.path}",
+                    str(self.path),
+                ) from err
 
     def close(self) -> None:
         """Flush, drop the mapping and let go of the lock (this store's share of it)."""

@@ -42,6 +42,7 @@ thread's reads never see the buffer half-updated.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -231,6 +232,7 @@ class TieredStore(EmbeddingStore):
         what = f"{len(tables)} tables with dim={dim}"
         self.validate(tables.total_rows, int(dim) + state.numel(), what=what)
         with self._lock:
+            self._save_bitmap()  # first: metadata saying "lazy" must never lack the bitmap it relies on
             self.set_metadata(
                 initialized=True,
                 lazy=True,
@@ -243,7 +245,6 @@ class TieredStore(EmbeddingStore):
                 state_init=[float(x) for x in state.tolist()],
             )
             self._init = self._recipe_from_metadata()
-            self._save_bitmap()
 
     def _recipe_from_metadata(self) -> tuple[Tables, int, int, Tensor]:
         meta = self.metadata
@@ -290,11 +291,20 @@ class TieredStore(EmbeddingStore):
 
     def _save_bitmap(self) -> None:
         tmp = Path(f"{self.bitmap_path}.tmp{os.getpid()}")
-        with open(tmp, "wb") as f:
-            self._written.tofile(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.bitmap_path)
+        try:
+            with open(tmp, "wb") as f:
+                self._written.tofile(f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.bitmap_path)
+        except OSError as err:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise OSError(
+                err.errno,
+                f"{err.strerror} while saving the bitmap of written rows {self.bitmap_path}",
+                str(self.bitmap_path),
+            ) from err
         fsync_dir(self.bitmap_path.parent)
 
     def _in_file(self, ids: np.ndarray) -> np.ndarray:

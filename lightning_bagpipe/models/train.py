@@ -287,7 +287,12 @@ def add_arguments(parser: argparse.ArgumentParser, model: str | None = None) -> 
     add("--max-epochs", type=pos_int, help="also stop after this many epochs (default: no epoch limit)")
     add("--root-dir", type=Path, metavar="PATH", help="logs and checkpoints go here (default: runs/MODEL)")
     add("--no-logger", action="store_true", help="disable Lightning's default logger (TensorBoard, else CSV)")
-    add("--no-checkpoint", action="store_true", help="do not save a checkpoint at the end of fit")
+    add(
+        "--no-checkpoint",
+        action="store_true",
+        help="save no checkpoint (by default one at the end of every epoch, only the newest kept: many "
+        "short epochs of a small file over large tables mean many large saves)",
+    )
     add("--no-progress-bar", action="store_true", help="hide Lightning's progress bar")
     add("--threads", type=pos_int, help="torch CPU threads (default: torch's choice)")
     add(
