@@ -379,3 +379,21 @@ def test_sidecar_and_bitmap_write_failures_name_the_file_and_leave_no_temporary(
     monkeypatch.undo()
     mm.close()
     ts.close()
+
+
+def test_a_full_disk_while_filling_a_new_file_store_is_an_error_naming_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # without the space reserved first, the fill writes through the mapping and a full disk is a SIGBUS
+    def full(fd: int, offset: int, length: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    path = tmp_path / "t.f32"
+    with pytest.raises(
+        OSError, match=rf"No space left on device while allocating .* store file {re.escape(str(path))}"
+    ):
+        emb(str(path))
+    monkeypatch.undo()
+    store = emb(str(path)).store  # (the interrupted fill is redone)
+    assert store.metadata["initialized"] is True and float(store.tensor().abs().sum()) > 0

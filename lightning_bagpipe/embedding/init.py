@@ -138,6 +138,7 @@ def initialize_store(
         raise ValueError(f"chunk_rows must be a positive integer, got {chunk_rows!r}")
     chunk = int(chunk_rows)
     store.set_metadata(initialized=False)
+    store.reserve()  # (a file store: a full disk is an error here, not a SIGBUS while filling the mapping)
     buf = torch.empty(min(chunk, tables.total_rows), width, dtype=torch.float32)
     buf[:, dim:] = state.cpu()
     for lo in range(0, tables.total_rows, chunk):

@@ -24,6 +24,7 @@ row is the executor's job. ``close`` must not race with other calls.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import mmap
 import os
@@ -276,6 +277,10 @@ class EmbeddingStore(ABC):
     def flush(self) -> None:
         """Make written rows durable. A no-op in RAM."""
         self._t()
+
+    def reserve(self) -> None:
+        """Make sure every row has its space (before filling them all). A no-op in RAM."""
+        return None
 
     def close(self) -> None:
         """Flush and release the table. Idempotent; tensors from :meth:`tensor` keep their memory alive."""
@@ -602,6 +607,26 @@ class MmapStore(EmbeddingStore):
         """Update :attr:`metadata` and rewrite the sidecar atomically (temp file, fsync, rename)."""
         super().set_metadata(**kv)
         self._write_sidecar()
+
+    def reserve(self) -> None:
+        """Allocate the file's blocks now (``posix_fallocate``): a full disk is then an ``OSError`` naming the
+        file here, not a ``SIGBUS`` that kills the process when a write through the mapping finds no space.
+        (File systems that cannot preallocate are left as they are.)"""
+        if not hasattr(os, "posix_fallocate"):
+            return
+        fd = os.open(self.path, os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
+        try:
+            os.posix_fallocate(fd, 0, self.nbytes)
+        except OSError as err:
+            if err.errno in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                return
+            raise OSError(
+                err.errno,
+                f"{err.strerror} while allocating {self.nbytes:,} bytes for the store file {self.path}",
+                str(self.path),
+            ) from err
+        finally:
+            os.close(fd)
 
     def flush(self) -> None:
         """``msync`` the mapping: written rows reach the file."""
