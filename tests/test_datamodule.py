@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -235,3 +236,18 @@ def test_datamodule_validates_its_arguments() -> None:
     ListDataModule(tables, batches, lookahead=np.int64(3), cache_rows=np.int32(50))  # numpy integers are fine
     with pytest.raises(ValueError, match="sync must be one of"):
         ListDataModule(tables, random_batches(tables, 1, 4), sync="allreduce")
+
+
+def test_a_batch_size_that_does_not_divide_over_the_ranks_is_warned_about() -> None:
+    # each rank's mean loss counts the same (as with DDP): unequal slices differ from one process
+    from types import SimpleNamespace
+
+    tables = small_tables()
+    for size, warned in ((5, True), (6, False)):
+        dm = ListDataModule(tables, random_batches(tables, 2, size))
+        dm.trainer = SimpleNamespace(global_rank=0, world_size=2)  # type: ignore[assignment]
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            dm.train_dataloader().close()
+        hits = [w for w in seen if "does not divide over 2 ranks" in str(w.message)]
+        assert bool(hits) == warned, [str(w.message) for w in seen]

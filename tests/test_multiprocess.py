@@ -104,10 +104,13 @@ def test_two_processes_equal_one(tmp_path: Path, lookahead: int, store: str, mul
         assert ranks[0]["stats"]["early_rows"] > 0 and ranks[1]["stats"]["early_rows"] > 0
 
 
-def test_two_processes_on_tiered_stores_equal_one_in_ram(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "store", ["sharded", "auto"]
+)  # ("auto" picks sharded: a TieredStore cannot be shared)
+def test_two_processes_on_tiered_stores_equal_one_in_ram(tmp_path: Path, store: str) -> None:
     """store="sharded" over each rank's own TieredStore, whose 6-row buffer spills many times, trains what
     one process trains on a RAM store (every store starts from the same initial rows)."""
-    args = ["--lookahead", "8", "--store", "sharded", "--optimizer", "rowwise_adagrad"]
+    args = ["--lookahead", "8", "--store", store, "--optimizer", "rowwise_adagrad"]
     ranks = _two_ranks_train_like_one(tmp_path, args, 30, rank_args=("--tiered-buffer-rows", "6"))
     assert all(got["spills"] > 1 for got in ranks)
 

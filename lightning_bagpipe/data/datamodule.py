@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_bagpipe.arguments import integer
 from lightning_bagpipe.data.batch import Batch
@@ -109,6 +110,14 @@ class BagpipeDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> BagpipeLoader:
         rank, world = self._rank()
+        if world > 1 and self.batch_size % world:
+            small = self.batch_size // world
+            rank_zero_warn(
+                f"batch_size={self.batch_size} does not divide over {world} ranks: their slices hold {small} "
+                f"and {small + 1} samples, and as with DDP each rank's mean loss counts the same, so "
+                "training equals one process only when the slices are equal. Choose a batch size divisible "
+                "by the number of ranks"
+            )
         if self._train_loader is not None:
             self._train_loader.close()
         loader = BagpipeLoader(

@@ -64,7 +64,8 @@ class BagpipeStrategy(DDPStrategy):
     On one process no process group and no ``DistributedDataParallel`` wrapper are used. With several
     processes (``devices > 1``, ``num_nodes > 1``) the cache is logically replicated and physically
     partitioned (see ``docs/architecture.md``): ``store="shared"`` (one mapping per node, the default on one
-    node) or ``store="sharded"`` (rows sharded over all-to-all, the default on several nodes).
+    node) or ``store="sharded"`` (rows sharded over all-to-all, the default on several nodes or for a
+    ``TieredStore``, which cannot be shared).
     ``prefetch=False`` fetches each step's rows at its start (a baseline for benchmarks) and
     ``io_delay_ms`` emulates a remote store. ``defer_sync`` (default on) lets replicated rows that the next
     step does not read finish their gradient sync one step late, overlapping the next step's compute;
@@ -183,9 +184,10 @@ class BagpipeStrategy(DDPStrategy):
             grads=dist.new_group(backend=backend, timeout=self._timeout),
             store=dist.new_group(backend="gloo", timeout=self._timeout),
         )
-        mode = (
-            self.store_mode if self.store_mode != "auto" else ("sharded" if self.num_nodes > 1 else "shared")
-        )
+        mode = self.store_mode
+        if mode == "auto":  # (a TieredStore keeps rows in its process's RAM: it cannot be shared)
+            tiered = any(isinstance(m.store, TieredStore) for m in modules)
+            mode = "sharded" if self.num_nodes > 1 or tiered else "shared"
         mine = [
             (m.tables.fingerprint(), m.dim, m.optimizer.name, m.store.num_rows, m.store.width)
             for m in modules
