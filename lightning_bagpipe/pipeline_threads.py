@@ -23,19 +23,46 @@ With several ranks the row executor keeps the process's priority: its store coll
 the barrier) pair with the other ranks' executors, and a peer's executor starved by that rank's busy
 training thread would make every rank wait (measured: 7 to 18 ms of fetch wait per step on two CPU
 processes at lower priority, under 5 ms without).
+
+A pipeline thread left running after a failure (the executor may be blocked in a collective with a rank
+that is gone) is given :data:`EXIT_JOIN_SECONDS` to end when the interpreter exits
+(:func:`join_at_exit`): finalising the interpreter while such a thread is inside a C++ call aborts the
+process ("terminate called without an active exception") instead of letting it exit.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
 import sys
 import threading
+import time
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 
 import torch
 
-__all__ = ["PIPELINE_NICE", "pipeline_thread", "set_pipeline_nice"]
+__all__ = ["EXIT_JOIN_SECONDS", "PIPELINE_NICE", "join_at_exit", "pipeline_thread", "set_pipeline_nice"]
+
+#: How long the interpreter's exit waits, in all, for pipeline threads left running (:func:`join_at_exit`).
+EXIT_JOIN_SECONDS = 5.0
+_LEFT_RUNNING: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
+
+
+def join_at_exit(thread: threading.Thread) -> None:
+    """Let the interpreter's exit wait (up to :data:`EXIT_JOIN_SECONDS` in all) for daemon ``thread``, which
+    was left running: a collective it is blocked in fails once the other ranks are gone, and the thread
+    then ends on its own, where finalising the interpreter under it would abort the process."""
+    _LEFT_RUNNING.add(thread)
+
+
+@atexit.register
+def _join_left_running() -> None:
+    deadline = time.monotonic() + EXIT_JOIN_SECONDS
+    for thread in list(_LEFT_RUNNING):
+        thread.join(max(0.0, deadline - time.monotonic()))
+
 
 #: How much lower than the process's priority the pipeline threads run (Linux ``nice`` increment).
 PIPELINE_NICE: int = int(os.environ.get("BAGPIPE_PIPELINE_NICE", "19"))

@@ -54,3 +54,29 @@ def test_priority_is_lowered_by_the_configured_increment() -> None:
         set_pipeline_nice(old)
     with pytest.raises(ValueError, match="nice increment"):
         set_pipeline_nice(25)
+
+
+@pytest.mark.parametrize(("registered", "finished"), [(True, True), (False, False)])
+def test_the_exit_waits_for_a_thread_left_running(tmp_path, registered: bool, finished: bool) -> None:
+    # a daemon thread still busy when the interpreter exits (a collective with a gone rank): registered,
+    # the exit lets it finish; not registered, the process exits under it
+    import subprocess
+
+    marker = tmp_path / "finished"
+    script = f"""
+import threading, time
+from lightning_bagpipe.pipeline_threads import join_at_exit
+
+def busy():
+    time.sleep(1.0)
+    open({str(marker)!r}, "w").close()
+
+t = threading.Thread(target=busy, daemon=True)
+t.start()
+if {registered}:
+    join_at_exit(t)
+"""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root}
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=60, env=env)
+    assert marker.exists() == finished

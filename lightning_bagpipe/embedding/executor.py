@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from lightning_bagpipe.pipeline_threads import pipeline_thread
+from lightning_bagpipe.pipeline_threads import join_at_exit, pipeline_thread
 
 if TYPE_CHECKING:
     from lightning_bagpipe.embedding.cached import CachedEmbedding
@@ -268,13 +268,16 @@ class RowExecutor:
         """Finish queued jobs and stop the thread (idempotent).
 
         ``wait=False`` (after a failure on several ranks) does not join: the thread may be blocked in a
-        collective with a rank that is gone; it is a daemon and ends with the process.
+        collective with a rank that is gone. It is a daemon; the interpreter's exit gives it a few seconds
+        to end (:func:`~lightning_bagpipe.pipeline_threads.join_at_exit`).
         """
         if self._thread.is_alive():
             self._jobs.put(None)
             if wait:
                 self._thread.join()
                 self._staged.clear()
+            else:
+                join_at_exit(self._thread)
 
 
 def _sleep_until(deadline: float) -> None:
