@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from lightning_bagpipe.bench.common import parse_int_list, require_matplotlib, save_figure
+from lightning_bagpipe.data.criteo_tsv import add_line_arguments
 from lightning_bagpipe.id_sets import unique_ids
 from lightning_bagpipe.oracle.lookahead import LookaheadOracle
 from lightning_bagpipe.oracle.simulators import belady_fetches, lfu_fetches, lru_fetches, min_capacity
@@ -112,21 +113,7 @@ def add_stream_arguments(parser: argparse.ArgumentParser, *, default_batches: in
         default=None,
         help="Criteo TSV: one row count for every table (modulo hashing; default: Criteo Kaggle's sizes)",
     )
-    parser.add_argument(
-        "--skip-bad-lines", action="store_true", help="Criteo TSV: skip malformed lines instead of failing"
-    )
-    labels = parser.add_mutually_exclusive_group()
-    labels.add_argument(
-        "--labeled",
-        dest="labeled",
-        action="store_const",
-        const=True,
-        default=None,
-        help="Criteo TSV: 40-field lines starting with a label (default: detect from the first lines)",
-    )
-    labels.add_argument(
-        "--unlabeled", dest="labeled", action="store_const", const=False, help="Criteo TSV: 39-field lines"
-    )
+    add_line_arguments(parser)
 
 
 def stream_from_args(args: argparse.Namespace) -> Stream:

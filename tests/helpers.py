@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback
 from torch import nn
 
 import lightning_bagpipe as lb
@@ -141,3 +143,17 @@ def has_matplotlib() -> bool:
     except ImportError:
         return False
     return True
+
+
+class SaveInsideStep(Callback):
+    """Saves a checkpoint between backward and the optimizer step of step ``step`` (after the step's
+    forward drew from every generator; on several ranks every rank saves, together)."""
+
+    def __init__(self, step: int, path: Path) -> None:
+        self.step, self.path = step, path
+
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        if trainer.global_step == self.step:
+            trainer.save_checkpoint(self.path)

@@ -49,7 +49,14 @@ from lightning_bagpipe.strategies.checkpointing import (
     restore_rng_states,
     verify_bagpipe_section,
 )
-from tests.helpers import ListDataModule, TinyModel, quiet_trainer, random_batches, small_tables
+from tests.helpers import (
+    ListDataModule,
+    SaveInsideStep,
+    TinyModel,
+    quiet_trainer,
+    random_batches,
+    small_tables,
+)
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:.*outside strategy='bagpipe'.*:UserWarning",
@@ -494,20 +501,6 @@ def test_a_loader_given_to_fit_directly_resumes_at_the_next_unseen_batch(
     n = len(sc.train)
     assert run.seen == [i % n for i in range(k, 2 * n)]
     _assert_same_result(run, sc.reference)
-
-
-class SaveInsideStep(Callback):
-    """Saves a checkpoint between backward and the optimizer step of step ``step`` (after the step's
-    forward drew from every generator)."""
-
-    def __init__(self, step: int, path: Path) -> None:
-        self.step, self.path = step, path
-
-    def on_before_optimizer_step(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
-    ) -> None:
-        if trainer.global_step == self.step:
-            trainer.save_checkpoint(self.path)
 
 
 def test_a_checkpoint_saved_inside_a_step_leaves_training_alone_and_resumes_at_that_step(

@@ -23,7 +23,14 @@ from pathlib import Path
 from typing import TextIO
 
 from lightning_bagpipe.data.criteo_shape import NUM_SPARSE
-from lightning_bagpipe.data.criteo_tsv import CriteoTSV, Hashing, ModuloHashing, Vocabulary, list_input_files
+from lightning_bagpipe.data.criteo_tsv import (
+    CriteoTSV,
+    Hashing,
+    ModuloHashing,
+    Vocabulary,
+    add_line_arguments,
+    list_input_files,
+)
 from lightning_bagpipe.data.parquet import ParquetSink
 
 VOCAB_FILE = "vocabulary.npz"
@@ -191,12 +198,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--rows-per-file", type=int, default=1 << 22, help="rows per Parquet file")
     parser.add_argument("--row-group-rows", type=int, default=1 << 17, help="rows per Parquet row group")
-    parser.add_argument(
-        "--skip-bad-lines", action="store_true", help="skip malformed lines instead of failing"
-    )
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument("--labeled", dest="labeled", action="store_true", default=None, help="40-field input")
-    group.add_argument("--unlabeled", dest="labeled", action="store_false", help="39-field (test) input")
+    add_line_arguments(parser)
     parser.add_argument("--overwrite", action="store_true", help="replace .parquet files already in OUTPUT")
     parser.add_argument("--quiet", action="store_true", help="no progress line")
 

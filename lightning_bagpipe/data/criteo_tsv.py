@@ -35,6 +35,7 @@ Hashes become table rows through a :class:`ModuloHashing` (``1 + hash % (rows - 
 
 from __future__ import annotations
 
+import argparse
 import gzip
 import os
 import re
@@ -744,3 +745,29 @@ __all__ = [
     "parse_block",
     "rebatch",
 ]
+
+
+def add_line_arguments(parser: argparse._ActionsContainer) -> None:
+    """The command-line flags that set :class:`CriteoTSV`'s ``skip_bad_lines`` and ``labeled``, for every
+    command that reads Criteo TSV (``convert``, ``train``, ``trace``, ``bench cache``)."""
+    parser.add_argument(
+        "--skip-bad-lines",
+        action="store_true",
+        help="Criteo TSV: skip malformed lines (counted) instead of failing",
+    )
+    labels = parser.add_mutually_exclusive_group()
+    labels.add_argument(
+        "--labeled",
+        dest="labeled",
+        action="store_const",
+        const=True,
+        default=None,
+        help="Criteo TSV: 40-field lines starting with a label (default: detect from the first lines)",
+    )
+    labels.add_argument(
+        "--unlabeled",
+        dest="labeled",
+        action="store_const",
+        const=False,
+        help="Criteo TSV: 39-field lines without a label (Criteo's test files)",
+    )

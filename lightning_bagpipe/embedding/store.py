@@ -30,10 +30,10 @@ import mmap
 import os
 import weakref
 from abc import ABC
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any, BinaryIO, Literal
 
 import numpy as np
 import torch
@@ -587,20 +587,8 @@ class MmapStore(EmbeddingStore):
             "dtype": "float32",
             "metadata": self.metadata,
         }
-        tmp = Path(f"{self.sidecar}.tmp{os.getpid()}")
-        try:
-            with open(tmp, "w") as f:
-                json.dump(header, f, indent=1, sort_keys=True)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.sidecar)
-        except OSError as err:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-            raise OSError(
-                err.errno, f"{err.strerror} while writing the sidecar {self.sidecar}", str(self.sidecar)
-            ) from err
-        fsync_dir(self.sidecar.parent)
+        text = json.dumps(header, indent=1, sort_keys=True)
+        write_atomically(self.sidecar, lambda f: f.write(text.encode()), "writing the sidecar")
 
     # ------------------------------------------------------------------ overrides
     def set_metadata(self, **kv: Any) -> None:
@@ -646,6 +634,23 @@ class MmapStore(EmbeddingStore):
         super().close()
         self._array = None
         self._let_go()
+
+
+def write_atomically(path: Path, write: Callable[[BinaryIO], object], what: str) -> None:
+    """Replace file ``path`` with what ``write`` writes, all or nothing: a temporary file, fsynced, renamed
+    over it. An ``OSError`` names ``what`` was being done and ``path``, and leaves no temporary."""
+    tmp = Path(f"{path}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise OSError(err.errno, f"{err.strerror} while {what} {path}", str(path)) from err
+    fsync_dir(path.parent)
 
 
 def fsync_dir(path: Path) -> None:

@@ -42,7 +42,6 @@ thread's reads never see the buffer half-updated.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import threading
 import time
@@ -62,7 +61,7 @@ from lightning_bagpipe.embedding.store import (
     MmapStore,
     _as_ids,
     _check_unique,
-    fsync_dir,
+    write_atomically,
 )
 from lightning_bagpipe.id_map import IdMap
 from lightning_bagpipe.id_sets import union_ids
@@ -290,22 +289,7 @@ class TieredStore(EmbeddingStore):
         return np.full(n, 0xFF if self.metadata.get("initialized") else 0, dtype=np.uint8)
 
     def _save_bitmap(self) -> None:
-        tmp = Path(f"{self.bitmap_path}.tmp{os.getpid()}")
-        try:
-            with open(tmp, "wb") as f:
-                self._written.tofile(f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.bitmap_path)
-        except OSError as err:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-            raise OSError(
-                err.errno,
-                f"{err.strerror} while saving the bitmap of written rows {self.bitmap_path}",
-                str(self.bitmap_path),
-            ) from err
-        fsync_dir(self.bitmap_path.parent)
+        write_atomically(self.bitmap_path, self._written.tofile, "saving the bitmap of written rows")
 
     def _in_file(self, ids: np.ndarray) -> np.ndarray:
         return _test_bits(self._written, ids)

@@ -31,8 +31,9 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from lightning_bagpipe.cli import flag_hints
 from lightning_bagpipe.data.criteo import CriteoDataModule
+from lightning_bagpipe.data.criteo_tsv import add_line_arguments
 from lightning_bagpipe.data.synthetic import DEFAULT_ZIPF, SyntheticCriteo
-from lightning_bagpipe.embedding.store import store_lock
+from lightning_bagpipe.embedding.store_lock import store_lock
 from lightning_bagpipe.embedding.tiered_store import DEFAULT_BUFFER_BYTES, TieredStore, store_files
 from lightning_bagpipe.models.common import (
     DEFAULT_DENSE_LR,
@@ -166,26 +167,7 @@ def add_arguments(parser: argparse.ArgumentParser, model: str | None = None) -> 
         help="TSV with --hashing vocab: values seen fewer times share one row (default: %(default)s)",
     )
     add("--vocab-path", metavar="PATH", help="TSV with --hashing vocab: load this saved vocabulary")
-    add(
-        "--skip-bad-lines", action="store_true", help="TSV: skip malformed lines (counted) instead of failing"
-    )
-    labels = data.add_mutually_exclusive_group()
-    labels.add_argument(
-        "--labeled",
-        dest="labeled",
-        action="store_const",
-        const=True,
-        default=None,
-        help="TSV: the lines start with a label (40 fields: label, I1..I13, C1..C26) (default: detect from "
-        "the first lines of each file)",
-    )
-    labels.add_argument(
-        "--unlabeled",
-        dest="labeled",
-        action="store_const",
-        const=False,
-        help="TSV: the lines have no label (39 fields, like Criteo's test files)",
-    )
+    add_line_arguments(data)
 
     cache = parser.add_argument_group("cache and store")
     add = cache.add_argument

@@ -49,7 +49,7 @@ from torch import nn  # noqa: E402
 
 import lightning_bagpipe as lb  # noqa: E402
 from lightning_bagpipe.embedding.distributed import ShardedStore  # noqa: E402
-from tests.helpers import ListDataModule, TinyModel, random_batches, small_tables  # noqa: E402
+from tests.helpers import ListDataModule, SaveInsideStep, TinyModel, random_batches, small_tables  # noqa: E402
 
 TABLE_SIZES = (60, 45, 35)
 LOOKAHEAD = 4
@@ -106,19 +106,6 @@ class Seen(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         self.seen.append(self.index[batch.dense.numpy().tobytes()])
-
-
-class SaveInsideStep(Callback):
-    """Saves a checkpoint between backward and the optimizer step of step ``step`` (every rank, together)."""
-
-    def __init__(self, step: int, path: Path) -> None:
-        self.step, self.path = step, path
-
-    def on_before_optimizer_step(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
-    ) -> None:
-        if trainer.global_step == self.step:
-            trainer.save_checkpoint(self.path)
 
 
 class KillRank1At(Callback):
