@@ -16,6 +16,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.callbacks import GradientAccumulationScheduler
 
 import lightning_bagpipe as lb
 from tests.helpers import ListDataModule, TinyModel, quiet_trainer, random_batches, small_tables
@@ -65,10 +66,13 @@ def train_reference(
     twice: bool = False,
     dtype: torch.dtype = torch.float32,
     bf16_autocast: bool = False,
+    accumulate: int | list[int] = 1,
 ):
     """The plain loop on full tables, in ``dtype`` (float64: the float32 runs' common ground truth); with
     ``bf16_autocast`` the forward runs under CPU autocast to bfloat16, as Lightning's "bf16-mixed" runs a
-    training step."""
+    training step. ``accumulate`` (per epoch of ``len(batches)`` batches when a list) sums the
+    gradients of that many consecutive batches, each loss divided by it, before one update (the last group
+    of an epoch may be shorter), as Lightning's ``accumulate_grad_batches`` does."""
     tables = model.emb.tables
     full = model.emb.store.tensor().clone().to(dtype)
     table = full[:, :DIM].clone()
@@ -76,33 +80,41 @@ def train_reference(
     head = copy.deepcopy(model.head).to(dtype)
     opt = torch.optim.SGD(head.parameters(), lr=DENSE_LR)
     offsets = torch.as_tensor(tables.offsets)
-    for batch in batches:
-        sp = batch.sparse
-        key_of = torch.repeat_interleave(torch.arange(len(tables)), sp.lengths.view(len(tables), -1).sum(1))
-        ids = sp.values + offsets[key_of]
+    groups = []
+    for k in accumulate if isinstance(accumulate, list) else [accumulate]:
+        groups += [(k, batches[i : i + k]) for i in range(0, len(batches), k)]
+    for k, group in groups:
         leaf = table.clone().requires_grad_()
-
-        weights = None if sp.weights is None else sp.weights.to(dtype)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16_autocast):
-            # TwiceModel looks the same rows up a second time: two lookups, whose gradients autograd sums
-            lookups = [
-                F.embedding_bag(
-                    ids, leaf, sp.offsets[:-1], mode=model.emb.pooling, per_sample_weights=weights
-                )
-                .view(len(tables), BATCH, DIM)
-                .transpose(0, 1)
-                for _ in range(2 if twice else 1)
-            ]
-            e = lookups[0] + 0.5 * lookups[1] if twice else lookups[0]
-            loss = F.binary_cross_entropy_with_logits(
-                head(torch.cat([e.flatten(1), batch.dense.to(dtype)], 1)).squeeze(1), batch.labels.to(dtype)
-            )
         opt.zero_grad()
-        loss.backward()
+        touched = []
+        for batch in group:
+            sp = batch.sparse
+            key_of = torch.repeat_interleave(
+                torch.arange(len(tables)), sp.lengths.view(len(tables), -1).sum(1)
+            )
+            ids = sp.values + offsets[key_of]
+            weights = None if sp.weights is None else sp.weights.to(dtype)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16_autocast):
+                # TwiceModel looks the same rows up a second time: two lookups, whose gradients autograd sums
+                lookups = [
+                    F.embedding_bag(
+                        ids, leaf, sp.offsets[:-1], mode=model.emb.pooling, per_sample_weights=weights
+                    )
+                    .view(len(tables), BATCH, DIM)
+                    .transpose(0, 1)
+                    for _ in range(2 if twice else 1)
+                ]
+                e = lookups[0] + 0.5 * lookups[1] if twice else lookups[0]
+                loss = F.binary_cross_entropy_with_logits(
+                    head(torch.cat([e.flatten(1), batch.dense.to(dtype)], 1)).squeeze(1),
+                    batch.labels.to(dtype),
+                )
+            (loss / k if k > 1 else loss).backward()
+            touched.append(ids)
         opt.step()
-        touched = torch.unique(ids)
+        rows = torch.unique(torch.cat(touched))
         with torch.no_grad():
-            ref_update(name, hp, table, state, touched, leaf.grad[touched])
+            ref_update(name, hp, table, state, rows, leaf.grad[rows])
     return table, state, head
 
 
@@ -285,3 +297,69 @@ def test_empty_bags_train_exactly_even_when_the_id_count_looks_one_hot(pooling: 
         tables, OPTIMIZERS["adagrad"][0](), dense_lr=DENSE_LR, pooling="mean" if pooling == "mean" else "sum"
     )
     assert_bagpipe_trains_like_reference(model, batches, "adagrad")
+
+
+# ---------------------------------------------------------------------- gradient accumulation
+def _two_steps_rows(tables: lb.Tables, batches: list[lb.Batch], k: int) -> int:
+    """The most distinct rows of two consecutive optimizer steps of ``k`` batches each."""
+    steps = [
+        set().union(*(set(b.sparse.fused_ids(tables)) for b in batches[i : i + k]))
+        for i in range(0, len(batches), k)
+    ]
+    return max(len(a | b) for a, b in itertools.pairwise(steps))
+
+
+@pytest.mark.parametrize("multi_hot", [1, 3], ids=["one_hot", "multi_hot"])
+@pytest.mark.parametrize("k", [2, 3])
+@pytest.mark.parametrize("opt_name", ["sgd", "rowwise_adagrad", "adam"])
+def test_accumulated_batches_train_like_the_uncached_loop(opt_name: str, k: int, multi_hot: int) -> None:
+    # Trainer(accumulate_grad_batches=k): the rows of k batches stay cached from the first forward pass to
+    # the update, which gets their gradients summed (each loss divided by k, as Lightning does). 50 batches:
+    # with k=3 the epoch ends with a group of two
+    tables = small_tables((60, 45, 35))
+    batches = random_batches(tables, STEPS, BATCH, multi_hot=multi_hot, seed=20 + k)
+    capacity = _two_steps_rows(tables, batches, k) + 4
+    assert capacity < tables.total_rows
+    make_opt, hp = OPTIMIZERS[opt_name]
+    torch.manual_seed(0)
+    model = TinyModel(tables, make_opt(), dense_lr=DENSE_LR)
+    ref_table, ref_state, ref_head = train_reference(model, batches, opt_name, hp, accumulate=k)
+    trainer = quiet_trainer(accumulate_grad_batches=k)
+    trainer.fit(model, datamodule=ListDataModule(tables, batches, lookahead=8, cache_rows=capacity))
+    assert trainer.global_step == math.ceil(STEPS / k)
+    stats = trainer.strategy.cache_stats
+    assert stats.steps == math.ceil(STEPS / k) and stats.rows_evicted > 0  # the cache was under pressure
+    trained = model.emb.store.tensor()
+    assert torch.allclose(trained[:, :DIM], ref_table, atol=1e-6, rtol=0), (
+        (trained[:, :DIM] - ref_table).abs().max()
+    )
+    assert torch.allclose(trained[:, DIM:], ref_state, atol=1e-6, rtol=0)
+    for p, q in zip(model.head.parameters(), ref_head.parameters()):
+        assert torch.allclose(p, q, atol=1e-6, rtol=0)
+    # and it is not what training every batch on its own gives
+    plain_table, _, _ = train_reference(model, batches, opt_name, hp)
+    assert not torch.allclose(trained[:, :DIM], plain_table, atol=1e-4, rtol=0)
+
+
+def test_a_gradient_accumulation_schedule_trains_like_the_uncached_loop() -> None:
+    # GradientAccumulationScheduler changes accumulate_grad_batches when an epoch starts, after the epoch's
+    # loader has begun planning: the loader asks the schedule itself
+    tables = small_tables((60, 45, 35))
+    batches = random_batches(tables, 12, BATCH, multi_hot=2, seed=6)
+    make_opt, hp = OPTIMIZERS["rowwise_adagrad"]
+    torch.manual_seed(0)
+    model = TinyModel(tables, make_opt(), dense_lr=DENSE_LR)
+    schedule = [1, 3, 2]
+    ref_table, ref_state, ref_head = train_reference(
+        model, batches, "rowwise_adagrad", hp, dtype=torch.float64, accumulate=schedule
+    )
+    trainer = quiet_trainer(
+        max_epochs=3, callbacks=[GradientAccumulationScheduler(dict(enumerate(schedule)))]
+    )
+    trainer.fit(model, datamodule=ListDataModule(tables, batches, lookahead=4, cache_rows=110))
+    assert trainer.global_step == sum(math.ceil(12 / k) for k in schedule)
+    trained = model.emb.store.tensor().double()
+    assert torch.allclose(trained[:, :DIM], ref_table, atol=1e-6, rtol=0)
+    assert torch.allclose(trained[:, DIM:], ref_state, atol=1e-6, rtol=0)
+    for p, q in zip(model.head.parameters(), ref_head.parameters()):
+        assert torch.allclose(p.double(), q, atol=1e-6, rtol=0)

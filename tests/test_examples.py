@@ -374,3 +374,15 @@ def test_a_cache_too_small_names_the_flag_and_the_rows_needed(capsys: pytest.Cap
     stream = SyntheticCriteo(256, 5, scale=0.001, seed=0, split="train")
     assert int(least[1]) == min_capacity(b.sparse.fused_ids(stream.tables) for b in stream)
     assert f"[here: --cache-rows {least[1]} or more, or no --cache-rows for a cache that grows]" in err
+
+
+def test_train_accumulates_gradients_over_batches(tmp_path: Path) -> None:
+    # --accumulate-grad-batches 2: 2 optimizer steps train 4 batches (throughput counts batches)
+    metrics = tmp_path / "m.json"
+    argv = ["--scale", "0.001", "--batch-size", "64", "--max-steps", "2", "--val-batches", "0"]
+    argv += ["--lookahead", "2", "--no-progress-bar", "--no-logger", "--no-checkpoint"]
+    argv += ["--accumulate-grad-batches", "2", "--root-dir", str(tmp_path / "run")]
+    assert main([*argv, "--metrics-json", str(metrics)], model="deepfm") == 0
+    m = json.loads(metrics.read_text())
+    assert m["steps"] == 2 and m["accumulate_grad_batches"] == 2
+    assert m["samples_per_second"] * m["train_seconds"] == pytest.approx(4 * 64)

@@ -197,3 +197,13 @@ def test_a_gradient_outside_the_ranks_exchange_block_is_an_error_not_a_loss() ->
     blocks = (np.array([0], dtype=np.int64), np.array([1], dtype=np.int64))
     with pytest.raises(RuntimeError, match="outside its exchange block"):
         driver._check_block([torch.tensor([0, 1])], blocks, 2, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("store", ["shared", "sharded"])
+def test_two_processes_with_gradient_accumulation_equal_one(tmp_path: Path, store: str) -> None:
+    """accumulate_grad_batches=3 (30 batches: 10 steps): each rank's rows of a step stay cached over its
+    three batches, and the replicated rows' gradients cross ranks once per optimizer step."""
+    args = ["--lookahead", "4", "--store", store, "--multi-hot", "2", "--accumulate", "3"]
+    ranks = _two_ranks_train_like_one(tmp_path, args, 10)
+    for r in range(2):
+        assert ranks[r]["stats"]["steps"] == 10 and ranks[r]["stats"]["rows_evicted"] > 0

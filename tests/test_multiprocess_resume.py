@@ -240,7 +240,8 @@ def test_directory_layout_one_shard_per_rank_and_a_manifest(launches: Launches) 
     meta = torch.load(d / "checkpoint.pt", weights_only=True)
     assert "emb.rows" not in meta["state_dict"] and "head.weight" in meta["state_dict"]
     assert meta["bagpipe"]["layout"] == "sharded" and meta["bagpipe"]["world_size"] == 2
-    assert meta["ListDataModule"] == {"train_loader": {"epoch": 0, "batches_yielded": STEPS}}
+    # saved after the epoch's last batch: the position is the start of the next epoch
+    assert meta["ListDataModule"] == {"train_loader": {"epoch": 1, "batches_yielded": 0}}
     ranks = [torch.load(d / f"rank.0000{r}-of-00002.pt", weights_only=True) for r in range(2)]
     assert [x["rank"] for x in ranks] == [0, 1]
     assert not torch.equal(ranks[0]["rng"]["torch"], ranks[1]["rng"]["torch"])  # per-rank generators

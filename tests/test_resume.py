@@ -185,6 +185,7 @@ class Scenario:
     reference: Run
     ckpt_dir: Path
     sized: bool = True
+    accumulate: int = 1
 
     def dm(self, lookahead: int | None = None, cache_rows: int | None = -1) -> ListDataModule:
         return (ListDataModule if self.sized else UnsizedDataModule)(
@@ -206,11 +207,20 @@ class Scenario:
             seed=12345,
             ckpt_path=self.ckpt(k),
             max_epochs=self.epochs,
+            accumulate_grad_batches=self.accumulate,
         )
 
 
 def _scenario(
-    tmp: Path, *, n: int, lookahead: int, cache_rows: int, epochs: int, sparse: str, sized: bool = True
+    tmp: Path,
+    *,
+    n: int,
+    lookahead: int,
+    cache_rows: int,
+    epochs: int,
+    sparse: str,
+    sized: bool = True,
+    accumulate: int = 1,
 ) -> Scenario:
     tables = small_tables()
     train = random_batches(tables, n, 8, multi_hot=2, seed=3)
@@ -219,11 +229,12 @@ def _scenario(
         cls = ListDataModule if sized else UnsizedDataModule
         return cls(tables, train, lookahead=lookahead, cache_rows=cache_rows)
 
-    reference = _fit(_model(tables, sparse=sparse), dm(), train, seed=1, max_epochs=epochs)
+    kw = {"max_epochs": epochs, "accumulate_grad_batches": accumulate}
+    reference = _fit(_model(tables, sparse=sparse), dm(), train, seed=1, **kw)
     every = ModelCheckpoint(dirpath=tmp, filename="{step}", every_n_train_steps=1, save_top_k=-1)
-    saving = _fit(_model(tables, sparse=sparse), dm(), train, seed=1, callbacks=[every], max_epochs=epochs)
+    saving = _fit(_model(tables, sparse=sparse), dm(), train, seed=1, callbacks=[every], **kw)
     _assert_same_result(saving, reference)  # saving checkpoints (which flushes the cache) changes nothing
-    return Scenario(tables, train, lookahead, cache_rows, epochs, sparse, reference, tmp, sized)
+    return Scenario(tables, train, lookahead, cache_rows, epochs, sparse, reference, tmp, sized, accumulate)
 
 
 @pytest.fixture(scope="module")
@@ -478,6 +489,62 @@ def test_a_source_without_length_resumes_at_the_next_unseen_batch(unsized: Scena
     run = unsized.resume(k)
     assert run.seen == [i % n for i in range(k, 2 * n)]
     _assert_same_result(run, unsized.reference)
+
+
+@pytest.fixture(scope="module", params=[True, False], ids=["sized", "unsized"])
+def accumulating(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Scenario:
+    """accumulate_grad_batches=3 over epochs of 8 batches (groups of 3, 3 and 2), two epochs."""
+    return _scenario(
+        tmp_path_factory.mktemp("accumulating"),
+        n=8,
+        lookahead=3,
+        cache_rows=60,
+        epochs=2,
+        sparse="adam",
+        sized=request.param,
+        accumulate=3,
+    )
+
+
+@pytest.mark.parametrize("step", [1, 2, 3, 5])
+def test_resume_with_gradient_accumulation_is_bitwise_the_uninterrupted_run(
+    accumulating: Scenario, step: int
+) -> None:
+    # a checkpoint after optimizer step ``step`` (3 per epoch) resumes at the first batch of the next group;
+    # step 3 ends epoch 0 with its short group
+    n, k = len(accumulating.train), accumulating.accumulate
+    per_epoch = -(-n // k)
+    first = (step // per_epoch) * n + (step % per_epoch) * k
+    run = accumulating.resume(step)
+    assert run.seen == [i % n for i in range(first, 2 * n)]
+    if step == per_epoch and not accumulating.sized:
+        # Lightning cannot tell that a source without a length ended its epoch: resumed, it counts the next
+        # epoch's batches on from 8 and accumulates [0], [1, 2, 3], [4, 5, 6], [7] (what any model trains
+        # on such a resume). The loader groups the same way, so every step's update is applied
+        assert run.trainer.global_step == accumulating.reference.trainer.global_step + 1
+        assert run.trainer.strategy.cache_stats.steps == 4
+        return
+    _assert_same_result(run, accumulating.reference)
+
+
+@pytest.mark.parametrize("sized", [True, False], ids=["sized", "unsized"])
+def test_resume_after_an_epoch_cut_short_starts_the_next_epoch(tmp_path: Path, sized: bool) -> None:
+    # limit_train_batches=4 of 10: a checkpoint after batch 3 resumes at batch 0 of the next epoch (the
+    # loader used to go on at batch 4, where its own epoch had stopped)
+    tables = small_tables()
+    train = random_batches(tables, 10, 8, multi_hot=2, seed=3)
+
+    def dm() -> ListDataModule:
+        return (ListDataModule if sized else UnsizedDataModule)(tables, train, lookahead=3, cache_rows=60)
+
+    kw = {"max_epochs": 2, "limit_train_batches": 4}
+    every = ModelCheckpoint(dirpath=tmp_path, filename="{step}", every_n_train_steps=1, save_top_k=-1)
+    reference = _fit(_model(tables), dm(), train, seed=1, callbacks=[every], **kw)
+    assert reference.seen == [0, 1, 2, 3] * 2
+    for step in (2, 4):
+        run = _fit(_model(tables), dm(), train, seed=7, ckpt_path=tmp_path / f"step={step}.ckpt", **kw)
+        assert run.seen == ([0, 1, 2, 3] * 2)[step:]
+        _assert_same_result(run, reference)
 
 
 def test_a_loader_given_to_fit_directly_resumes_at_the_next_unseen_batch(

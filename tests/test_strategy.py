@@ -316,10 +316,27 @@ def test_plain_trainer_reads_the_store_and_warns_that_rows_do_not_train(data) ->
     assert torch.equal(model.emb.store.tensor(), before)
 
 
-def test_unsupported_configurations_are_refused(data) -> None:
+def test_accumulation_changed_inside_an_epoch_is_a_clear_error(data) -> None:
+    # the loader planned the epoch's steps as groups of 2 batches; a Trainer that accumulates 3 from batch 3
+    # on would update rows the plan no longer holds (or skip updates): refused, naming the setting
     tables, train, _ = data
-    with pytest.raises(ValueError, match="accumulate_grad_batches"):
-        quiet_trainer(accumulate_grad_batches=2).fit(TinyModel(tables), datamodule=_dm(tables, train))
+
+    class Change(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            if batch_idx == 3:
+                trainer.accumulate_grad_batches = 3
+
+    with pytest.raises(
+        ValueError, match=r"planned for accumulate_grad_batches=2 but the Trainer accumulates 3"
+    ):
+        quiet_trainer(accumulate_grad_batches=2, callbacks=[Change()]).fit(
+            TinyModel(tables), datamodule=_dm(tables, train)
+        )
+    assert not _bagpipe_threads()
+
+
+def test_a_batch_without_a_plan_is_refused(data) -> None:
+    tables, train, _ = data
 
     class PlainLoaderModel(TinyModel):
         def train_dataloader(self):

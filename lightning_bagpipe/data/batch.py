@@ -394,6 +394,10 @@ class StepPlan:
     hits: int = 0
     clean_hits: int = 0
     tables_fingerprint: str = ""
+    accumulate: int = 1
+    """The loader's gradient accumulation (``accumulate_grad_batches``): with ``k > 1`` a step is ``k``
+    consecutive batches of the epoch (``[g k, (g + 1) k)``, the last group possibly shorter), which all
+    carry this plan; ``ids``/``slots`` are then this rank's rows over all of them."""
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> StepPlan:
         return self  # host-side instructions stay on the host

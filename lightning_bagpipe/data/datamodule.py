@@ -6,6 +6,7 @@ from collections.abc import Iterable
 from typing import Any, Literal
 
 import lightning.pytorch as pl
+from lightning.pytorch.callbacks import GradientAccumulationScheduler
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 
@@ -26,6 +27,28 @@ def trained_batches(trainer: pl.Trainer | None) -> int | None:
         return None
     progress: Any = trainer.fit_loop.epoch_loop.batch_progress.current  # (a _ProcessedTracker)
     return int(progress.processed)
+
+
+def epoch_batches(trainer: pl.Trainer | None) -> float:
+    """How many batches ``trainer`` trains per epoch (``limit_train_batches`` applied); inf when unknown."""
+    if trainer is None or trainer.state.fn != TrainerFn.FITTING:
+        return float("inf")
+    return float(trainer.num_training_batches)
+
+
+def accumulated_batches(trainer: pl.Trainer | None) -> int:
+    """How many batches ``trainer`` accumulates per optimizer step in the epoch about to start; 1 outside a
+    fit.
+
+    A ``GradientAccumulationScheduler`` sets ``trainer.accumulate_grad_batches`` only when the epoch has
+    started, after its loader began planning, so its schedule is asked directly.
+    """
+    if trainer is None or trainer.state.fn != TrainerFn.FITTING:
+        return 1
+    for callback in trainer.callbacks:  # type: ignore[attr-defined]
+        if isinstance(callback, GradientAccumulationScheduler):
+            return int(callback.get_accumulate_grad_batches(trainer.current_epoch))
+    return int(trainer.accumulate_grad_batches)
 
 
 class BagpipeDataModule(pl.LightningDataModule):
@@ -132,6 +155,8 @@ class BagpipeDataModule(pl.LightningDataModule):
             prefetch_depth=self.prefetch_depth,
         )
         loader.progress = lambda: trained_batches(self.trainer)
+        loader.accumulation = lambda: accumulated_batches(self.trainer)
+        loader.epoch_length = lambda: epoch_batches(self.trainer)
         if self._pending_state is not None:
             loader.load_state_dict(self._pending_state)
             self._pending_state = None

@@ -2,8 +2,14 @@
 
 :class:`BagpipeLoader` (training) runs the lookahead oracle in a background thread: it reads global
 batches, validates them, feeds their fused ids to the oracle, and once a batch's plan is known (``L``
-batches later) slices batch and plan for this rank and queues the result. The queue is bounded, so the
-thread never runs more than ``lookahead + queue_batches`` batches ahead of training.
+steps later) slices batch and plan for this rank and queues the result. The queue is bounded, so the
+thread never runs more than ``lookahead + queue_batches`` steps ahead of training.
+
+With gradient accumulation (``Trainer(accumulate_grad_batches=k)``) a *step* is one optimizer step: the
+``k`` consecutive batches Lightning accumulates (``[g k, (g + 1) k)`` of the epoch, the last group of an
+epoch possibly shorter) are planned as one oracle step, so the cache holds the rows of all of them from
+the first forward pass to the update. Every batch of the group carries the same :class:`StepPlan` and its
+own lookup into the group's slots.
 
 :class:`EvalLoader` (validation, test, predict) only validates and slices: evaluation reads the store
 directly and needs no plan.
@@ -28,7 +34,7 @@ import torch
 
 from lightning_bagpipe.arguments import integer
 from lightning_bagpipe.data.batch import Batch, CacheLookup, StepPlan
-from lightning_bagpipe.id_sets import member_of, unique_inverse_below
+from lightning_bagpipe.id_sets import member_of, unique_below, unique_inverse_below
 from lightning_bagpipe.oracle.lookahead import LookaheadOracle
 from lightning_bagpipe.oracle.partition import SYNC_MODES, RankPartitioner, RankView, occurrence_ranks
 from lightning_bagpipe.oracle.plan import CachePlan
@@ -156,7 +162,14 @@ class BagpipeLoader(_LoaderBase):
         self.yielded = 0
         self.progress: Callable[[], int | None] | None = None
         """How many of the epoch's batches training has finished, or None when unknown (outside a fit)."""
+        self.accumulation: Callable[[], int] | None = None
+        """How many consecutive batches share one optimizer step in the epoch about to start (Lightning's
+        ``accumulate_grad_batches``; set by the data module and the strategy), read when an epoch's
+        iteration begins; None: 1."""
+        self.epoch_length: Callable[[], float] | None = None
+        """How many batches Lightning trains in an epoch (``limit_train_batches`` applied; inf: unknown)."""
         self._resume_from = 0
+        self._counted = 0  # Lightning's count of batches before the resumed epoch's first (state_dict)
         self._finished = False  # the current epoch's last batch was handed out
         self._threads: weakref.WeakSet[_OracleThread] = weakref.WeakSet()
 
@@ -164,14 +177,21 @@ class BagpipeLoader(_LoaderBase):
     def state_dict(self) -> dict[str, int]:
         done = self.progress() if self.progress is not None else None
         position = done if done is not None and 0 <= done <= self.yielded else self.yielded
-        if self._finished and position == self.yielded:  # every batch of the epoch trained
-            # (a source without a length cannot tell a resumed loader that its epoch is over)
+        limit = self.epoch_length() if self.epoch_length is not None else float("inf")
+        if position >= limit:  # Lightning's epoch is over (limit_train_batches may end it early)
             return {"epoch": self.epoch + 1, "batches_yielded": 0}
+        if self._finished and position == self.yielded:  # every batch of the epoch trained
+            # (a source without a length cannot tell a resumed loader that its epoch is over). Lightning
+            # does not know the epoch ended either: resumed, it goes on counting the next epoch's batches
+            # from ``position``, and groups them for gradient accumulation by that count
+            counted = {} if done is None else {"counted": position}  # (None: outside a fit)
+            return {"epoch": self.epoch + 1, "batches_yielded": 0, **counted}
         return {"epoch": self.epoch, "batches_yielded": position}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.epoch = int(state["epoch"])
         self._resume_from = int(state["batches_yielded"])
+        self._counted = int(state.get("counted", 0))
 
     # -------------------------------------------------------------- iteration
     def __iter__(self) -> Iterator[Batch]:
@@ -180,6 +200,7 @@ class BagpipeLoader(_LoaderBase):
         # probing ``iter()`` costs nothing.
         self.close()
         skip, self._resume_from = self._resume_from, 0
+        counted, self._counted = self._counted, 0
         if skip and skip >= self._known_length():
             skip = 0  # resumed after the last batch of an epoch: the next epoch starts from scratch
             self.epoch += 1
@@ -187,10 +208,13 @@ class BagpipeLoader(_LoaderBase):
             self.epoch += 1
         self.yielded = skip
         self._finished = False
-        return self._run_epoch(self.epoch, skip)
+        accumulate = integer(
+            "accumulate_grad_batches", 1 if self.accumulation is None else self.accumulation(), minimum=1
+        )
+        return self._run_epoch(self.epoch, skip, (accumulate, counted))
 
-    def _run_epoch(self, epoch: int, skip: int) -> Iterator[Batch]:
-        thread = _OracleThread(self, epoch, skip)
+    def _run_epoch(self, epoch: int, skip: int, accumulate: tuple[int, int]) -> Iterator[Batch]:
+        thread = _OracleThread(self, epoch, skip, *accumulate)
         self._threads.add(thread)
         thread.start()
         try:
@@ -227,12 +251,16 @@ class _OracleThread(threading.Thread):
 
     _DONE = object()
 
-    def __init__(self, loader: BagpipeLoader, epoch: int, skip: int) -> None:
+    def __init__(
+        self, loader: BagpipeLoader, epoch: int, skip: int, accumulate: int = 1, counted: int = 0
+    ) -> None:
         super().__init__(name=f"bagpipe-oracle-e{epoch}", daemon=True)
         self.loader = loader
         self.epoch = epoch
         self.stream = next(_STREAMS)
         self.skip = skip
+        self.accumulate = accumulate
+        self.counted = counted  # Lightning counts batch i of this epoch as its (counted + i + 1)th
         self.queue: queue.Queue[Any] = queue.Queue(maxsize=loader.queue_batches)
         self._stop_event = threading.Event()
         self.error: BaseException | None = None
@@ -294,14 +322,15 @@ class _OracleThread(threading.Thread):
             if ld.world_size > 1
             else None
         )
-        pending: deque[tuple[Batch, np.ndarray]] = deque()  # batches waiting for their plan
+        pending: deque[list[_Member]] = deque()  # steps (groups of batches) waiting for their plan
         depth = ld.prefetch_depth
         ready: deque[_Planned] = deque()  # planned, waiting for the plans of the next ``depth`` steps
         evicted: deque[np.ndarray] = deque(maxlen=max(0, depth - 2))  # global evictions of recent steps
         step = self.skip
+        world = ld.world_size
 
         def planned(plan: CachePlan) -> _Planned:
-            batch = pending.popleft()[0]
+            group = pending.popleft()
             if parts is None:
                 view = RankView(
                     fetch=(plan.fetch_ids, plan.fetch_slots),
@@ -312,11 +341,14 @@ class _OracleThread(threading.Thread):
                     foreign=(_EMPTY, _EMPTY),
                 )
             else:
-                sp = batch.sparse
-                view = parts.view(plan, occurrence_ranks(sp.lengths.numpy(), sp.num_features, ld.world_size))
+                ranks = [
+                    occurrence_ranks(m.batch.sparse.lengths.numpy(), m.batch.sparse.num_features, world)
+                    for m in group
+                ]
+                view = parts.view(plan, ranks[0] if len(ranks) == 1 else np.concatenate(ranks))
             early = early_mask(view.fetch[0], evicted) if depth > 1 else None
             evicted.append(plan.evict_ids)
-            return _Planned(batch, plan, view, early)
+            return _Planned(group, plan, view, early)
 
         def emit_ready(final: bool) -> bool:
             nonlocal step
@@ -329,43 +361,68 @@ class _OracleThread(threading.Thread):
                 step += 1
             return True
 
+        group: list[tuple[_Member, np.ndarray]] = []
+
+        def push_group() -> bool:
+            ids = group[0][1] if len(group) == 1 else np.concatenate([g[1] for g in group])
+            pending.append([m for m, _ in group])
+            group.clear()
+            plan = oracle.push(ids)
+            if plan is not None:
+                ready.append(planned(plan))
+            return emit_ready(final=False)
+
+        k, counted = self.accumulate, self.counted
         for i, batch in enumerate(ld._source_fn()):
             if self._stop_event.is_set():
                 return
             if i < self.skip:
                 continue
             ids = check_batch(batch, ld.tables, f"train batch {i}")
-            pending.append((batch, ids))
-            plan = oracle.push(ids)
-            if plan is not None:
-                ready.append(planned(plan))
-            if not emit_ready(final=False):
+            group.append((_Member(i, batch, ids.size), ids))
+            # Lightning steps after batch i when (counted + i + 1) % k == 0, and after an epoch's last batch
+            if (counted + i + 1) % k == 0 and not push_group():
                 return
+        if group and not push_group():
+            return
         for plan in oracle.finish():
             ready.append(planned(plan))
         emit_ready(final=True)
 
     def _emit(self, cur: _Planned, nxt: _Planned | None, ahead: _Planned | None, step: int) -> bool:
-        """Queue ``cur`` as this rank's batch of ``step``; ``nxt`` is the next step's, ``ahead`` the one
-        ``prefetch_depth`` steps on (its early rows are fetched while ``cur`` trains)."""
-        batch, plan, view = cur.batch, cur.plan, cur.view
+        """Queue the batches of ``cur`` as this rank's batches of ``step``; ``nxt`` is the next step's,
+        ``ahead`` the one ``prefetch_depth`` steps on (its early rows are fetched while ``cur`` trains)."""
+        plan, view = cur.plan, cur.view
         ld = self.loader
-        local, (start, stop) = ld._local(batch, step)
-        if ld.world_size == 1:
-            slots, inverse = plan.slots, plan.inverse
-            ids = plan.ids
-        else:
+        world = ld.world_size
+        shells = [ld._local(m.batch, m.index) for m in cur.group]
+        if len(cur.group) == 1 and world == 1:
+            ids, slots = plan.ids, plan.slots
+            lookups = [(slots, plan.inverse)]
+        elif len(cur.group) == 1:
+            (start, stop), batch = shells[0][1], cur.group[0].batch
             mask = occurrence_mask(batch, start, stop)
             uniq, inverse = unique_inverse_below(plan.inverse[mask], plan.ids.size)
-            slots, ids = plan.slots[uniq], plan.ids[uniq]
-        local.sparse.lookup = CacheLookup.from_inverse(
-            torch.from_numpy(slots),
-            torch.from_numpy(inverse.astype(np.int64, copy=False)),  # (the plan's own array: no copy)
-            local.sparse.lengths,
-            local.sparse.num_features,
-        )
+            ids, slots = plan.ids[uniq], plan.slots[uniq]
+            lookups = [(slots, inverse)]
+        else:  # each batch's occurrences are a run of the step's; its lookup reads some of the step's rows
+            runs = []
+            at = 0
+            for m, (_, (start, stop)) in zip(cur.group, shells):
+                run = plan.inverse[at : at + m.occurrences]
+                at += m.occurrences
+                runs.append(run if world == 1 else run[occurrence_mask(m.batch, start, stop)])
+            lookups = []
+            for run in runs:
+                uniq, inverse = unique_inverse_below(run, plan.ids.size)
+                lookups.append((plan.slots[uniq], inverse))
+            if world == 1:  # (every row of the step is some batch's)
+                ids, slots = plan.ids, plan.slots
+            else:
+                used = unique_below(np.concatenate(runs), plan.ids.size)
+                ids, slots = plan.ids[used], plan.slots[used]
         capacity = ld.cache_rows if ld.cache_rows is not None else -1
-        local.plan = StepPlan(
+        step_plan = StepPlan(
             key=(self.stream, step),
             capacity=capacity,
             fetch=view.fetch,
@@ -390,8 +447,19 @@ class _OracleThread(threading.Thread):
             hits=int(plan.hits),
             clean_hits=int(plan.clean_hits),
             tables_fingerprint=ld.tables.fingerprint(),
+            accumulate=self.accumulate,
         )
-        return self._put(local)
+        for (local, _), (lookup_slots, inverse) in zip(shells, lookups):
+            local.sparse.lookup = CacheLookup.from_inverse(
+                torch.from_numpy(lookup_slots),
+                torch.from_numpy(inverse.astype(np.int64, copy=False)),  # (the plan's own array: no copy)
+                local.sparse.lengths,
+                local.sparse.num_features,
+            )
+            local.plan = step_plan
+            if not self._put(local):
+                return False
+        return True
 
 
 def early_mask(fetch_ids: np.ndarray, evicted: Iterable[np.ndarray]) -> np.ndarray:
@@ -410,8 +478,17 @@ def early_mask(fetch_ids: np.ndarray, evicted: Iterable[np.ndarray]) -> np.ndarr
 
 
 @dataclass
-class _Planned:
+class _Member:
+    """A batch of a step: its index in the epoch, and how many id occurrences it has."""
+
+    index: int
     batch: Batch
+    occurrences: int
+
+
+@dataclass
+class _Planned:
+    group: list[_Member]  # the batches of the step (one, or Lightning's accumulation group)
     plan: CachePlan
     view: RankView
     early: np.ndarray | None

@@ -10,6 +10,9 @@ Per training step ``t`` (called by the strategy):
 ``after_update(step)``
     apply the sparse optimizer to the rows step ``t`` touched (right after the dense optimizer step).
 
+With gradient accumulation the batches of a step share its plan: ``before_step`` of the second and later
+batches changes nothing, and the rows' gradients of every batch add up until ``after_update``.
+
 The driver also keeps, per slot, which row it holds and whether the cache copy is newer than the store
 (dirty), so :meth:`sync_store` can flush every dirty row before validation, checkpoints and the end of fit.
 """
@@ -176,6 +179,25 @@ class CacheDriver:
                 "the batches were planned for other tables than the model's CachedEmbedding "
                 f"(fingerprints {plan.tables_fingerprint} vs {self.fingerprint}); give the DataModule and "
                 "the CachedEmbedding the same tables"
+            )
+        if self._current is not None and plan.key == self._current.key:
+            if self._updated:  # (the strategy checks the accumulation first: this is a safety net)
+                raise RuntimeError(
+                    f"step {plan.key} of the cache plan received a batch after its optimizer step: the "
+                    "loader's gradient accumulation groups and Lightning's optimizer steps disagree"
+                )
+            return  # a later batch of the same step (gradient accumulation): its rows are in place
+        cur = self._current
+        if (
+            cur is not None
+            and cur.accumulate > 1
+            and plan.key[0] == cur.key[0]
+            and not self._updated
+            and any(m._pending for m in self.modules)
+        ):
+            raise RuntimeError(
+                f"step {cur.key} of the cache plan ended without an optimizer step: the loader's gradient "
+                "accumulation groups and Lightning's optimizer steps disagree (its gradients would be lost)"
             )
         self._end_step()
         if self.executor is None:

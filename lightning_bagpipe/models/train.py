@@ -267,6 +267,12 @@ def add_arguments(parser: argparse.ArgumentParser, model: str | None = None) -> 
     )
     add("--max-steps", type=pos_int, default=1000, help="optimizer steps to train (default: %(default)s)")
     add("--max-epochs", type=pos_int, help="also stop after this many epochs (default: no epoch limit)")
+    add(
+        "--accumulate-grad-batches",
+        type=pos_int,
+        default=1,
+        help="batches whose gradients add up to one optimizer step (default: %(default)s)",
+    )
     add("--root-dir", type=Path, metavar="PATH", help="logs and checkpoints go here (default: runs/MODEL)")
     add("--no-logger", action="store_true", help="disable Lightning's default logger (TensorBoard, else CSV)")
     add(
@@ -579,6 +585,7 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
         devices=args.devices,
         max_steps=args.max_steps,
         max_epochs=args.max_epochs if args.max_epochs is not None else -1,
+        accumulate_grad_batches=args.accumulate_grad_batches,
         default_root_dir=root,
         logger=not args.no_logger,
         enable_checkpointing=not args.no_checkpoint,
@@ -602,6 +609,7 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
         "data": str(args.data),
         "steps": trainer.global_step,
         "batch_size": args.batch_size,
+        "accumulate_grad_batches": args.accumulate_grad_batches,
         "world_size": trainer.world_size,
         "lookahead": args.lookahead,
         "cache_rows": args.cache_rows,

@@ -24,7 +24,7 @@ from typing_extensions import override
 
 from lightning_bagpipe.arguments import non_negative
 from lightning_bagpipe.data.batch import Batch, StepPlan
-from lightning_bagpipe.data.datamodule import trained_batches
+from lightning_bagpipe.data.datamodule import accumulated_batches, epoch_batches, trained_batches
 from lightning_bagpipe.data.loader import BagpipeLoader
 from lightning_bagpipe.embedding.cached import CachedEmbedding
 from lightning_bagpipe.embedding.distributed import RankGroups, shard_store, share_store
@@ -142,11 +142,6 @@ class BagpipeStrategy(DDPStrategy):
 
     @override
     def setup(self, trainer: pl.Trainer) -> None:
-        if trainer.state.fn == TrainerFn.FITTING and trainer.accumulate_grad_batches != 1:
-            raise ValueError(
-                "strategy='bagpipe' does not support accumulate_grad_batches > 1: a cached row must be "
-                "updated before it is written back; use a larger batch instead"
-            )
         if self.world_size == 1:
             # one process: the plain Strategy set-up (no DDP wrapper, no collectives, no process group)
             super(DDPStrategy, self).setup(trainer)
@@ -275,6 +270,17 @@ class BagpipeStrategy(DDPStrategy):
                 "strategy='bagpipe' trains CachedEmbedding rows from the cache plan that BagpipeDataModule "
                 "attaches to each training batch; this batch has none. Feed training data through a "
                 "BagpipeDataModule (or its train_dataloader())"
+            )
+        assert self.lightning_module is not None
+        accumulate = self.lightning_module.trainer.accumulate_grad_batches
+        if plan.accumulate != accumulate:
+            raise ValueError(
+                f"this batch was planned for accumulate_grad_batches={plan.accumulate} but the Trainer "
+                f"accumulates {accumulate}: the cache keeps a step's rows from its first batch to its "
+                "optimizer step, so the loader must group batches as Lightning does. Let the "
+                "BagpipeDataModule or the strategy set the loader up (it reads the Trainer and a "
+                "GradientAccumulationScheduler when an epoch starts), or change accumulate_grad_batches only "
+                "between epochs"
             )
         self._driver.before_step(plan)
 
@@ -428,6 +434,8 @@ class BagpipeStrategy(DDPStrategy):
             trainer = self.lightning_module.trainer
             for loader in _bagpipe_loaders(trainer.train_dataloader):  # (also one given to fit() directly)
                 loader.progress = lambda: trained_batches(trainer)
+                loader.accumulation = lambda: accumulated_batches(trainer)
+                loader.epoch_length = lambda: epoch_batches(trainer)
         section, self._resume_section = self._resume_section, None
         if section is not None:
             restore_rng_states(section)

@@ -46,6 +46,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--limit-train-batches", type=int, default=None, help="Lightning's: epochs cut short")
     p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--accumulate", type=int, default=1, help="Lightning's accumulate_grad_batches")
     p.add_argument("--capacity", type=int, default=0, help="0: two steps' rows + 4 (forces evictions)")
     p.add_argument("--optimizer", default="adagrad", choices=sorted(OPTIMIZERS))
     p.add_argument("--sync", default="partitioned", choices=["partitioned", "replicated"])
@@ -86,14 +87,12 @@ def run(args: argparse.Namespace) -> dict:
     )
     if args.short_rank1 and rank == 1:
         batches = batches[:-2]
-    capacity = (
-        args.capacity
-        or max(
-            len(set(a.sparse.fused_ids(tables)) | set(b.sparse.fused_ids(tables)))
-            for a, b in itertools.pairwise(batches)
-        )
-        + 4
-    )
+    k = args.accumulate  # a step is k batches: two steps' rows must fit
+    steps = [
+        set().union(*(set(b.sparse.fused_ids(tables)) for b in batches[i : i + k]))
+        for i in range(0, len(batches), k)
+    ]
+    capacity = args.capacity or max(len(a | b) for a, b in itertools.pairwise(steps)) + 4
     pl.seed_everything(0, verbose=False)
     store = None
     if args.tiered_buffer_rows:
@@ -117,6 +116,7 @@ def run(args: argparse.Namespace) -> dict:
         devices=args.devices,
         max_epochs=args.epochs,
         limit_train_batches=args.limit_train_batches,
+        accumulate_grad_batches=args.accumulate,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
