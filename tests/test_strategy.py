@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 from pathlib import Path
@@ -304,6 +305,18 @@ def test_capacity_below_one_steps_rows_is_a_clear_error(data) -> None:
     tables, train, _ = data
     with pytest.raises(ValueError, match=r"cache"):
         quiet_trainer().fit(TinyModel(tables), datamodule=_dm(tables, train, cache_rows=5))
+    assert not _bagpipe_threads()
+
+
+def test_a_cache_too_small_for_an_accumulation_group_names_the_setting(data) -> None:
+    # a cache that holds two batches' rows but not two groups of three
+    tables, train, _ = data
+    ids = [set(b.sparse.fused_ids(tables)) for b in train]
+    pairs = max(len(a | b) for a, b in itertools.pairwise(ids))
+    with pytest.raises(ValueError, match=r"accumulate_grad_batches=3 a step is the 3 batches"):
+        quiet_trainer(accumulate_grad_batches=3).fit(
+            TinyModel(tables), datamodule=_dm(tables, train, cache_rows=pairs)
+        )
     assert not _bagpipe_threads()
 
 

@@ -61,8 +61,10 @@ class BagpipeDataModule(pl.LightningDataModule):
     Args:
         tables: one table per sparse feature, in feature order.
         batch_size: the global batch size (what the source yields; each of ``R`` ranks trains ``B / R``).
-        lookahead: ``L``, how many batches the oracle looks ahead. Larger ``L`` keeps rows resident across
-            longer reuse gaps (fewer fetches) at the cost of more batches buffered in the loader.
+        lookahead: ``L``, how many steps the oracle looks ahead (batches; with gradient accumulation, the
+            ``accumulate_grad_batches`` batches of each optimizer step count as one). Larger ``L`` keeps
+            rows resident across longer reuse gaps (fewer fetches) at the cost of more batches buffered in
+            the loader.
         cache_rows: cache capacity in rows (slots) per :class:`~lightning_bagpipe.CachedEmbedding`;
             ``None`` lets the cache grow to whatever the oracle needs.
         queue_batches: planned batches buffered between the oracle thread and training.

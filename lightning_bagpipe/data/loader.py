@@ -367,7 +367,15 @@ class _OracleThread(threading.Thread):
             ids = group[0][1] if len(group) == 1 else np.concatenate([g[1] for g in group])
             pending.append([m for m, _ in group])
             group.clear()
-            plan = oracle.push(ids)
+            try:
+                plan = oracle.push(ids)
+            except ValueError as err:
+                if k == 1:
+                    raise
+                raise ValueError(
+                    f"{err}. With accumulate_grad_batches={k} a step is the {k} batches of one optimizer "
+                    "step: give min_capacity each group's fused ids, concatenated"
+                ) from None
             if plan is not None:
                 ready.append(planned(plan))
             return emit_ready(final=False)
