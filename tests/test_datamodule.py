@@ -234,6 +234,10 @@ def test_datamodule_validates_its_arguments() -> None:
         with pytest.raises(ValueError, match=rf"{name} must be an integer >= 1.*got {bad!r}"):
             ListDataModule(tables, batches, **{name: bad})
     ListDataModule(tables, batches, lookahead=np.int64(3), cache_rows=np.int32(50))  # numpy integers are fine
+    # a loader made directly checks the same way (it used to turn 0 or 2.5 into a queue of 1 or 2)
+    for bad in (0, 2.5):
+        with pytest.raises(ValueError, match=rf"queue_batches must be an integer >= 1, got {bad!r}"):
+            _loader(batches, tables, queue_batches=bad)
     with pytest.raises(ValueError, match="sync must be one of"):
         ListDataModule(tables, random_batches(tables, 1, 4), sync="allreduce")
 

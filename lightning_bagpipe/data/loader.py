@@ -157,7 +157,7 @@ class BagpipeLoader(_LoaderBase):
         self.prefetch_depth = min(integer("prefetch_depth", prefetch_depth, minimum=1), self.lookahead)
         """How many steps ahead rows are fetched (at most ``L``: see :func:`early_mask`)."""
         self.cache_rows = cache_rows
-        self.queue_batches = max(1, int(queue_batches))
+        self.queue_batches = integer("queue_batches", queue_batches, minimum=1)
         self.epoch = 0
         self.yielded = 0
         self.progress: Callable[[], int | None] | None = None
