@@ -6,7 +6,6 @@ from collections.abc import Iterable
 from typing import Any, Literal
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import GradientAccumulationScheduler
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 
@@ -37,17 +36,14 @@ def epoch_batches(trainer: pl.Trainer | None) -> float:
 
 
 def accumulated_batches(trainer: pl.Trainer | None) -> int:
-    """How many batches ``trainer`` accumulates per optimizer step in the epoch about to start; 1 outside a
-    fit.
+    """How many batches ``trainer`` accumulates per optimizer step now; 1 outside a fit.
 
-    A ``GradientAccumulationScheduler`` sets ``trainer.accumulate_grad_batches`` only when the epoch has
-    started, after its loader began planning, so its schedule is asked directly.
+    Read when an epoch's first batch is asked for: a ``GradientAccumulationScheduler`` has set the value
+    for the epoch by then, and an epoch resumed mid-way (which never calls the scheduler) keeps the value
+    Lightning really uses.
     """
     if trainer is None or trainer.state.fn != TrainerFn.FITTING:
         return 1
-    for callback in trainer.callbacks:  # type: ignore[attr-defined]
-        if isinstance(callback, GradientAccumulationScheduler):
-            return int(callback.get_accumulate_grad_batches(trainer.current_epoch))
     return int(trainer.accumulate_grad_batches)
 
 

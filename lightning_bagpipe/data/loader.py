@@ -26,6 +26,7 @@ import threading
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -165,26 +166,30 @@ class BagpipeLoader(_LoaderBase):
         self.accumulation: Callable[[], int] | None = None
         """How many consecutive batches share one optimizer step in the epoch about to start (Lightning's
         ``accumulate_grad_batches``; set by the data module and the strategy), read when an epoch's
-        iteration begins; None: 1."""
+        first batch is asked for; None: 1."""
         self.epoch_length: Callable[[], float] | None = None
         """How many batches Lightning trains in an epoch (``limit_train_batches`` applied; inf: unknown)."""
         self._resume_from = 0
         self._counted = 0  # Lightning's count of batches before the resumed epoch's first (state_dict)
+        self._epoch_counted = 0  # the same, for the epoch under way
         self._finished = False  # the current epoch's last batch was handed out
         self._threads: weakref.WeakSet[_OracleThread] = weakref.WeakSet()
 
     # -------------------------------------------------------------- state (exact resume)
     def state_dict(self) -> dict[str, int]:
         done = self.progress() if self.progress is not None else None
+        if done is not None:  # (an epoch Lightning counts on from the last one's count: see below)
+            done -= self._epoch_counted
         position = done if done is not None and 0 <= done <= self.yielded else self.yielded
         limit = self.epoch_length() if self.epoch_length is not None else float("inf")
+        limit -= self._epoch_counted
         if position >= limit:  # Lightning's epoch is over (limit_train_batches may end it early)
             return {"epoch": self.epoch + 1, "batches_yielded": 0}
         if self._finished and position == self.yielded:  # every batch of the epoch trained
             # (a source without a length cannot tell a resumed loader that its epoch is over). Lightning
             # does not know the epoch ended either: resumed, it goes on counting the next epoch's batches
             # from ``position``, and groups them for gradient accumulation by that count
-            counted = {} if done is None else {"counted": position}  # (None: outside a fit)
+            counted = {} if done is None else {"counted": position + self._epoch_counted}  # (None: no fit)
             return {"epoch": self.epoch + 1, "batches_yielded": 0, **counted}
         return {"epoch": self.epoch, "batches_yielded": position}
 
@@ -208,13 +213,17 @@ class BagpipeLoader(_LoaderBase):
             self.epoch += 1
         self.yielded = skip
         self._finished = False
+        self._epoch_counted = counted
+        return self._run_epoch(self.epoch, skip, counted)
+
+    def _run_epoch(self, epoch: int, skip: int, counted: int) -> Iterator[Batch]:
+        # (a generator: this runs when the epoch's first batch is asked for. By then Lightning has set the
+        # accumulation it will use: a GradientAccumulationScheduler sets it when the epoch starts, and an
+        # epoch resumed mid-way keeps the value Lightning really accumulates)
         accumulate = integer(
             "accumulate_grad_batches", 1 if self.accumulation is None else self.accumulation(), minimum=1
         )
-        return self._run_epoch(self.epoch, skip, (accumulate, counted))
-
-    def _run_epoch(self, epoch: int, skip: int, accumulate: tuple[int, int]) -> Iterator[Batch]:
-        thread = _OracleThread(self, epoch, skip, *accumulate)
+        thread = _OracleThread(self, epoch, skip, accumulate, counted)
         self._threads.add(thread)
         thread.start()
         try:
@@ -367,15 +376,8 @@ class _OracleThread(threading.Thread):
             ids = group[0][1] if len(group) == 1 else np.concatenate([g[1] for g in group])
             pending.append([m for m, _ in group])
             group.clear()
-            try:
+            with _accumulation_explained(k):
                 plan = oracle.push(ids)
-            except ValueError as err:
-                if k == 1:
-                    raise
-                raise ValueError(
-                    f"{err}. With accumulate_grad_batches={k} a step is the {k} batches of one optimizer "
-                    "step: give min_capacity each group's fused ids, concatenated"
-                ) from None
             if plan is not None:
                 ready.append(planned(plan))
             return emit_ready(final=False)
@@ -393,7 +395,9 @@ class _OracleThread(threading.Thread):
                 return
         if group and not push_group():
             return
-        for plan in oracle.finish():
+        with _accumulation_explained(k):
+            plans = oracle.finish()
+        for plan in plans:
             ready.append(planned(plan))
         emit_ready(final=True)
 
@@ -468,6 +472,21 @@ class _OracleThread(threading.Thread):
             if not self._put(local):
                 return False
         return True
+
+
+@contextmanager
+def _accumulation_explained(k: int) -> Iterator[None]:
+    """Add to the oracle's errors (a cache too small for a step) that a step is ``k`` batches."""
+    try:
+        yield
+    except ValueError as err:
+        if k == 1:
+            raise
+        raise ValueError(
+            f"{err}. With accumulate_grad_batches={k} a step is the {k} batches of one optimizer step: give "
+            "min_capacity each group's fused ids, concatenated (trace and min_capacity over single batches "
+            "report the minimum for accumulate_grad_batches=1)"
+        ) from None
 
 
 def early_mask(fetch_ids: np.ndarray, evicted: Iterable[np.ndarray]) -> np.ndarray:

@@ -128,7 +128,8 @@ def add_arguments(parser: argparse.ArgumentParser, model: str | None = None) -> 
     add(
         "--train-batches",
         type=pos_int,
-        help="synthetic: batches per training epoch (default: --max-steps, i.e. one epoch)",
+        help="synthetic: batches per training epoch (default: --max-steps x --accumulate-grad-batches, "
+        "i.e. one epoch)",
     )
     add(
         "--val-batches",
@@ -175,7 +176,7 @@ def add_arguments(parser: argparse.ArgumentParser, model: str | None = None) -> 
         "--lookahead",
         type=pos_int,
         default=64,
-        help="batches the oracle looks ahead, L (default: %(default)s)",
+        help="optimizer steps (batches, unless accumulated) the oracle looks ahead, L (default: %(default)s)",
     )
     add("--cache-rows", type=pos_int, help="cache capacity in rows (default: grow to what the plan needs)")
     add(
@@ -325,7 +326,7 @@ def build_datamodule(args: argparse.Namespace) -> CriteoDataModule:
         lookahead=args.lookahead,
         cache_rows=args.cache_rows,
         scale=args.scale,
-        num_batches=args.train_batches or args.max_steps,
+        num_batches=args.train_batches or args.max_steps * args.accumulate_grad_batches,
         val_batches=args.val_batches,
         zipf=args.zipf,
         multi_hot=args.multi_hot,
@@ -644,10 +645,15 @@ def _fmt(value: Any, spec: str) -> str:
     return "n/a" if value is None else format(value, spec)
 
 
+def _step_samples(r: dict[str, Any]) -> str:
+    k = r.get("accumulate_grad_batches", 1)
+    return f"{k} x {r['batch_size']}" if k > 1 else str(r["batch_size"])
+
+
 def _summary(r: dict[str, Any]) -> str:
     saves, seconds = r["checkpoint_saves"], r["checkpoint_seconds"]
     lines = [
-        f"{r['model']} on {r['data']}: {r['steps']} steps of {r['batch_size']} samples, "
+        f"{r['model']} on {r['data']}: {r['steps']} steps of {_step_samples(r)} samples, "
         f"{r['table_rows']:,} table rows",
         f"  validation AUC      {_fmt(r['val_auc'], '.4f')}  (true model's AUC {_fmt(r['true_auc'], '.4f')})",
         f"  validation log loss {_fmt(r['val_logloss'], '.4f')}",
