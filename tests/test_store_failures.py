@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import errno
 import functools
+import itertools
 import json
+import mmap
 import os
 import re
 from pathlib import Path
@@ -397,3 +399,191 @@ def test_a_full_disk_while_filling_a_new_file_store_is_an_error_naming_it(
     monkeypatch.undo()
     store = emb(str(path)).store  # (the interrupted fill is redone)
     assert store.metadata["initialized"] is True and float(store.tensor().abs().sum()) > 0
+
+
+# ---------------------------------------------------------------------------------------------- item 4
+# A compaction writes the spill log's rows into the row file through its mapping. In a sparse file a write
+# into a page without a block needs one; on a full disk the process died of SIGBUS. The blocks are now
+# allocated first (posix_fallocate of the rows' pages).
+CTABLES = lb.Tables([("a", 2000)])
+CDIM = 300  # rows of 301 floats (1204 bytes): some straddle two pages
+CWIDTH = CDIM + 1
+
+
+def compacting(path: Path, log_rows: int = 100) -> TieredStore:
+    """A lazily initialised TieredStore of 2000 rows with a buffer of 32 rows and a log of ``log_rows``:
+    writes of new rows fill the log with distinct rows, so a full log is compacted (not merged)."""
+    s = TieredStore(
+        path, CTABLES.total_rows, CWIDTH, buffer_bytes=40_000, log_bytes=log_rows * (4 * CWIDTH + 8)
+    )
+    assert s.capacity == 32
+    s.initialize_lazily(CTABLES, CDIM, torch.zeros(1), seed=1)
+    return s
+
+
+def every_row(s: TieredStore) -> torch.Tensor:
+    return s.read(np.arange(s.num_rows))
+
+
+def test_a_full_disk_during_a_compaction_is_an_error_naming_the_row_file_and_loses_no_row(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "t.f32"
+    s = compacting(path)
+    order = np.random.default_rng(5).permutation(CTABLES.total_rows)
+    ref = every_row(s)  # (the initial values)
+    for step in range(0, 2000, 20):  # 20 new rows a write: the buffer spills every other write
+        if s.compactions == 1:  # the file holds rows now; the disk fills before the next compaction
+            monkeypatch.setattr(os, "posix_fallocate", enospc)
+        ids, rows = order[step : step + 20], torch.randn(20, CWIDTH)
+        before, compactions, logged = files_of(path), s.compactions, s.log.length  # type: ignore[union-attr]
+        try:
+            s.write(ids, rows)
+        except OSError as caught:
+            err = caught
+            break
+        ref[torch.from_numpy(ids)] = rows
+    else:
+        pytest.fail("no compaction met the full disk")
+    assert err.errno == errno.ENOSPC and err.filename == str(path)
+    assert re.fullmatch(
+        rf"No space left on device while allocating space in the store file {re.escape(str(path))} for the "
+        r"100 rows a compaction writes into it from the spill log \(which still holds them\)",
+        err.strerror,
+    )
+    # raised before anything was written: every file as it was (row file, bitmap, log, sidecar), every row
+    # reads as before, the log still holds its rows
+    assert files_of(path) == before
+    assert s.compactions == compactions == 1 and s.log is not None and s.log.length == logged == 100
+    assert torch.equal(every_row(s), ref)
+    with pytest.raises(OSError, match="No space left on device while allocating"):
+        s.flush()  # (spills: the same compaction, the same error, still nothing changed)
+    assert files_of(path) == before and torch.equal(every_row(s), ref)
+    # once there is space again, the write that failed goes through: its spill compacts the log
+    monkeypatch.undo()
+    s.write(ids, rows)
+    ref[torch.from_numpy(ids)] = rows
+    assert s.compactions == 2 and torch.equal(every_row(s), ref)
+    s.close()
+    again = TieredStore(path, buffer_bytes=40_000, log_bytes=100 * (4 * CWIDTH + 8))
+    assert torch.equal(every_row(again), ref)
+    again.close()
+
+
+def test_reopening_with_another_log_size_on_a_full_disk_is_an_error_and_keeps_the_log(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A store opened with another ``log_bytes`` first compacts the log it had, in its constructor."""
+    path = tmp_path / "t.f32"
+    s = compacting(path)
+    ids = np.arange(0, 2000, 23)
+    rows = torch.randn(ids.size, CWIDTH)
+    s.write(ids, rows)
+    ref = every_row(s)
+    s.close()
+    before = files_of(path)
+    assert json.loads(Path(f"{path}.json").read_text())["metadata"]["log_runs"]  # (rows in the log)
+    monkeypatch.setattr(os, "posix_fallocate", enospc)
+    with pytest.raises(OSError) as caught:
+        TieredStore(path, buffer_bytes=40_000, log_bytes=0)
+    assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(path)
+    assert files_of(path) == before  # the log is still the store's, unchanged
+    monkeypatch.undo()
+    again = TieredStore(path, buffer_bytes=40_000, log_bytes=0)
+    assert again.log is None and again.compactions == 1 and torch.equal(every_row(again), ref)
+    again.close()
+
+
+def pages_of(ids: np.ndarray, row_bytes: int) -> set[int]:
+    """The pages of the row file that rows ``ids`` lie in (a row may straddle two)."""
+    page = mmap.PAGESIZE
+    return {
+        p for i in ids.tolist() for p in range(i * row_bytes // page, ((i + 1) * row_bytes - 1) // page + 1)
+    }
+
+
+def test_a_compaction_allocates_the_pages_of_its_new_rows_in_runs_and_still_writes_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "t.f32"
+    s = compacting(path, log_rows=4000)  # (a log that is never full: the test compacts it)
+    row_bytes, nbytes = 4 * CWIDTH, s.file.nbytes
+    calls: list[tuple[int, int]] = []
+    real = os.posix_fallocate
+
+    def spy(fd: int, offset: int, length: int) -> None:
+        calls.append((offset, length))
+        real(fd, offset, length)
+
+    monkeypatch.setattr(os, "posix_fallocate", spy)
+    ref = every_row(s)
+    rng = np.random.default_rng(2)
+    first = np.unique(np.concatenate([np.arange(100, 160), rng.choice(2000, 150, replace=False)]))
+    second = np.unique(np.concatenate([first[::3], rng.choice(2000, 150, replace=False)]))  # some in the file
+    for ids in (first, second):
+        new = np.setdiff1d(ids, np.flatnonzero(np.unpackbits(s._written, bitorder="little")[:2000]))
+        rows = torch.randn(ids.size, CWIDTH)
+        for lo in range(0, ids.size, 30):  # (through the buffer into the log)
+            s.write(ids[lo : lo + 30], rows[lo : lo + 30])
+        s.flush()
+        ref[torch.from_numpy(ids)] = rows
+        calls.clear()
+        s._compact()
+        # one call per run of adjacent pages of the rows new to the file, each page once, none past its end
+        want = sorted(pages_of(new, row_bytes))
+        runs = 1 + sum(b != a + 1 for a, b in itertools.pairwise(want))
+        got = [
+            p
+            for offset, length in calls
+            for p in range(offset // mmap.PAGESIZE, -(-(offset + length) // mmap.PAGESIZE))
+        ]
+        assert sorted(got) == want and len(calls) == runs < len(new)
+        assert ids is first or pages_of(np.setdiff1d(ids, new), row_bytes) - set(want)  # (skipped pages)
+        assert all(offset % mmap.PAGESIZE == 0 and offset + length <= nbytes for offset, length in calls)
+        assert path.stat().st_size == nbytes
+        assert s.log is not None and s.log.length == 0 and torch.equal(every_row(s), ref)
+    assert s.compactions == 2
+
+    # a file system that cannot preallocate: the compaction writes its rows as it used to
+    def unsupported(fd: int, offset: int, length: int) -> None:
+        raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
+
+    monkeypatch.setattr(os, "posix_fallocate", unsupported)
+    s.write(np.arange(1900, 1930), torch.ones(30, CWIDTH))
+    s.flush()
+    s._compact()
+    ref[1900:1930] = 1.0
+    assert s.compactions == 3 and torch.equal(every_row(s), ref)
+    s.close()
+    again = TieredStore(path, buffer_bytes=40_000)
+    assert torch.equal(every_row(again), ref)
+    again.close()
+
+
+def test_a_spill_into_the_row_file_on_a_full_disk_is_an_error_and_keeps_the_buffer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without a spill log (``log_bytes=0``) a full buffer is written into the row file: its blocks are
+    allocated first too, so a full disk is an error and the buffered rows stay."""
+    path = tmp_path / "t.f32"
+    s = TieredStore(path, CTABLES.total_rows, CWIDTH, buffer_bytes=40_000, log_bytes=0)
+    assert s.capacity == 32 and s.log is None
+    s.initialize_lazily(CTABLES, CDIM, torch.zeros(1), seed=1)
+    ref = every_row(s)
+    first = np.arange(0, 600, 30)  # 20 rows: they stay in the buffer
+    rows = torch.randn(first.size, CWIDTH)
+    s.write(first, rows)
+    ref[torch.from_numpy(first)] = rows
+    before = files_of(path)
+    monkeypatch.setattr(os, "posix_fallocate", enospc)
+    second = np.arange(1000, 1600, 30)  # 20 more: the buffer spills into the file first
+    with pytest.raises(OSError) as caught:
+        s.write(second, torch.randn(second.size, CWIDTH))
+    assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(path)
+    assert "rows a spill writes into it (the RAM buffer still holds them)" in str(caught.value.strerror)
+    assert files_of(path) == before and torch.equal(every_row(s), ref)
+    monkeypatch.undo()
+    s.close()  # (flushes the buffer into the file)
+    again = TieredStore(path, buffer_bytes=40_000, log_bytes=0)
+    assert torch.equal(every_row(again), ref)
+    again.close()

@@ -42,6 +42,8 @@ thread's reads never see the buffer half-updated.
 
 from __future__ import annotations
 
+import errno
+import mmap
 import os
 import threading
 import time
@@ -80,6 +82,8 @@ DEFAULT_LOG_BYTES = 2 * 2**30
 _EMPTY = -1
 _POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
 _MATERIALIZE_ROWS = 1 << 18
+_RESERVE_ROWS = 1 << 20  # ids per pass of TieredStore._reserve_rows
+_PAGE = mmap.PAGESIZE
 _ENTRY_BYTES = 12  # one IdMap entry: id and value
 
 
@@ -389,12 +393,20 @@ class TieredStore(EmbeddingStore):
 
     def _compact(self, items: tuple[np.ndarray, np.ndarray] | None = None) -> None:
         """Write the newest copy of every row in the spill log into the row file (sorted by id), empty it.
-        ``items``: ``log.items()``, if the caller has it already."""
+        ``items``: ``log.items()``, if the caller has it already.
+
+        The rows' blocks are allocated first (:meth:`_reserve_rows`): on a full disk a write through the
+        mapping would end the process with SIGBUS; instead the ``OSError`` is raised before any row is
+        written, the log keeps every row and a later compaction (once there is space) starts again."""
         log = self.log
         if log is None or not log.length:
             return
         t0 = time.perf_counter()
         ids, pos = log.items() if items is None else items  # (ascending)
+        # (a full disk: an OSError here, before any row is written)
+        self._reserve_rows(
+            ids, "rows a compaction writes into it from the spill log (which still holds them)"
+        )
         for lo in range(0, ids.size, self.SPILL_CHUNK_ROWS):
             part = slice(lo, lo + self.SPILL_CHUNK_ROWS)
             self.file.write(ids[part], log.read(pos[part]), check_unique=False)
@@ -408,13 +420,53 @@ class TieredStore(EmbeddingStore):
         self.compactions += 1
         self.compaction_seconds += time.perf_counter() - t0
 
+    def _reserve_rows(self, ids: np.ndarray, what: str) -> None:
+        """Allocate the blocks of the row file that writing rows ``ids`` (ascending) through the mapping
+        dirties, with one ``posix_fallocate`` per run of adjacent pages, so that a full disk is an
+        ``OSError`` (its errno, the row file as its ``filename``) here rather than a SIGBUS at the first
+        write that finds no space. Rows the file holds already are skipped: they were written before, so
+        their pages have their blocks. (File systems that cannot preallocate are left as they are.)
+
+        A call costs about 5 us on ext4 here: nothing measurable when the rows are dense (the default log
+        on a large table: long runs, few calls), about 4 us more per row when they lie pages apart."""
+        if not ids.size or not hasattr(os, "posix_fallocate"):
+            return
+        row = self.width * 4
+        path = self.file.path
+        fd = os.open(path, os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
+        try:
+            for lo in range(0, ids.size, _RESERVE_ROWS):
+                part = ids[lo : lo + _RESERVE_ROWS]
+                new = part[~self._in_file(part)]
+                if not new.size:
+                    continue
+                first = new * row // _PAGE  # the first and last page of each row (ascending)
+                last = (new * row + row - 1) // _PAGE
+                cut = np.flatnonzero(first[1:] > last[:-1] + 1) + 1  # where a run of pages starts
+                starts = first[np.concatenate([[0], cut])] * _PAGE
+                ends = np.minimum((last[np.append(cut - 1, new.size - 1)] + 1) * _PAGE, self.file.nbytes)
+                for a, b in zip(starts.tolist(), ends.tolist()):
+                    os.posix_fallocate(fd, a, b - a)
+        except OSError as err:
+            if err.errno in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                return
+            raise OSError(
+                err.errno,
+                f"{err.strerror} while allocating space in the store file {path} for the {ids.size:,} {what}",
+                str(path),
+            ) from err
+        finally:
+            os.close(fd)
+
     #: Rows per file write of a spill, and per file read of a large read: after each the file store may let
     #: go of the pages it mapped (:attr:`MmapStore.MAPPED_BYTES_LIMIT`), so a spill of a large buffer, or a
     #: checkpoint's read of every written row, does not map gigabytes at once.
     SPILL_CHUNK_ROWS = 1 << 15
 
     def _write_file(self, ids: np.ndarray, rows: Tensor, order: np.ndarray) -> None:
-        """Write ``rows[order]`` at sorted ``ids`` into the file, a chunk at a time, and mark them held."""
+        """Write ``rows[order]`` at sorted ``ids`` into the file, a chunk at a time, and mark them held
+        (their blocks allocated first, as for a compaction)."""
+        self._reserve_rows(ids, "rows a spill writes into it (the RAM buffer still holds them)")
         for lo in range(0, ids.size, self.SPILL_CHUNK_ROWS):
             part = slice(lo, lo + self.SPILL_CHUNK_ROWS)
             self.file.write(ids[part], rows[torch.from_numpy(order[part])], check_unique=False)
