@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import io
 import itertools
 import json
 import mmap
@@ -587,3 +588,25 @@ def test_a_spill_into_the_row_file_on_a_full_disk_is_an_error_and_keeps_the_buff
     again = TieredStore(path, buffer_bytes=40_000, log_bytes=0)
     assert torch.equal(every_row(again), ref)
     again.close()
+
+
+def test_a_bitmap_save_to_a_full_disk_keeps_the_errno(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the bitmap was written by ndarray.tofile, whose OSError on a full disk had no errno (seen on a full
+    # ext4 image); it is written by the file's own write now
+    import lightning_bagpipe.embedding.store as store_module
+
+    ts = TieredStore(tmp_path / "t.f32", num_rows=1000, width=3, mode="create")
+
+    class FullFile(io.FileIO):
+        def write(self, data: Any) -> int:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(store_module, "open", lambda path, mode: FullFile(path, "w"), raising=False)
+    with pytest.raises(OSError) as caught:
+        ts._save_bitmap()
+    assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(ts.bitmap_path)
+    assert not [p.name for p in tmp_path.iterdir() if ".tmp" in p.name]
+    monkeypatch.undo()
+    ts.close()

@@ -293,7 +293,9 @@ class TieredStore(EmbeddingStore):
         return np.full(n, 0xFF if self.metadata.get("initialized") else 0, dtype=np.uint8)
 
     def _save_bitmap(self) -> None:
-        write_atomically(self.bitmap_path, self._written.tofile, "saving the bitmap of written rows")
+        # (file.write, not ndarray.tofile, whose OSError on a full disk carries no errno)
+        bits = self._written.data
+        write_atomically(self.bitmap_path, lambda f: f.write(bits), "saving the bitmap of written rows")
 
     def _in_file(self, ids: np.ndarray) -> np.ndarray:
         return _test_bits(self._written, ids)
