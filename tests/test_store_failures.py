@@ -610,3 +610,37 @@ def test_a_bitmap_save_to_a_full_disk_keeps_the_errno(
     assert not [p.name for p in tmp_path.iterdir() if ".tmp" in p.name]
     monkeypatch.undo()
     ts.close()
+
+
+@pytest.mark.parametrize("call", ["write_range", "tensor"])
+def test_write_range_and_tensor_on_a_full_disk_are_errors_that_change_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, call: str
+) -> None:
+    """The last writes through a TieredStore's mapping: a range of rows, and tensor()'s rows never written
+    (the whole table of a lazily initialised store). Their blocks are allocated first too."""
+    path = tmp_path / "t.f32"
+    s = compacting(path)
+    ref = every_row(s)
+    s.flush()
+    before = files_of(path)
+    monkeypatch.setattr(os, "posix_fallocate", enospc)
+    with pytest.raises(OSError) as caught:
+        if call == "write_range":
+            s.write_range(100, torch.randn(300, CWIDTH))
+        else:
+            s.tensor()
+    assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(path)
+    what = (
+        "300 rows write_range() writes"
+        if call == "write_range"
+        else "rows never written that tensor() writes"
+    )
+    assert what in str(caught.value.strerror)
+    assert files_of(path) == before and torch.equal(every_row(s), ref)
+    monkeypatch.undo()
+    if call == "write_range":
+        rows = torch.randn(300, CWIDTH)
+        s.write_range(100, rows)
+        ref[100:400] = rows
+    assert torch.equal(s.tensor(), ref)  # with space, both work
+    s.close()

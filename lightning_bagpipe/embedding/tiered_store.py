@@ -48,6 +48,7 @@ import os
 import threading
 import time
 import warnings
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -431,12 +432,9 @@ class TieredStore(EmbeddingStore):
 
         A call costs about 5 us on ext4 here: nothing measurable when the rows are dense (the default log
         on a large table: long runs, few calls), about 4 us more per row when they lie pages apart."""
-        if not ids.size or not hasattr(os, "posix_fallocate"):
-            return
         row = self.width * 4
-        path = self.file.path
-        fd = os.open(path, os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
-        try:
+
+        def runs() -> Iterator[tuple[int, int]]:
             for lo in range(0, ids.size, _RESERVE_ROWS):
                 part = ids[lo : lo + _RESERVE_ROWS]
                 new = part[~self._in_file(part)]
@@ -447,14 +445,27 @@ class TieredStore(EmbeddingStore):
                 cut = np.flatnonzero(first[1:] > last[:-1] + 1) + 1  # where a run of pages starts
                 starts = first[np.concatenate([[0], cut])] * _PAGE
                 ends = np.minimum((last[np.append(cut - 1, new.size - 1)] + 1) * _PAGE, self.file.nbytes)
-                for a, b in zip(starts.tolist(), ends.tolist()):
-                    os.posix_fallocate(fd, a, b - a)
+                yield from zip(starts.tolist(), ends.tolist())
+
+        if ids.size:
+            self._reserve(runs(), f"the {ids.size:,} {what}")
+
+    def _reserve(self, runs: Iterable[tuple[int, int]], what: str) -> None:
+        """``posix_fallocate`` the byte ranges ``[a, b)`` of the row file; an ``OSError`` naming the file
+        and ``what`` the space is for when it fails."""
+        if not hasattr(os, "posix_fallocate"):
+            return
+        path = self.file.path
+        fd = os.open(path, os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
+        try:
+            for a, b in runs:
+                os.posix_fallocate(fd, a, b - a)
         except OSError as err:
             if err.errno in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
                 return
             raise OSError(
                 err.errno,
-                f"{err.strerror} while allocating space in the store file {path} for the {ids.size:,} {what}",
+                f"{err.strerror} while allocating space in the store file {path} for {what}",
                 str(path),
             ) from err
         finally:
@@ -563,6 +574,10 @@ class TieredStore(EmbeddingStore):
         with self._lock:
             self._spill()  # no buffered or logged copy may outlive the rows written here
             self._compact()
+            row = self.width * 4
+            self._reserve(
+                [(start * row, stop * row)], f"the {stop - start:,} rows write_range() writes into it"
+            )
             self.file.write_range(start, src)
             for lo in range(start, stop, _MATERIALIZE_ROWS):
                 self._mark(np.arange(lo, min(stop, lo + _MATERIALIZE_ROWS), dtype=np.int64))
@@ -658,6 +673,7 @@ class TieredStore(EmbeddingStore):
                 ids = np.arange(lo, hi, dtype=np.int64)
                 todo = ids[~self._in_file(ids)]
                 if todo.size:
+                    self._reserve_rows(todo, "rows never written that tensor() writes into it")
                     self.file.write(todo, self._initial(todo), check_unique=False)
                     self._mark(todo)
             return t
