@@ -11,6 +11,7 @@ import json
 import mmap
 import os
 import re
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +21,17 @@ import torch
 
 import lightning_bagpipe as lb
 from lightning_bagpipe.embedding import distributed
+from lightning_bagpipe.embedding import store as store_module
+from lightning_bagpipe.embedding import tiered_store as ts_module
 from lightning_bagpipe.embedding.cached import CachedEmbedding
 from lightning_bagpipe.embedding.init import initialize_store
-from lightning_bagpipe.embedding.store import EmbeddingStore, MemoryStore, MmapStore
+from lightning_bagpipe.embedding.store import (
+    CHECKSUM_KEY,
+    EmbeddingStore,
+    MemoryStore,
+    MmapStore,
+    sidecar_checksum,
+)
 from lightning_bagpipe.embedding.tiered_store import TieredStore
 from lightning_bagpipe.strategies import sharded_checkpoint as sc
 from lightning_bagpipe.strategies.checkpointing import atomic_torch_save
@@ -55,9 +64,13 @@ def trained(path: Path, kind: str) -> torch.Tensor:
 
 
 def edit_metadata(path: Path, change: Any) -> Path:
+    """Change the metadata in the sidecar of ``path`` and write it with a matching checksum, as a store
+    would (so the checks of what the metadata says are reached: a sidecar damaged behind the store's back
+    fails its checksum first)."""
     sidecar = Path(f"{path}.json")
     header = json.loads(sidecar.read_text())
     change(header["metadata"])
+    header[CHECKSUM_KEY] = sidecar_checksum(header)
     sidecar.write_text(json.dumps(header))
     return sidecar
 
@@ -644,3 +657,255 @@ def test_write_range_and_tensor_on_a_full_disk_are_errors_that_change_nothing(
         ref[100:400] = rows
     assert torch.equal(s.tensor(), ref)  # with space, both work
     s.close()
+
+
+# ---------------------------------------------------------------------------------------------- item 5
+# The two small files that decide what a store reads carry a checksum: a damaged bitmap would read rows
+# from the file that were never written there (or compute as initial rows that were trained), a damaged
+# sidecar would describe other rows (another seed: other initial values), both silently.
+HEADER = ts_module.BITMAP_HEADER_BYTES
+REMEDY = r"Restore the (bitmap|sidecar) from a backup .*\.store_files\(path\) lists them\) and resume"
+
+
+def flip(file: Path, offset: int, mask: int = 1) -> None:
+    data = bytearray(file.read_bytes())
+    data[offset] ^= mask
+    file.write_bytes(bytes(data))
+
+
+def lazy_trained(path: Path) -> tuple[TieredStore, torch.Tensor]:
+    """A closed, lazily initialised TieredStore file with rows in its row file, its log and neither; the
+    rows as they read."""
+    s = TieredStore(path, TABLES.total_rows, DIM + 1, buffer_bytes=4096, log_bytes=30_000)
+    s.initialize_lazily(TABLES, DIM, torch.zeros(1), seed=1)
+    s.write(TRAINED_IDS, torch.randn(TRAINED_IDS.size, DIM + 1) + 5.0)
+    s._compact()  # (rows in the row file: bits set)
+    s.write(np.arange(1, 40, 2), torch.randn(20, DIM + 1))
+    table = every_row(s)
+    s.close()
+    return s, table
+
+
+@pytest.mark.parametrize("where", ["bits", "crc", "tag"])
+def test_a_flipped_bit_in_the_bitmap_is_refused_naming_it(tmp_path: Path, where: str) -> None:
+    path = tmp_path / "t.f32"
+    s, table = lazy_trained(path)
+    bitmap = s.bitmap_path
+    assert bitmap.read_bytes()[:8] == ts_module.BITMAP_MAGIC
+    assert bitmap.stat().st_size == HEADER + (TABLES.total_rows + 7) // 8
+    # a bit of a row never written (it would read from the file's zeros), a byte of the CRC, of the tag
+    offset = {"bits": HEADER + 1, "crc": 9, "tag": 0}[where]
+    assert where != "bits" or not s._written[1] & 1
+    flip(bitmap, offset)
+    before = files_of(path)
+    what = r"its bits do not match the CRC-32" if where != "tag" else r"its header lacks its tag"
+    for opener in (
+        lambda: TieredStore(path),
+        lambda: emb(path),
+        lambda: emb(tiered(path)),
+        lambda: TieredStore(path, log_bytes=0),  # (would compact its log first)
+    ):
+        with pytest.raises(ValueError) as caught:
+            opener()
+        message = str(caught.value)
+        assert re.search(rf"{re.escape(str(bitmap))}, is damaged \({what}", message), message
+        assert "the store cannot tell which rows it holds" in message
+        assert re.search(REMEDY, message), message
+    assert files_of(path) == before  # refused before anything was written
+    flip(bitmap, offset)  # (undone)
+    # a whole byte of the bits, as a disk might garble it
+    flip(bitmap, HEADER + 20, 0x5A)
+    with pytest.raises(ValueError, match=r"is damaged \(its bits do not match"):
+        TieredStore(path)
+    flip(bitmap, HEADER + 20, 0x5A)  # (undone: the file is whole again)
+    again = TieredStore(path)
+    assert torch.equal(every_row(again), table)
+    again.close()
+
+
+def sidecar_text(path: Path) -> str:
+    return Path(f"{path}.json").read_text()
+
+
+@pytest.mark.parametrize("kind", ["mmap", "tiered"])
+def test_a_value_changed_in_the_sidecar_is_refused_naming_it(tmp_path: Path, kind: str) -> None:
+    path = tmp_path / "t.f32"
+    trained(path, kind)
+    sidecar = Path(f"{path}.json")
+    text = sidecar_text(path)
+    header = json.loads(text)
+    assert header[CHECKSUM_KEY] == sidecar_checksum(header) and re.fullmatch(
+        r"crc32:[0-9a-f]{8}", header[CHECKSUM_KEY]
+    )
+    assert '"seed": 1,' in text  # one byte changed: still valid JSON, another valid seed
+    for damaged, what in (
+        (text.replace('"seed": 1,', '"seed": 3,'), "its content does not match its checksum"),
+        (text.replace('"width": 5', '"width": 4'), "its content does not match its checksum"),
+        (text.replace('"crc32:', '"crc33:'), "its content does not match its checksum"),
+        # (the checksum's own key damaged: no longer checked, but no version writes that key)
+        (text.replace('"checksum"', '"checksuM"'), r"it has no 'checksum' but 'checksuM'"),
+    ):
+        assert damaged != text
+        sidecar.write_text(damaged)
+        before = files_of(path)
+        for opener in (lambda: emb(path), lambda: MmapStore(path), lambda: TieredStore(path)):
+            with pytest.raises(ValueError) as caught:
+                opener()
+            message = str(caught.value)
+            assert message.startswith(f"MmapStore('{path}'): sidecar {sidecar} is damaged: "), message
+            assert what in message and "cannot be trusted" in message
+            assert re.search(REMEDY, message), message
+            assert "If you edited the sidecar on purpose, remove its 'checksum' key" in message
+        assert files_of(path) == before
+    # as the message says: an edit made on purpose opens once its checksum is removed
+    edited = json.loads(text.replace('"seed": 1,', '"seed": 3,'))
+    del edited[CHECKSUM_KEY]
+    sidecar.write_text(json.dumps(edited))
+    m = emb(path)
+    assert m.store.metadata["seed"] == 3
+    m.store.set_metadata()  # (written again, with its checksum; a TieredStore also does at every flush)
+    m.store.close()
+    assert json.loads(sidecar.read_text())[CHECKSUM_KEY] == sidecar_checksum(edited)
+    emb(path).store.close()
+
+
+@pytest.mark.parametrize("kind", ["mmap", "tiered"])
+def test_files_written_before_checksums_still_open_and_are_checked_once_rewritten(
+    tmp_path: Path, kind: str
+) -> None:
+    path = tmp_path / "t.f32"
+    table = trained(path, kind)
+    sidecar, bitmap = Path(f"{path}.json"), Path(f"{path}.written")
+    # the formats before: the sidecar without 'checksum' (indented as it was), the bitmap's bits alone
+    header = json.loads(sidecar.read_text())
+    del header[CHECKSUM_KEY]
+    sidecar.write_text(json.dumps(header, indent=1, sort_keys=True))
+    if kind == "tiered":
+        bitmap.write_bytes(bitmap.read_bytes()[HEADER:])
+        assert bitmap.stat().st_size == (TABLES.total_rows + 7) // 8
+    m = emb(path if kind == "mmap" else tiered(path))
+    assert torch.equal(m.store.read(np.arange(TABLES.total_rows)), table)
+    m.store.write([2], torch.full((1, DIM + 1), 3.0))
+    m.store.close()
+    table[2] = 3.0
+    header = json.loads(sidecar.read_text())
+    if kind == "mmap":  # (an MmapStore writes its sidecar only when its metadata changes)
+        assert CHECKSUM_KEY not in header
+        s = MmapStore(path)
+        s.set_metadata()
+        s.close()
+        header = json.loads(sidecar.read_text())
+    # rewritten with their checksums (a TieredStore at every flush), which are checked from then on
+    assert header[CHECKSUM_KEY] == sidecar_checksum(header)
+    if kind == "tiered":
+        assert bitmap.read_bytes()[:8] == ts_module.BITMAP_MAGIC
+        flip(bitmap, bitmap.stat().st_size - 1)
+        with pytest.raises(ValueError, match=rf"{re.escape(str(bitmap))}, is damaged"):
+            emb(path)
+        flip(bitmap, bitmap.stat().st_size - 1)
+    again = emb(path)
+    assert torch.equal(again.store.read(np.arange(TABLES.total_rows)), table)
+    again.store.close()
+    # an old sidecar is not checked, so another valid value in one still opens (what checksums stop now)
+    header = json.loads(sidecar.read_text())
+    del header[CHECKSUM_KEY]
+    header["metadata"]["note"] = "edited"
+    sidecar.write_text(json.dumps(header))
+    emb(path).store.close()
+    # a bitmap of another length is still refused by its length, with or without its header
+    if kind == "tiered":
+        whole = bitmap.read_bytes()
+        for wrong, size in ((whole[:-1], 49), (whole[HEADER:-1], 49), (whole + b"\0", 51)):
+            bitmap.write_bytes(wrong)
+            with pytest.raises(ValueError, match=rf"has {size} bytes, expected 50 \(one bit per row of 400"):
+                TieredStore(path)
+
+
+def checked(path: Path) -> None:
+    """Assert that the sidecar and the bitmap of ``path`` (if any) are whole: their checksums match."""
+    header = json.loads(Path(f"{path}.json").read_text())
+    assert header[CHECKSUM_KEY] == sidecar_checksum(header)
+    bitmap = Path(f"{path}.written")
+    if bitmap.exists():
+        data = bitmap.read_bytes()
+        assert data[:8] == ts_module.BITMAP_MAGIC
+        assert int.from_bytes(data[8:HEADER], "little") == zlib.crc32(data[HEADER:])
+
+
+def test_a_store_reopens_after_many_flushes_spills_merges_and_compactions(tmp_path: Path) -> None:
+    path = tmp_path / "t.f32"
+    rng = np.random.default_rng(3)
+    s = tiered(path)(TABLES.total_rows, DIM + 1)
+    s.initialize_lazily(TABLES, DIM, torch.zeros(1), seed=1)
+    ref = every_row(s)
+    spills = merges = compactions = 0
+    for rnd in range(6):
+        for k in range(15):
+            ids = np.sort(rng.choice(TABLES.total_rows, 40, replace=False))
+            rows = torch.randn(ids.size, DIM + 1)
+            s.write(ids, rows)
+            ref[torch.from_numpy(ids)] = rows
+            s.flush()
+            if k == 14 and rnd in (1, 4):
+                s._compact()  # (the log of 800 rows never fills with more than 90% distinct rows of 400)
+            checked(path)
+        spills, merges, compactions = spills + s.spills, merges + s.log_merges, compactions + s.compactions
+        s.close()
+        s = tiered(path)(TABLES.total_rows, DIM + 1)
+        assert torch.equal(every_row(s), ref)
+        if rnd == 2:
+            s.reset_to_initial()
+            ref = every_row(s)
+    assert spills == 90 and merges > 0 and compactions > 0
+    s.close()
+    other = TieredStore(path, log_bytes=0)  # (another log size: its log is compacted into the file)
+    assert other.compactions == 1 and torch.equal(every_row(other), ref)
+    other.close()
+    checked(path)
+    assert torch.equal(every_row(TieredStore(path, log_bytes=0)), ref)
+
+
+def test_a_crash_between_any_two_file_writes_is_not_reported_as_damage(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each file is replaced whole (temporary, fsync, rename) and checked on its own, so the files a
+    process leaves when it dies before or after any of those writes open (the sidecar and the bitmap may
+    be of different moments: each is whole)."""
+    path = tmp_path / "run" / "t.f32"
+    path.parent.mkdir()
+    snapshots: list[dict[str, bytes]] = []
+    real = store_module.write_atomically
+
+    def spy(target: Path, write: Any, what: str) -> None:
+        snapshots.append(files_of(path))  # a crash before this write ...
+        real(target, write, what)
+        snapshots.append(files_of(path))  # ... and after it
+
+    monkeypatch.setattr(store_module, "write_atomically", spy)
+    monkeypatch.setattr(ts_module, "write_atomically", spy)
+    rng = np.random.default_rng(4)
+    m = emb(tiered(path))
+    for _ in range(25):
+        ids = np.sort(rng.choice(TABLES.total_rows, 40, replace=False))
+        m.store.write(ids, torch.randn(ids.size, DIM + 1))
+        if rng.random() < 0.3:
+            m.store.flush()
+    assert isinstance(m.store, TieredStore) and m.store.log_merges > 0
+    m.store.close()
+    again = TieredStore(path, log_bytes=0)  # (compacts: the bitmap, then the sidecar)
+    again.close()
+    monkeypatch.undo()
+    assert len(snapshots) > 60
+    opened = 0
+    for k, files in enumerate(snapshots):
+        if "t.f32.json" not in files:
+            continue  # (a crash while the store was created: no sidecar yet, as before)
+        crashed = tmp_path / f"crash{k}"
+        crashed.mkdir()
+        for name, data in files.items():
+            (crashed / name).write_bytes(data)
+        s = TieredStore(crashed / "t.f32", buffer_bytes=4096, log_bytes=30_000)  # no ValueError
+        s.read(np.arange(TABLES.total_rows))
+        s.close()
+        opened += 1
+    assert opened > 60

@@ -29,6 +29,7 @@ import json
 import mmap
 import os
 import weakref
+import zlib
 from abc import ABC
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -51,6 +52,7 @@ from lightning_bagpipe.embedding.store_lock import (
 from lightning_bagpipe.id_sets import union_ids
 
 __all__ = [
+    "CHECKSUM_KEY",
     "RANK_VARIABLES",
     "STORE_FORMAT",
     "STORE_VERSION",
@@ -60,6 +62,7 @@ __all__ = [
     "MmapStore",
     "StoreInUseError",
     "locks_by_default",
+    "sidecar_checksum",
     "store_lock",
 ]
 
@@ -70,6 +73,12 @@ Ids = np.ndarray | Tensor | Sequence[int]
 STORE_FORMAT = "lightning-bagpipe-store"
 #: ``version`` field of an :class:`MmapStore` sidecar; bumped on incompatible layout changes.
 STORE_VERSION = 1
+#: Key of an :class:`MmapStore` sidecar holding a checksum of everything else in it
+#: (:func:`sidecar_checksum`), written with every sidecar and checked on open. Sidecars written before it
+#: (no such key) open unchecked.
+CHECKSUM_KEY = "checksum"
+#: The top-level keys of a sidecar besides :data:`CHECKSUM_KEY`.
+_SIDECAR_KEYS = frozenset({"format", "version", "num_rows", "width", "dtype", "metadata"})
 
 _ITEMSIZE = 4  # float32
 _INT64_MAX = np.iinfo(np.int64).max
@@ -130,6 +139,15 @@ def _check_unique(ids: Tensor, where: str) -> None:
             f"{where}: row id {int(s[1:][dup][0])} appears more than once "
             f"({int(dup.sum())} repeated occurrences); a write must name each row once"
         )
+
+
+def sidecar_checksum(header: dict[str, Any]) -> str:
+    """The checksum of a sidecar's content: ``"crc32:"`` and eight hex digits, the CRC-32 (``zlib.crc32``)
+    of the canonical JSON (sorted keys, no spaces, ASCII) of every key but :data:`CHECKSUM_KEY`, as the
+    content reads back from the file (so it does not depend on how the file is indented)."""
+    body = {k: v for k, v in header.items() if k != CHECKSUM_KEY}
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return f"crc32:{zlib.crc32(canonical.encode()):08x}"
 
 
 def _check_json(kv: dict[str, Any], where: str) -> None:
@@ -353,7 +371,9 @@ class MmapStore(EmbeddingStore):
     """The table in a memory-mapped raw float32 file ``path`` with a JSON sidecar ``path + ".json"``.
 
     The file is ``num_rows * width`` little-endian-native float32 values, row-major, no header. The
-    sidecar holds ``{"format", "version", "num_rows", "width", "dtype", "metadata"}``.
+    sidecar holds ``{"format", "version", "num_rows", "width", "dtype", "metadata", "checksum"}``, the last a
+    CRC-32 of the others (:func:`sidecar_checksum`), checked on open: a damaged sidecar is a ValueError
+    naming it (one without ``checksum``, from before, opens unchecked).
 
     Modes: ``"create"`` makes a new sparse file (``ftruncate``: no RAM or disk is spent on rows never
     written, which read as zeros) and refuses to overwrite an existing one; ``"open"`` maps an existing
@@ -550,6 +570,7 @@ class MmapStore(EmbeddingStore):
                 f"MmapStore('{self.path}'): sidecar version {header.get('version')!r} is not supported "
                 f"(this library reads version {STORE_VERSION})"
             )
+        self._verify_sidecar(header)
         if header.get("dtype") != "float32":
             raise ValueError(
                 f"MmapStore('{self.path}'): dtype {header.get('dtype')!r} in {self.sidecar}, need float32"
@@ -561,6 +582,36 @@ class MmapStore(EmbeddingStore):
                     f"MmapStore('{self.path}'): {key}={v!r} in {self.sidecar} is not a positive int"
                 )
         return header
+
+    def _verify_sidecar(self, header: dict[str, Any]) -> None:
+        """ValueError naming the sidecar unless its checksum matches its content. A sidecar without one
+        (written before checksums were) is not checked, unless it has a key no version writes (the
+        checksum's own key, damaged)."""
+
+        def damaged(what: str) -> ValueError:
+            return ValueError(
+                f"MmapStore('{self.path}'): sidecar {self.sidecar} is damaged: {what}, so the shape and the "
+                "metadata it records (what the rows hold, how rows never written are computed, where a "
+                "TieredStore's newest rows are) cannot be trusted. Restore the sidecar from a backup taken "
+                "with the store's other files; or delete the store's files "
+                "(lightning_bagpipe.embedding.tiered_store.store_files(path) lists them) and resume from a "
+                f"checkpoint, or start from new rows. (If you edited the sidecar on purpose, remove its "
+                f"'{CHECKSUM_KEY}' key: it then opens unchecked, and store.set_metadata() writes it again "
+                "with a new checksum.)"
+            )
+
+        if CHECKSUM_KEY not in header:
+            unknown = sorted(set(header) - _SIDECAR_KEYS)
+            if unknown:
+                what = (
+                    f"it has no '{CHECKSUM_KEY}' but {', '.join(map(repr, unknown))}, which no version writes"
+                )
+                raise damaged(what)
+            return
+        stored, computed = header[CHECKSUM_KEY], sidecar_checksum(header)
+        if stored != computed:
+            what = f"its content does not match its checksum (recorded {stored!r}, computed {computed!r})"
+            raise damaged(what)
 
     def _check_open(self, num_rows: int | None, width: int | None) -> None:
         for key, want in (("num_rows", num_rows), ("width", width)):
@@ -587,6 +638,9 @@ class MmapStore(EmbeddingStore):
             "dtype": "float32",
             "metadata": self.metadata,
         }
+        # the checksum of the values as they read back (a tuple reads as a list, an int key as a string)
+        header = json.loads(json.dumps(header))
+        header[CHECKSUM_KEY] = sidecar_checksum(header)
         text = json.dumps(header, indent=1, sort_keys=True)
         write_atomically(self.sidecar, lambda f: f.write(text.encode()), "writing the sidecar")
 
