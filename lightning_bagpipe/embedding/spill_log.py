@@ -114,7 +114,7 @@ class SpillLog:
     def append(self, ids: np.ndarray, rows: Tensor) -> None:
         """Append the rows of distinct ``ids`` as one run; they become those ids' newest copies."""
         order = np.argsort(ids, kind="stable")
-        data = rows.detach()[torch.from_numpy(order)]
+        data = rows.detach().index_select(0, torch.from_numpy(order))
         self.append_sorted(ids[order], lambda lo, hi: data[lo:hi], max(1, ids.size))
 
     def append_sorted(self, ids: np.ndarray, rows: Callable[[int, int], Tensor], chunk: int) -> None:

@@ -526,7 +526,9 @@ class TieredStore(EmbeddingStore):
         self._reserve_rows(ids, "rows a spill writes into it (the RAM buffer still holds them)")
         for lo in range(0, ids.size, self.SPILL_CHUNK_ROWS):
             part = slice(lo, lo + self.SPILL_CHUNK_ROWS)
-            self.file.write(ids[part], rows[torch.from_numpy(order[part])], check_unique=False)
+            self.file.write(
+                ids[part], rows.index_select(0, torch.from_numpy(order[part])), check_unique=False
+            )
             self._mark(ids[part])
 
     @property
@@ -553,7 +555,12 @@ class TieredStore(EmbeddingStore):
             slots = self._find_buffered(idx)
             hit = slots >= 0
             if hit.any():
-                out[torch.from_numpy(np.flatnonzero(hit))] = self._buf[torch.from_numpy(slots[hit])]
+                # (index_copy_/index_select copy whole rows: about twice as fast as out[i] = buf[j])
+                out.index_copy_(
+                    0,
+                    torch.from_numpy(np.flatnonzero(hit)),
+                    self._buf.index_select(0, torch.from_numpy(slots[hit])),
+                )
             rest = np.flatnonzero(~hit)
             if rest.size and self.log is not None and self.log.length:
                 pos = self._find_logged(idx[rest])
@@ -562,7 +569,7 @@ class TieredStore(EmbeddingStore):
                     at, where = rest[logged], pos[logged]
                     for lo in range(0, at.size, self.SPILL_CHUNK_ROWS):
                         part = slice(lo, lo + self.SPILL_CHUNK_ROWS)
-                        out[torch.from_numpy(at[part])] = self.log.read(where[part])
+                        out.index_copy_(0, torch.from_numpy(at[part]), self.log.read(where[part]))
                     rest = rest[~logged]
             if rest.size:
                 ids_rest = idx[rest]
@@ -572,9 +579,9 @@ class TieredStore(EmbeddingStore):
                     # a chunk at a time, so the file store lets go of the pages each chunk maps in
                     for lo in range(0, at.size, self.SPILL_CHUNK_ROWS):
                         part = slice(lo, lo + self.SPILL_CHUNK_ROWS)
-                        out[torch.from_numpy(at[part])] = self.file.read(from_file[part])
+                        out.index_copy_(0, torch.from_numpy(at[part]), self.file.read(from_file[part]))
                 if not disk.all():
-                    out[torch.from_numpy(rest[~disk])] = self._initial(ids_rest[~disk])
+                    out.index_copy_(0, torch.from_numpy(rest[~disk]), self._initial(ids_rest[~disk]))
 
     def write(self, ids: Ids, rows: Tensor, *, check_unique: bool = True) -> None:
         where = f"{self.describe()}.write"
@@ -596,11 +603,15 @@ class TieredStore(EmbeddingStore):
                 return
             old = np.flatnonzero(~new)
             if old.size:
-                self._buf[torch.from_numpy(slots[old])] = src[torch.from_numpy(old)]
+                self._buf.index_copy_(
+                    0, torch.from_numpy(slots[old]), src.index_select(0, torch.from_numpy(old))
+                )
             if m:
                 fresh = np.flatnonzero(new)
                 slot = np.arange(self._count, self._count + m, dtype=np.int64)
-                self._buf[self._count : self._count + m] = src[torch.from_numpy(fresh)]
+                torch.index_select(
+                    src, 0, torch.from_numpy(fresh), out=self._buf[self._count : self._count + m]
+                )
                 self._ids[self._count : self._count + m] = idx[fresh]
                 self._map.add(idx[fresh], slot)
                 _set_bits(self._in_buf, idx[fresh])
