@@ -370,7 +370,8 @@ class _OracleThread(threading.Thread):
                 step += 1
             return True
 
-        group: list[tuple[_Member, np.ndarray]] = []
+        k, counted = self.accumulate, self.counted
+        group: list[tuple[_Member, np.ndarray]] = []  # the batches of the step being read
 
         def push_group() -> bool:
             ids = group[0][1] if len(group) == 1 else np.concatenate([g[1] for g in group])
@@ -382,7 +383,6 @@ class _OracleThread(threading.Thread):
                 ready.append(planned(plan))
             return emit_ready(final=False)
 
-        k, counted = self.accumulate, self.counted
         for i, batch in enumerate(ld._source_fn()):
             if self._stop_event.is_set():
                 return
