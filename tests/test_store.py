@@ -796,6 +796,17 @@ def test_overwrite_store_refuses_a_file_another_run_has_open(tmp_path: Path, lon
         with pytest.raises(StoreInUseError, match="--overwrite-store"):
             _store_arg(_cli_args(tmp_path / "t.f32", "tiered", devices=2), tmp_path)
         assert rank0.exists()
+    # rank 0 checks every rank's file before it removes any: rank 1's file held by another run leaves
+    # rank 0's own in place (it used to be removed, and the run then stopped at rank 1)
+    rank1 = tmp_path / "t.rank1.f32"
+    TieredStore(rank1, ROWS, WIDTH).close()
+    with holding(rank1, "tiered") as other:
+        held = rf"{re.escape(str(rank1))} is in use by process {other.pid}"
+        with pytest.raises(StoreInUseError, match=held):
+            _store_arg(_cli_args(tmp_path / "t.f32", "tiered", devices=2), tmp_path)
+        assert rank0.exists() and rank1.exists()
+    _store_arg(_cli_args(tmp_path / "t.f32", "tiered", devices=2), tmp_path)  # no run holds them: both go
+    assert not rank0.exists() and not rank1.exists()
     # this process's own open store does not stop it (it replaces its own file)
     mine = MmapStore(path, ROWS, WIDTH)
     _store_arg(_cli_args(path), tmp_path)

@@ -13,6 +13,7 @@ planted model's AUC on synthetic data, training throughput and the cache figures
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import math
@@ -350,28 +351,38 @@ def _store_arg(args: argparse.Namespace, root: Path) -> StoreLike:
         return None
     path = Path(args.store_path) if args.store_path is not None else root / "tables.f32"
     rank = int(os.environ.get("LOCAL_RANK", "0"))
+    replace = [path]
     if args.store == "tiered" and args.devices > 1:
-        path = path.with_name(f"{path.stem}.rank{rank}{path.suffix}")  # a TieredStore is one process's
+        # a TieredStore is one process's: each rank has its own file
+        ranks = [path.with_name(f"{path.stem}.rank{r}{path.suffix}") for r in range(args.devices)]
+        path = ranks[rank]
+        # rank 0 (it runs before the launcher starts the others) checks and replaces every rank's file at
+        # once: a rank finding its file held by another run must not stop the run after rank 0 removed its
+        # own. The other ranks then find no file.
+        replace = ranks if rank == 0 else [path]
     elif rank > 0:
         # a rank Lightning's launcher started (it re-runs this script): rank 0 created the file already
         return str(path)
-    files = store_files(path)
-    sidecar = files[1]
-    if path.exists():
+    existing = [p for p in replace if p.exists()]
+    for p in existing:
         if not args.overwrite_store:
             raise FileExistsError(
-                f"store file {path} exists (from an earlier run?); pass --overwrite-store to replace it or "
+                f"store file {p} exists (from an earlier run?); pass --overwrite-store to replace it or "
                 "--store-path to use another file"
             )
-        if not sidecar.exists():
+        if not store_files(p)[1].exists():
             raise FileExistsError(
-                f"{path} exists but is not a lightning-bagpipe store ({sidecar} is missing)"
+                f"{p} exists but is not a lightning-bagpipe store ({store_files(p)[1]} is missing)"
             )
-        # a live run holds the file's lock: refused (StoreInUseError, naming its pid) before anything is
-        # removed; while the files go, this process holds the lock, so no run can open them meanwhile
-        with store_lock(path, "replace it (--overwrite-store)"):
-            for f in files:
-                f.unlink(missing_ok=True)
+    if existing:
+        # a live run holds a file's lock: refused (StoreInUseError, naming its pid) before anything is
+        # removed; while the files go, this process holds every lock, so no run can open them meanwhile
+        with contextlib.ExitStack() as held:
+            for p in existing:
+                held.enter_context(store_lock(p, "replace it (--overwrite-store)"))
+            for p in existing:
+                for f in store_files(p):
+                    f.unlink(missing_ok=True)
     path.parent.mkdir(parents=True, exist_ok=True)
     if args.store == "tiered":
         mib = args.buffer_mib if args.buffer_mib is not None else DEFAULT_BUFFER_BYTES // 2**20
