@@ -77,6 +77,14 @@ class Stream:
     def occurrences(self) -> int:
         return sum(int(b.size) for b in self.batches)
 
+    def grouped(self, k: int) -> Stream:
+        """The stream as optimizer steps of ``k`` batches (``accumulate_grad_batches``): the oracle plans
+        the batches Lightning accumulates as one step, so caches are sized for such steps."""
+        if k == 1:
+            return self
+        steps = [np.concatenate(self.batches[i : i + k]) for i in range(0, len(self.batches), k)]
+        return Stream(self.source, self.tables, self.batch_size, steps, self.read_seconds)
+
     def counts(self) -> np.ndarray:
         """Accesses per fused row (``int64``, one per row of every table)."""
         n = self.tables.total_rows
@@ -431,6 +439,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=1,
         help="optimizer state floats per row (row-wise Adagrad: 1), to size the cache in bytes",
     )
+    parser.add_argument(
+        "--accumulate-grad-batches",
+        type=int,
+        default=1,
+        help="batches per optimizer step (Lightning's accumulate_grad_batches): the oracle plans them as "
+        "one step, so capacities and lookaheads count such steps (default: %(default)s)",
+    )
     parser.add_argument("--no-baselines", action="store_true", help="run the oracle only")
     parser.add_argument("--plot", type=Path, default=None, help="draw the sweep and the skew to this PNG")
     parser.add_argument("--json", type=Path, default=None, help="also write the report as JSON here")
@@ -444,8 +459,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if args.state_floats < 0:
         raise ValueError(f"--state-floats must be >= 0, got {args.state_floats}")
-    stream = stream_from_args(args)
-    skew = access_skew(stream)
+    k = args.accumulate_grad_batches
+    if k < 1:
+        raise ValueError(f"--accumulate-grad-batches must be >= 1, got {k}")
+    read = stream_from_args(args)
+    skew = access_skew(read)
+    stream = read.grouped(k)
     bounds = stream_bounds(stream)
     capacities = parse_capacities(args.capacity, bounds)
     baselines = () if args.no_baselines else tuple(BASELINES)
@@ -454,7 +473,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     report: dict[str, Any] = {
         "data": str(args.data),
         "batch_size": stream.batch_size,
-        "batches": len(stream.batches),
+        "batches": len(read.batches),
+        "accumulate_grad_batches": k,
         "occurrences": stream.occurrences,
         "read_seconds": stream.read_seconds,
         "row_bytes": row_bytes,
@@ -482,7 +502,13 @@ def format_report(report: dict[str, Any]) -> str:
     skew = report["skew"]
     ov = skew["overall"]
     lines = [
-        f"trace of {report['data']}: {report['batches']} batches of {report['batch_size']} samples, "
+        f"trace of {report['data']}: {report['batches']} batches of {report['batch_size']} samples"
+        + (
+            f" in optimizer steps of {report['accumulate_grad_batches']}"
+            if report.get("accumulate_grad_batches", 1) > 1
+            else ""
+        )
+        + ", "
         f"{report['occurrences']:,} id occurrences, {ov['rows_touched']:,} of {ov['rows']:,} rows touched",
         "",
         "access skew: share of accesses to the hottest 1% / 10% of each table's rows",

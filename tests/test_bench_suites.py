@@ -8,6 +8,7 @@ recommendation match plain reference computations written here).
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from pathlib import Path
@@ -328,3 +329,20 @@ def test_trace_bad_input_names_the_culprit(tmp_path: Path, capsys: pytest.Captur
     assert parse_capacities("auto", bounds)[0] == 10 and parse_capacities("auto", bounds)[-1] == 80
     assert main(["trace", "synthetic", "--lookahead", "4,0"]) == 2
     assert "error: --lookahead" in capsys.readouterr().err
+
+
+def test_trace_sizes_the_cache_for_accumulated_steps(tmp_path: Path) -> None:
+    # --accumulate-grad-batches 2: the oracle plans two batches as one step, so the smallest cache that
+    # runs it holds two consecutive *pairs* of batches' rows (the sweep's 'auto' capacities start there)
+    src, batches = _tiny_batches()
+    write_parquet(batches, tmp_path / "pq", src.tables)
+    fused = [set(b.sparse.fused_ids(src.tables).tolist()) for b in batches]
+    for k in (1, 2):
+        out = tmp_path / f"trace{k}.json"
+        args = ["trace", str(tmp_path / "pq"), "--batch-size", "64", "--batches", "0", "--lookahead", "2"]
+        assert main([*args, "--accumulate-grad-batches", str(k), "--json", str(out)]) == 0
+        r = json.loads(out.read_text())
+        steps = [set().union(*fused[i : i + k]) for i in range(0, len(fused), k)]
+        smallest = max([len(steps[0])] + [len(a | b) for a, b in itertools.pairwise(steps)])
+        assert r["batches"] == 6 and r["accumulate_grad_batches"] == k
+        assert r["sweep"]["capacities"][0] == smallest

@@ -483,9 +483,9 @@ def _accumulation_explained(k: int) -> Iterator[None]:
         if k == 1:
             raise
         raise ValueError(
-            f"{err}. With accumulate_grad_batches={k} a step is the {k} batches of one optimizer step: give "
-            "min_capacity each group's fused ids, concatenated (trace and min_capacity over single batches "
-            "report the minimum for accumulate_grad_batches=1)"
+            f"{err}. With accumulate_grad_batches={k} a step is the {k} batches of one optimizer step: "
+            f"`lightning-bagpipe trace DATA --accumulate-grad-batches {k}` reports the minimum for such "
+            "steps, and min_capacity does when given each group's fused ids, concatenated"
         ) from None
 
 
