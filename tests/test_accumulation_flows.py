@@ -108,15 +108,17 @@ class PlainData(pl.LightningDataModule):
 
 
 def _plain_trainer(**kw: Any) -> pl.Trainer:
-    defaults: dict[str, Any] = {
-        "accelerator": "cpu",
-        "max_epochs": 1,
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-    }
-    return pl.Trainer(**(defaults | kw))
+    """The quiet Trainer of the bagpipe runs, with Lightning's own strategy (for the uncached twin)."""
+    return quiet_trainer(**({"strategy": "auto"} | kw))
+
+
+def _reference(batches: list[lb.Batch], accumulate: list[int]) -> tuple[torch.Tensor, ...]:
+    """The plain loop of test_exactness (row-wise Adagrad, float64) for ``_model("rowwise_adagrad")``,
+    one epoch of ``batches`` per entry of ``accumulate``."""
+    hp = OPTIMIZERS["rowwise_adagrad"][1]
+    return train_reference(
+        _model("rowwise_adagrad"), batches, "rowwise_adagrad", hp, dtype=torch.float64, accumulate=accumulate
+    )
 
 
 def _assert_like_twin(model: TinyModel, twin: PlainTwin) -> None:
@@ -152,14 +154,7 @@ def test_validation_between_the_batches_of_a_group_changes_nothing() -> None:
     # val_check_interval=4 with k=3: validation runs after batches 4 and 8 of each epoch, inside groups
     batches, val = _batches(), _batches(3, seed=99)
     model = _model("rowwise_adagrad")
-    ref = train_reference(
-        model,
-        batches,
-        "rowwise_adagrad",
-        OPTIMIZERS["rowwise_adagrad"][1],
-        dtype=torch.float64,
-        accumulate=[3, 3],
-    )
+    ref = _reference(batches, [3, 3])
     where: list[int] = []
 
     class Where(Callback):
@@ -226,20 +221,12 @@ SCHEDULE = {0: 1, 1: 3}
 
 def test_a_schedule_resumes_from_an_epoch_end_checkpoint(tmp_path: Path) -> None:
     # GradientAccumulationScheduler + the default end-of-epoch ModelCheckpoint: resumed from epoch 0's
-    # checkpoint, epoch 1 must accumulate 3 batches as in the uninterrupted run. The loader asks the schedule
-    # for trainer.current_epoch while Lightning sets up the data, before the fit loop has moved
-    # current_epoch past the checkpoint's epoch: it plans epoch 1 for k=1 and the first batch is refused
-    # ("planned for accumulate_grad_batches=1 but the Trainer accumulates 3")
+    # checkpoint, epoch 1 must accumulate 3 batches as in the uninterrupted run. (A loader that asked the
+    # schedule for trainer.current_epoch while Lightning sets up the data planned epoch 1 for k=1: the
+    # fit loop had not moved current_epoch past the checkpoint's epoch yet.)
     batches = _batches()
     model = _model("rowwise_adagrad")
-    ref = train_reference(
-        model,
-        batches,
-        "rowwise_adagrad",
-        OPTIMIZERS["rowwise_adagrad"][1],
-        dtype=torch.float64,
-        accumulate=[1, 3],
-    )
+    ref = _reference(batches, [1, 3])
     every_epoch = ModelCheckpoint(dirpath=tmp_path, filename="{epoch}", save_top_k=-1)
     quiet_trainer(
         max_epochs=1,

@@ -31,7 +31,7 @@ import os
 import weakref
 import zlib
 from abc import ABC
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, BinaryIO, Literal
@@ -654,21 +654,7 @@ class MmapStore(EmbeddingStore):
         """Allocate the file's blocks now (``posix_fallocate``): a full disk is then an ``OSError`` naming the
         file here, not a ``SIGBUS`` that kills the process when a write through the mapping finds no space.
         (File systems that cannot preallocate are left as they are.)"""
-        if not hasattr(os, "posix_fallocate"):
-            return
-        fd = os.open(self.path, os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
-        try:
-            os.posix_fallocate(fd, 0, self.nbytes)
-        except OSError as err:
-            if err.errno in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
-                return
-            raise OSError(
-                err.errno,
-                f"{err.strerror} while allocating {self.nbytes:,} bytes for the store file {self.path}",
-                str(self.path),
-            ) from err
-        finally:
-            os.close(fd)
+        allocate(self.path, [(0, self.nbytes)], f"{self.nbytes:,} bytes for the store file {self.path}")
 
     def flush(self) -> None:
         """``msync`` the mapping: written rows reach the file."""
@@ -688,6 +674,24 @@ class MmapStore(EmbeddingStore):
         super().close()
         self._array = None
         self._let_go()
+
+
+def allocate(path: Path, ranges: Iterable[tuple[int, int]], what: str) -> None:
+    """``posix_fallocate`` the byte ranges ``[a, b)`` of file ``path``, so that writes through a mapping of
+    them cannot find the disk full (a ``SIGBUS``); an ``OSError`` ``"... while allocating {what}"`` naming
+    ``path`` when the space is not there. File systems that cannot preallocate are left as they are."""
+    if not hasattr(os, "posix_fallocate"):
+        return
+    fd = os.open(path, os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
+    try:
+        for a, b in ranges:
+            os.posix_fallocate(fd, a, b - a)
+    except OSError as err:
+        if err.errno in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            return
+        raise OSError(err.errno, f"{err.strerror} while allocating {what}", str(path)) from err
+    finally:
+        os.close(fd)
 
 
 def write_atomically(path: Path, write: Callable[[BinaryIO], object], what: str) -> None:

@@ -44,7 +44,6 @@ thread's reads never see the buffer half-updated.
 
 from __future__ import annotations
 
-import errno
 import mmap
 import os
 import threading
@@ -67,6 +66,7 @@ from lightning_bagpipe.embedding.store import (
     MmapStore,
     _as_ids,
     _check_unique,
+    allocate,
     write_atomically,
 )
 from lightning_bagpipe.id_map import IdMap
@@ -495,25 +495,10 @@ class TieredStore(EmbeddingStore):
             self._reserve(runs(), f"the {ids.size:,} {what}")
 
     def _reserve(self, runs: Iterable[tuple[int, int]], what: str) -> None:
-        """``posix_fallocate`` the byte ranges ``[a, b)`` of the row file; an ``OSError`` naming the file
-        and ``what`` the space is for when it fails."""
-        if not hasattr(os, "posix_fallocate"):
-            return
+        """Allocate the byte ranges ``[a, b)`` of the row file; an ``OSError`` naming the file and ``what``
+        the space is for when it fails."""
         path = self.file.path
-        fd = os.open(path, os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
-        try:
-            for a, b in runs:
-                os.posix_fallocate(fd, a, b - a)
-        except OSError as err:
-            if err.errno in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
-                return
-            raise OSError(
-                err.errno,
-                f"{err.strerror} while allocating space in the store file {path} for {what}",
-                str(path),
-            ) from err
-        finally:
-            os.close(fd)
+        allocate(path, runs, f"space in the store file {path} for {what}")
 
     #: Rows per file write of a spill, and per file read of a large read: after each the file store may let
     #: go of the pages it mapped (:attr:`MmapStore.MAPPED_BYTES_LIMIT`), so a spill of a large buffer, or a
