@@ -246,10 +246,11 @@ def write_tracking_spills(
     return before if s.spills > spills else on_disk
 
 
-@pytest.mark.parametrize("log", ["small_log", "default_log"])
+@pytest.mark.parametrize("log", LOGS)
 def test_a_store_abandoned_without_a_flush_reopens_as_of_its_last_spill(tmp_path: Path, log: str) -> None:
     """A crash loses the buffer, never the log's consistency: the spills and compactions before it each
-    record what the files hold."""
+    record what the files hold (without a log, a spill into the row file saves the bitmap that says the
+    rows are there: it once did not, and such rows reopened as their initial values)."""
     path = tmp_path / "t.f32"
     s = lazy_store(path, 20, log)
     rng = np.random.default_rng(4)
@@ -261,6 +262,18 @@ def test_a_store_abandoned_without_a_flush_reopens_as_of_its_last_spill(tmp_path
     assert (s.compactions > 0) == (log == "small_log")
     again = TieredStore(path, buffer_bytes=2**20, log_bytes=LOGS[log])  # s is never flushed nor closed
     assert torch.equal(again.read(np.arange(TABLES.total_rows)), on_disk)
+    again.close()
+
+
+def test_rows_write_range_wrote_survive_a_store_abandoned_without_a_flush(tmp_path: Path) -> None:
+    path = tmp_path / "t.f32"
+    s = lazy_store(path, 20)
+    rows = torch.randn(7, WIDTH)
+    s.write_range(3, rows)  # (how a checkpoint of the whole table is restored)
+    expected = initial_table()
+    expected[3:10] = rows
+    again = TieredStore(path, buffer_bytes=2**20)  # s is never flushed nor closed
+    assert torch.equal(again.read(np.arange(TABLES.total_rows)), expected)
     again.close()
 
 

@@ -407,6 +407,9 @@ class TieredStore(EmbeddingStore):
         else:  # (an empty log, if any: the file's copies are the newest)
             order = np.argsort(ids, kind="stable")
             self._write_file(ids[order], rows, order)
+            # the rows are in the file now: a store reopened after this process dies must read them
+            # there, so the bitmap that says so is saved too (as after a compaction)
+            self._save_bitmap()
         self.spill_seconds += time.perf_counter() - t0
 
     #: A full log is merged (see :meth:`_merge_log`) when its newest copies and the rows about to be
@@ -621,6 +624,7 @@ class TieredStore(EmbeddingStore):
             self.file.write_range(start, src)
             for lo in range(start, stop, _MATERIALIZE_ROWS):
                 self._mark(np.arange(lo, min(stop, lo + _MATERIALIZE_ROWS), dtype=np.int64))
+            self._save_bitmap()  # (a store reopened after a crash reads these rows from the file)
 
     def written_ids(self, start: int = 0, stop: int | None = None) -> np.ndarray | None:
         """Ids in ``[start, stop)`` of the rows written since the store was initialised (in the file, the
