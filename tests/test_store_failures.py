@@ -909,3 +909,34 @@ def test_a_crash_between_any_two_file_writes_is_not_reported_as_damage(
         s.close()
         opened += 1
     assert opened > 60
+
+
+# ---------------------------------------------------------------------- creations that fail
+def test_a_store_whose_creation_fails_leaves_no_file_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "t.f32"
+
+    def full_disk(self: MmapStore) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", str(self.sidecar))
+
+    with monkeypatch.context() as m:
+        m.setattr(MmapStore, "_write_sidecar", full_disk)
+        with pytest.raises(OSError, match="No space"):
+            MmapStore(path, 10, 3, mode="create")
+    assert list(tmp_path.iterdir()) == []  # (it used to leave the row file, with no sidecar)
+    MmapStore(path, 10, 3, mode="create").close()  # the retry is a creation again
+
+
+def test_a_tiered_store_created_with_a_bad_argument_leaves_no_file_behind(tmp_path: Path) -> None:
+    path = tmp_path / "t.f32"
+    with pytest.raises(ValueError, match="buffer_bytes"):
+        TieredStore(path, 1000, 5, buffer_bytes=10)
+    assert list(tmp_path.iterdir()) == []
+    TieredStore(path, 1000, 5, buffer_bytes=2**16, mode="create").close()
+    # opening the existing store with a bad argument leaves its files as they were
+    files = sorted(tmp_path.iterdir())
+    with pytest.raises(ValueError, match="log_bytes"):
+        TieredStore(path, buffer_bytes=2**16, log_bytes=-1)
+    assert sorted(tmp_path.iterdir()) == files
+    TieredStore(path, buffer_bytes=2**16).close()

@@ -313,7 +313,7 @@ def test_bad_arguments_are_named(tmp_path: Path) -> None:
         ValueError, match=r"at least one row and its index \(224 bytes for rows of 6 floats\)"
     ):
         TieredStore(tmp_path / "a.f32", 10, WIDTH, buffer_bytes=223)
-    assert TieredStore(tmp_path / "a.f32", buffer_bytes=224).capacity == 1
+    assert TieredStore(tmp_path / "a.f32", 10, WIDTH, buffer_bytes=224, mode="create").capacity == 1
     s = lazy_store(tmp_path / "b.f32", 10)
     with pytest.raises(ValueError, match=r"row id 1207 at position 1 is outside \[0, 1207\)"):
         s.read([0, 1207])

@@ -406,6 +406,9 @@ class MmapStore(EmbeddingStore):
         self.path = Path(path)
         self.sidecar = Path(str(self.path) + ".json")
         self._unlock: weakref.finalize[Any, MmapStore] | None = None
+        self.created = False
+        """Whether this object created the file (``mode="create"``, or ``"auto"`` on a missing file)."""
+        self._sidecar_existed = False
         if mode not in ("auto", "create", "open"):
             raise ValueError(f"MmapStore mode must be 'auto', 'create' or 'open', got {mode!r}")
         locking = locks_by_default() if lock is None else bool(lock)
@@ -432,6 +435,11 @@ class MmapStore(EmbeddingStore):
                 self.path, dtype=np.float32, mode="r+", shape=(self.num_rows, self.width)
             )
         except BaseException:
+            if self.created:  # a creation that failed leaves nothing behind (the lock still keeps others out)
+                self.path.unlink(missing_ok=True)
+                if not self._sidecar_existed:
+                    self.sidecar.unlink(missing_ok=True)
+                self.created = False
             self._let_go()  # (a store that failed to open holds no lock)
             raise
         self._table = torch.from_numpy(self._array)
@@ -542,7 +550,9 @@ class MmapStore(EmbeddingStore):
             )
         if self.path.parent and not self.path.parent.exists():
             raise FileNotFoundError(f"MmapStore('{self.path}'): directory {self.path.parent} does not exist")
+        self._sidecar_existed = self.sidecar.exists()
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
+        self.created = True
         if locking:  # the new file's own descriptor holds the lock (or is closed), before anything is written
             self._hold(acquire(self.path, fd))
         else:

@@ -147,11 +147,15 @@ class TieredStore(EmbeddingStore):
         mode: Literal["auto", "create", "open"] = "auto",
         lock: bool | None = True,
     ) -> None:
-        created = mode == "create" or (mode == "auto" and not Path(path).exists())
+        existed = {f for f in store_files(path) if f.exists()}
         self.file = MmapStore(path, num_rows, width, mode=mode, lock=lock)  # (locks first)
         try:
-            self._open(created, buffer_bytes, log_bytes)
+            self._open(self.file.created, buffer_bytes, log_bytes)
         except BaseException:
+            if self.file.created:  # a creation that failed leaves nothing behind (bad arguments included)
+                for f in store_files(path):
+                    if f not in existed:
+                        f.unlink(missing_ok=True)
             self.file.close()  # (lets go of the lock)
             raise
 
