@@ -255,3 +255,21 @@ def test_a_batch_size_that_does_not_divide_over_the_ranks_is_warned_about() -> N
             dm.train_dataloader().close()
         hits = [w for w in seen if "does not divide over 2 ranks" in str(w.message)]
         assert bool(hits) == warned, [str(w.message) for w in seen]
+
+
+def test_a_loader_built_before_the_ranks_were_known_takes_them_and_one_built_for_others_is_refused() -> None:
+    tables = small_tables()
+    batches = random_batches(tables, 4, 8)
+    loader = _loader(batches, tables)  # rank 0 of 1: what a loader made before the Trainer has
+    loader.bind(1, 2)
+    got = list(loader)
+    start, stop = rank_bounds(8, 1, 2)
+    assert [b.sparse.values.tolist() for b in got] == [
+        b.slice_samples(start, stop).sparse.values.tolist() for b in batches
+    ]
+    loader.bind(1, 2)  # (the same ranks again: nothing to do)
+    with pytest.raises(ValueError, match=r"built for rank 1 of 2, but the Trainer runs it as rank 0 of 3"):
+        loader.bind(0, 3)
+    evaluation = EvalLoader(lambda: batches, tables, 0, 1, "val")
+    evaluation.bind(0, 2)
+    assert [b.batch_size for b in evaluation] == [4] * 4

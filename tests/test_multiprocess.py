@@ -115,6 +115,13 @@ def test_two_processes_on_tiered_stores_equal_one_in_ram(tmp_path: Path, store: 
     assert all(got["spills"] > 1 for got in ranks)
 
 
+def test_a_loader_given_to_fit_directly_trains_each_ranks_slice(tmp_path: Path) -> None:
+    """A BagpipeLoader built before the Trainer (rank 0 of 1) and given to fit(): each rank must train its
+    own slice with two-rank plans. (It used to train whole batches with one-rank plans, and every row
+    got half its gradient, silently.)"""
+    _two_ranks_train_like_one(tmp_path, ["--store", "sharded"], 30, rank_args=("--direct-loader",))
+
+
 def test_two_processes_with_empty_bags_equal_one(tmp_path: Path) -> None:
     """Bags of 0 to 2 ids: each rank's occurrences and lookups come from bag lengths with zeros in them."""
     args = ["--lookahead", "8", "--store", "sharded", "--multi-hot", "2", "--min-bag", "0"]

@@ -90,6 +90,27 @@ class _LoaderBase:
         self.name = name
         self._length: int | None = None
 
+    def bind(self, rank: int, world_size: int) -> None:
+        """Read ``rank``'s slice of every batch of ``world_size``: the strategy calls this before a pass.
+
+        A loader built before the Trainer knew the ranks (one given to ``fit``, ``validate``, ``test`` or
+        ``predict`` directly: rank 0 of 1 by default) takes them here; otherwise every rank would train
+        whole global batches with plans made for one rank. A loader built for other ranks is an error.
+        """
+        if (self.rank, self.world_size) == (rank, world_size):
+            return
+        if (self.rank, self.world_size) != (0, 1):
+            raise ValueError(
+                f"this {self.name} loader was built for rank {self.rank} of {self.world_size}, but the "
+                f"Trainer runs it as rank {rank} of {world_size}: build it with rank={rank}, "
+                f"world_size={world_size}, or pass a BagpipeDataModule (datamodule=...), which knows them"
+            )
+        self._check_idle()
+        self.rank, self.world_size = rank, world_size
+
+    def _check_idle(self) -> None:
+        """Raise if a pass is under way (its slices are being cut for the current ranks)."""
+
     def __len__(self) -> int:
         if self._length is None:
             src = self._source_fn()
@@ -236,6 +257,10 @@ class BagpipeLoader(_LoaderBase):
                 yield item
         finally:
             thread.stop()
+
+    def _check_idle(self) -> None:
+        if any(t.is_alive() for t in self._threads):
+            raise RuntimeError("a BagpipeLoader cannot change ranks while an epoch is being planned")
 
     def _known_length(self) -> float:
         try:

@@ -25,7 +25,7 @@ from typing_extensions import override
 from lightning_bagpipe.arguments import non_negative
 from lightning_bagpipe.data.batch import Batch, StepPlan
 from lightning_bagpipe.data.datamodule import accumulated_batches, epoch_batches, trained_batches
-from lightning_bagpipe.data.loader import BagpipeLoader
+from lightning_bagpipe.data.loader import BagpipeLoader, EvalLoader
 from lightning_bagpipe.embedding.cached import CachedEmbedding
 from lightning_bagpipe.embedding.distributed import RankGroups, shard_store, share_store
 from lightning_bagpipe.embedding.driver import CacheDriver, TotalStats
@@ -303,19 +303,28 @@ class BagpipeStrategy(DDPStrategy):
         if self._driver is not None:
             self._driver.sync_store()
 
+    def _bind(self, loaders: Any) -> None:
+        """Give the library's loaders in ``loaders`` (what the Trainer runs) this process's rank: one
+        given to the Trainer directly was built before the ranks were known."""
+        for loader in _library_loaders(loaders):
+            loader.bind(self.global_rank, self.world_size)
+
     @override
     def on_validation_start(self) -> None:
         self._sync_store()
+        self._bind(self.lightning_module.trainer.val_dataloaders)  # type: ignore[union-attr]
         super().on_validation_start()
 
     @override
     def on_test_start(self) -> None:
         self._sync_store()
+        self._bind(self.lightning_module.trainer.test_dataloaders)  # type: ignore[union-attr]
         super().on_test_start()
 
     @override
     def on_predict_start(self) -> None:
         self._sync_store()
+        self._bind(self.lightning_module.trainer.predict_dataloaders)  # type: ignore[union-attr]
         super().on_predict_start()
 
     @override
@@ -432,10 +441,12 @@ class BagpipeStrategy(DDPStrategy):
                 )
         if self.lightning_module is not None:
             trainer = self.lightning_module.trainer
-            for loader in _bagpipe_loaders(trainer.train_dataloader):  # (also one given to fit() directly)
-                loader.progress = lambda: trained_batches(trainer)
-                loader.accumulation = lambda: accumulated_batches(trainer)
-                loader.epoch_length = lambda: epoch_batches(trainer)
+            self._bind(trainer.train_dataloader)
+            for loader in _library_loaders(trainer.train_dataloader):  # (also one given to fit() directly)
+                if isinstance(loader, BagpipeLoader):
+                    loader.progress = lambda: trained_batches(trainer)
+                    loader.accumulation = lambda: accumulated_batches(trainer)
+                    loader.epoch_length = lambda: epoch_batches(trainer)
         section, self._resume_section = self._resume_section, None
         if section is not None:
             restore_rng_states(section)
@@ -480,14 +491,14 @@ def _find_plan(batch: Any) -> StepPlan | None:
     return None
 
 
-def _bagpipe_loaders(loaders: Any) -> list[BagpipeLoader]:
-    """The BagpipeLoaders in what was given to ``fit`` (a loader, or a list, tuple or dict of them)."""
-    if isinstance(loaders, BagpipeLoader):
+def _library_loaders(loaders: Any) -> list[BagpipeLoader | EvalLoader]:
+    """The library's loaders in what the Trainer runs: a loader, or a list, tuple or dict of them."""
+    if isinstance(loaders, (BagpipeLoader, EvalLoader)):
         return [loaders]
     if isinstance(loaders, dict):
         loaders = list(loaders.values())
     if isinstance(loaders, (list, tuple)):
-        return [found for item in loaders for found in _bagpipe_loaders(item)]
+        return [found for item in loaders for found in _library_loaders(item)]
     return []
 
 

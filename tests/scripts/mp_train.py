@@ -54,6 +54,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mismatch-rank1", action="store_true", help="rank 1 builds other tables (error test)")
     p.add_argument("--short-rank1", action="store_true", help="rank 1's source has fewer batches")
     p.add_argument("--fail-rank1-at", type=int, default=-1, help="rank 1 raises in this training step")
+    p.add_argument(
+        "--direct-loader", action="store_true", help="give fit() the loader, built before the Trainer's ranks"
+    )
     return p.parse_args(argv)
 
 
@@ -123,7 +126,10 @@ def run(args: argparse.Namespace) -> dict:
         enable_model_summary=False,
     )
     dm = ListDataModule(tables, batches, lookahead=args.lookahead, cache_rows=capacity, sync=args.sync)
-    trainer.fit(model, datamodule=dm)
+    if args.direct_loader:  # (built with no Trainer: rank 0 of 1 until the strategy binds it)
+        trainer.fit(model, train_dataloaders=dm.train_dataloader())
+    else:
+        trainer.fit(model, datamodule=dm)
     stats = trainer.strategy.cache_stats
     result = {
         "rows": model.emb.store.tensor().clone(),
