@@ -292,10 +292,14 @@ class CachedEmbedding(nn.Module):
                 "per-occurrence weights need pooling='sum', which pools them as a weighted sum"
             )
         lookup = features.lookup
-        if self._active and self.training and lookup is not None and torch.is_grad_enabled():
+        if self._active and lookup is not None:  # a training batch: its rows are in the cache, current
             assert self._cache is not None
-            rows = self._cache[:, : self.dim].index_select(0, lookup.slots).requires_grad_()
-            self._pending.append((lookup.slots, rows))
+            rows = self._cache[:, : self.dim].index_select(0, lookup.slots)
+            if self.training and torch.is_grad_enabled():
+                rows.requires_grad_()
+                self._pending.append((lookup.slots, rows))
+            # (else, e.g. under torch.no_grad() inside training_step: the same rows, not trained; the
+            # store's copies may be older than the cache's)
             index = lookup.pooling
             if index is None:  # a lookup built by hand, without its pooling layout
                 index = PoolingIndex.from_lookup(
