@@ -285,6 +285,22 @@ def test_a_two_process_directory_resumes_on_one_process(launches: Launches, k: i
     _assert_close(got, launches.result("det-saving", 0), f"2 -> 1 vs 2 processes from step {k}")
 
 
+def test_validating_a_two_process_directory_on_one_process_says_nothing_of_resuming(
+    launches: Launches, recwarn: pytest.WarningsRecorder
+) -> None:
+    # (the RNG states of a fit matter only to a fit: validate, test and predict used to warn that the
+    # checkpoint "is resumed on 1" and its RNG states were not restored)
+    tables = small_tables(mp_resume.TABLE_SIZES)
+    batches = random_batches(tables, 2, mp_resume.BATCH, multi_hot=2, seed=5)
+    model = TinyModel(tables, lb.optim.Adam(lr=0.05))
+    dm = ListDataModule(tables, batches, batches, lookahead=2)
+    quiet_trainer().validate(model, datamodule=dm, ckpt_path=launches.ckpt("det-saving", "step=3.ckpt"))
+    assert not [w for w in recwarn if "is resumed on" in str(w.message)]
+    assert not torch.equal(
+        model.emb.store.tensor(), TinyModel(tables, lb.optim.Adam(lr=0.05)).emb.store.tensor()
+    )
+
+
 # ---------------------------------------------------------------------------------------------- the fault
 def test_a_rank_killed_with_sigkill_ends_the_run_and_nothing_hangs(launches: Launches) -> None:
     assert launches.first_returncode != 0

@@ -413,11 +413,17 @@ class BagpipeStrategy(DDPStrategy):
     @override
     def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> dict[str, Any]:
         # a file or a directory, from any number of processes (the rows are re-sharded on load)
-        checkpoint, section = load_bagpipe_checkpoint(
-            self.checkpoint_io, checkpoint_path, weights_only, self._cached_modules(), self._checkpoint_comm()
-        )
         trainer = self.lightning_module.trainer if self.lightning_module is not None else None
-        if trainer is not None and trainer.state.fn == TrainerFn.FITTING:
+        fitting = trainer is not None and trainer.state.fn == TrainerFn.FITTING
+        checkpoint, section = load_bagpipe_checkpoint(
+            self.checkpoint_io,
+            checkpoint_path,
+            weights_only,
+            self._cached_modules(),
+            self._checkpoint_comm(),
+            resuming=fitting,
+        )
+        if fitting:
             self._resume_section = section  # RNG states are restored when training starts
         return checkpoint
 

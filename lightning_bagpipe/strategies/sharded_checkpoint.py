@@ -684,14 +684,20 @@ def _restore_rows(d: Path, name: str, module: CachedEmbedding, shards: list[dict
 
 
 def read_sharded_checkpoint(
-    path: _PATH, modules: dict[str, CachedEmbedding], *, rank: int, world_size: int
+    path: _PATH,
+    modules: dict[str, CachedEmbedding],
+    *,
+    rank: int,
+    world_size: int,
+    resuming: bool = True,
 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """Verify the directory checkpoint ``path``, restore every module's rows into its store.
 
     Returns the Lightning checkpoint dict (its ``state_dict["<module>.rows"]`` are
     :data:`~lightning_bagpipe.embedding.cached.ROWS_IN_PLACE`: the rows are in the stores already, and
     Lightning's ``load_state_dict`` leaves them there) and this rank's saved RNG states
-    when ``world_size`` equals the saving world size, else ``None`` (with a warning).
+    when ``world_size`` equals the saving world size, else ``None`` (with a warning when ``resuming`` a
+    fit; validate, test and predict need no RNG states).
     """
     d = Path(os.fspath(path))
     manifest = _read_manifest(d)
@@ -708,11 +714,8 @@ def read_sharded_checkpoint(
         _restore_rows(d, name, m, layout[name])
         state_dict[_rows_key(name)] = ROWS_IN_PLACE
     if saved_world != world_size:
-        rank_zero_warn(
-            f"bagpipe: checkpoint {d} was saved by {saved_world} processes and is resumed on {world_size}: "
-            "the tables, dense state and the position in the batch stream are restored, the per-rank RNG "
-            "states are not (each rank's generators continue from their current seed)"
-        )
+        if resuming:
+            _warn_world_changed(f"checkpoint {d} was saved by {saved_world} processes", world_size)
         return checkpoint, None
     rank_file = d / manifest["ranks"][rank]
     saved_rank = read_checkpoint(AtomicCheckpointIO(), rank_file, weights_only=True)
@@ -727,8 +730,11 @@ def load_bagpipe_checkpoint(
     weights_only: bool | None,
     modules: dict[str, CachedEmbedding],
     comm: Comm,
+    *,
+    resuming: bool = True,
 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """Load a file or directory bagpipe checkpoint on every rank; return it and what to resume RNGs from.
+    """Load a file or directory bagpipe checkpoint on every rank; return it and what to resume RNGs from
+    (``resuming``: a fit resumes from it, so a checkpoint of another world size is warned about).
 
     A file is read through ``io`` and checked (section, configuration, rows CRC); a directory is read by
     :func:`read_sharded_checkpoint`. Every rank loads; if any rank fails, every rank raises (the failing
@@ -737,7 +743,7 @@ def load_bagpipe_checkpoint(
     result: tuple[dict[str, Any], dict[str, Any] | None] | None = None
     error: BaseException | None = None
     try:
-        result = _load_on_this_rank(io, path, weights_only, modules, comm.rank, comm.world_size)
+        result = _load_on_this_rank(io, path, weights_only, modules, comm.rank, comm.world_size, resuming)
     except Exception as err:
         error = err
     _agree(comm, error, f"loading checkpoint {os.fspath(path)}")
@@ -752,6 +758,7 @@ def _load_on_this_rank(
     modules: dict[str, CachedEmbedding],
     rank: int,
     world_size: int,
+    resuming: bool,
 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
     local = _local_path(path)
     if local is not None and not os.path.lexists(local):
@@ -760,18 +767,25 @@ def _load_on_this_rank(
         raise FileNotFoundError(f"checkpoint {os.fspath(path)} does not exist{hint}")
     if is_sharded_checkpoint(path):
         assert local is not None
-        return read_sharded_checkpoint(local, modules, rank=rank, world_size=world_size)
+        return read_sharded_checkpoint(local, modules, rank=rank, world_size=world_size, resuming=resuming)
     checkpoint = read_checkpoint(io, path, weights_only)
     section = verify_bagpipe_section(checkpoint, path, modules)
     saved_world = int((section or {}).get("world_size", 1))
     if section is not None and saved_world != world_size:
-        rank_zero_warn(
-            f"bagpipe: checkpoint {os.fspath(path)} was saved by {saved_world} process(es) and is resumed on "
-            f"{world_size}: the tables, dense state and the position in the batch stream are restored, the "
-            "RNG states are not"
-        )
+        if resuming:
+            _warn_world_changed(
+                f"checkpoint {os.fspath(path)} was saved by {saved_world} process(es)", world_size
+            )
         return checkpoint, None
     return checkpoint, section
+
+
+def _warn_world_changed(saved: str, world_size: int) -> None:
+    rank_zero_warn(
+        f"bagpipe: {saved} and is resumed on {world_size}: the tables, dense state and the position in the "
+        "batch stream are restored, the per-rank RNG states are not (each rank's generators continue from "
+        "their current seed)"
+    )
 
 
 # ---------------------------------------------------------------------------------------------- inference
