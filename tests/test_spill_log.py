@@ -66,6 +66,13 @@ def test_damaged_or_mismatched_log_files_are_named(tmp_path: Path) -> None:
     raw.tofile(ids_file)
     with pytest.raises(ValueError, match="the run at row 0 is not sorted; the log is damaged"):
         SpillLog(tmp_path / "t.f32", 100, WIDTH, [3])
+    for damaged in ([3, 4, 125], [-1, 4, 9]):  # sorted, but not rows of a 13-row store
+        raw[:3] = damaged
+        raw.tofile(ids_file)
+        with pytest.raises(
+            ValueError, match=rf"holds row id {max(damaged) if damaged[0] >= 0 else -1}, outside"
+        ):
+            SpillLog(tmp_path / "t.f32", 100, WIDTH, [3], num_rows=13)
 
 
 def test_a_sorted_run_written_a_chunk_at_a_time_is_one_run_in_the_other_pair_of_files(tmp_path: Path) -> None:

@@ -162,6 +162,18 @@ def test_metadata_check(store: EmbeddingStore) -> None:
         store.check_metadata(dim=4, optimizer="adam")
     with pytest.raises(ValueError, match="not plain JSON"):
         store.set_metadata(bad=object())
+    store.set_metadata(pair=(1, 2))  # held as a tuple in RAM, a list once a file store is reopened
+    store.check_metadata(pair=(1, 2))
+    store.check_metadata(pair=[1, 2])
+    with pytest.raises(ValueError, match=r"pair: store has \(1, 2\), expected \(2, 1\)"):
+        store.check_metadata(pair=(2, 1))
+
+
+def test_metadata_compares_as_json_holds_it_after_a_reopen(tmp_path: Path) -> None:
+    MmapStore(tmp_path / "t.f32", ROWS, WIDTH, mode="create").set_metadata(pair=(1, 2))
+    again = MmapStore(tmp_path / "t.f32", mode="open")
+    again.check_metadata(pair=(1, 2))  # (it read [1, 2] back, and once said it was a different value)
+    again.close()
 
 
 def test_closed_store_raises(store: EmbeddingStore) -> None:

@@ -62,6 +62,7 @@ class SpillLog:
         width: int,
         segments: list[int] | None,
         pair: int = 0,
+        num_rows: int | None = None,
     ) -> None:
         self.capacity = int(capacity)
         self.width = int(width)
@@ -97,6 +98,13 @@ class SpillLog:
                     raise ValueError(
                         f"spill log {self.ids_path}: the run at row {self.length} is not sorted; the log is "
                         "damaged"
+                    )
+                bound = np.iinfo(np.int64).max if num_rows is None else num_rows
+                if run.size and (int(run[0]) < 0 or int(run[-1]) >= bound):
+                    bad = int(run[0]) if int(run[0]) < 0 else int(run[-1])
+                    raise ValueError(
+                        f"spill log {self.ids_path}: the run at row {self.length} holds row id {bad}, "
+                        f"outside the store's [0, {bound}); the log is damaged"
                     )
                 self._runs.append((self.length, _in_ram(run)))
                 self.length += int(n)

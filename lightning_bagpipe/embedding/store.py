@@ -214,10 +214,11 @@ class EmbeddingStore(ABC):
     def check_metadata(self, **expected: Any) -> None:
         """Raise ValueError for every key whose stored metadata value differs from ``expected``.
 
-        Keys the store has no value for are not compared (a freshly created store has none).
+        Keys the store has no value for are not compared (a freshly created store has none). Values are
+        compared as JSON holds them (a tuple equals the list a reopened file store reads back).
         """
         bad = {k: (self.metadata[k], v) for k, v in expected.items() if k in self.metadata}
-        bad = {k: sv for k, sv in bad.items() if sv[0] != sv[1]}
+        bad = {k: sv for k, sv in bad.items() if _as_json(sv[0]) != _as_json(sv[1])}
         if bad:
             parts = ", ".join(f"{k}: store has {s!r}, expected {v!r}" for k, (s, v) in bad.items())
             raise ValueError(f"{self.describe()} was written for a different configuration ({parts})")
@@ -346,6 +347,14 @@ def _positive(n: Any, name: str) -> int:
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or int(n) < 1:
         raise ValueError(f"{name} must be a positive integer, got {n!r}")
     return int(n)
+
+
+def _as_json(value: Any) -> Any:
+    """``value`` as it reads back from JSON (tuples become lists), or itself if it is not JSON."""
+    try:
+        return json.loads(json.dumps(value))
+    except (TypeError, ValueError):
+        return value
 
 
 class MemoryStore(EmbeddingStore):

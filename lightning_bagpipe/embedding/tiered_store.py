@@ -221,7 +221,9 @@ class TieredStore(EmbeddingStore):
         if kept is not None and old_rows != log_rows:
             old = None
             if kept:
-                old = SpillLog(self.file.path, old_rows, self.width, [int(n) for n in kept], pair)
+                old = SpillLog(
+                    self.file.path, old_rows, self.width, [int(n) for n in kept], pair, self.num_rows
+                )
                 self.log = old
                 self._compact()
                 old.close()
@@ -233,7 +235,7 @@ class TieredStore(EmbeddingStore):
                 old.remove()  # (unreferenced now: its rows are in the row file)
         if log_rows >= 1:
             runs = [int(n) for n in kept] if kept else None  # (nothing to keep: new files)
-            self.log = SpillLog(self.file.path, log_rows, self.width, runs, pair)
+            self.log = SpillLog(self.file.path, log_rows, self.width, runs, pair, self.num_rows)
             self._in_log = np.zeros((self.num_rows + 7) // 8, dtype=np.uint8)
             _set_bits(self._in_log, self.log.items()[0])
 

@@ -18,6 +18,7 @@ replace either at run time and takes effect from the next :meth:`~SparseOptimize
 from __future__ import annotations
 
 import math
+import numbers
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any
@@ -31,8 +32,9 @@ LRLike = float | Callable[[int], float]
 
 
 def _finite(value: Any, name: str, lo: float = 0.0, lo_open: bool = False, hi: float | None = None) -> float:
-    """``value`` as a float; ValueError unless finite and in ``[lo, hi)`` (``(lo, hi)`` if ``lo_open``)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    """``value`` as a float; ValueError unless finite and in ``[lo, hi)`` (``(lo, hi)`` if ``lo_open``).
+    Any real number counts (numpy's scalars too), but not a bool."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
         raise ValueError(f"{name} must be a finite number, got {value!r}")
     v = float(value)
     if v < lo or (lo_open and v == lo) or (hi is not None and v >= hi):
@@ -292,7 +294,11 @@ def from_hparams(hparams: dict[str, Any], lr: LRLike | None = None) -> SparseOpt
     stored_lr, schedule = h.pop("lr", None), h.pop("lr_is_schedule", False)
     if lr is None:
         if schedule:
-            raise ValueError(f"optimizer {name!r} was saved with an lr schedule; pass lr=<the schedule>")
+            raise ValueError(
+                f"optimizer {name!r} was saved with an lr schedule, which a checkpoint cannot hold: pass the "
+                "schedule again (from_hparams(..., lr=<the schedule>), or the whole optimizer to the model: "
+                "load_from_checkpoint(path, sparse_optimizer=<optimizer with its schedule>))"
+            )
         lr = stored_lr
     if "betas" in h:
         h["betas"] = tuple(h["betas"])
