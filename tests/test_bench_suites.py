@@ -27,6 +27,7 @@ from lightning_bagpipe.cli import main
 from lightning_bagpipe.data.parquet import write_parquet
 from lightning_bagpipe.data.synthetic import SyntheticCriteo, write_criteo_tsv
 from lightning_bagpipe.embedding.cached import CachedEmbedding
+from lightning_bagpipe.embedding.init import initial_rows_at
 from lightning_bagpipe.optim.sparse import RowWiseAdagrad
 from lightning_bagpipe.trace import Bounds, parse_capacities
 from tests.helpers import has_matplotlib
@@ -205,7 +206,7 @@ def test_bench_scale_runs_its_contenders(tmp_path: Path, monkeypatch: pytest.Mon
     r = _bench(tmp_path, "scale", *flags, *plotting)
     if has_matplotlib():
         assert plot.stat().st_size > 0 and r["plot"] == str(plot)
-    contenders = ("tiered_big", "mmap_big", "tiered_small", "mmap_small", "memory_small")
+    contenders = ("tiered_big", "mmap_big", "memory_touched", "tiered_small", "mmap_small", "memory_small")
     assert set(r["contenders"]) == {*contenders, "oracle_big"}
     for name in contenders:
         f = r["contenders"][name]
@@ -216,6 +217,10 @@ def test_bench_scale_runs_its_contenders(tmp_path: Path, monkeypatch: pytest.Mon
     # the same initial rows in every store: the same training, step for step
     assert r["checks"]["max_abs_loss_diff_mmap_small_vs_memory_small"] == 0.0
     assert r["checks"]["max_abs_loss_diff_tiered_big_vs_mmap_big"] == 0.0
+    # the big run's touched rows renumbered into RAM: the same plans, so the same training
+    assert r["checks"]["max_abs_loss_diff_tiered_big_vs_memory_touched"] == 0.0
+    touched = r["contenders"]["memory_touched"]
+    assert 0 < touched["total_rows"] < big["total_rows"]
     assert r["checks"]["max_abs_loss_diff_tiered_small_vs_memory_small"] == 0.0
     # every repeat starts from the initial rows (a reused file would start from the trained ones)
     assert r["checks"]["max_abs_loss_diff_between_repeats"] == 0.0
@@ -229,10 +234,16 @@ def test_bench_scale_runs_its_contenders(tmp_path: Path, monkeypatch: pytest.Mon
     assert set(r["ratios"]) == {
         "tiered_big_over_memory_small",
         "mmap_big_over_memory_small",
+        "memory_touched_over_memory_small",
         "tiered_small_over_memory_small",
         "mmap_small_over_memory_small",
+        "tiered_big_over_memory_touched",
     }
-    assert set(r["goals"]) == {"tiered_big_peak_rss_under_2GiB", "tiered_big_at_least_0.8x_memory_small"}
+    assert set(r["goals"]) == {
+        "tiered_big_peak_rss_under_2GiB",
+        "tiered_big_at_least_0.8x_memory_small",
+        "tiered_big_at_least_0.8x_memory_touched",
+    }
     for name in ("big.f32", "tiered.f32", "tiered.f32.written"):  # files removed unless --keep-files
         assert not (tmp_path / "st" / name).exists()
     r = _bench(tmp_path, "scale", *flags, "--contenders", "tiered_big", "--no-checkpoint", "--no-oracle")
@@ -346,3 +357,26 @@ def test_trace_sizes_the_cache_for_accumulated_steps(tmp_path: Path) -> None:
         smallest = max([len(steps[0])] + [len(a | b) for a, b in itertools.pairwise(steps)])
         assert r["batches"] == 6 and r["accumulate_grad_batches"] == k
         assert r["sweep"]["capacities"][0] == smallest
+
+
+def test_renumbered_stream_keeps_each_tables_rows_in_order_and_their_initial_values() -> None:
+    src = SyntheticCriteo(16, 3, scale=0.0005, seed=2)
+    ren = scale_suite.Renumbered(src)
+    tables, dim, opt = src.tables, 4, RowWiseAdagrad(lr=0.1)
+    # plain reference: each table's distinct rows of the stream, ascending, numbered 0, 1, ...
+    batches = [b.sparse.values.numpy().reshape(len(tables), -1) for b in src]
+    for f in range(len(tables)):
+        rows = np.unique(np.concatenate([b[f] for b in batches]))
+        assert ren.tables[f].num_embeddings == rows.size
+        for b, new in zip(batches, ren.values):
+            assert np.array_equal(new.reshape(len(tables), -1)[f], np.searchsorted(rows, b[f]))
+    store = ren.initial_store(dim, opt, seed=7)
+    fused = np.unique(np.concatenate([b.sparse.fused_ids(tables) for b in src]))
+    expected = initial_rows_at(tables, dim, 7, fused)
+    assert torch.equal(store.read(torch.from_numpy(ren.new_ids))[:, :dim], expected)
+    assert torch.equal(
+        store.read(torch.from_numpy(ren.new_ids))[:, dim:], opt.initial_state(dim).expand(fused.size, -1)
+    )
+    renumbered = list(ren.batches(src))
+    assert [b.sparse.values.tolist() for b in renumbered] == [v.tolist() for v in ren.values]
+    assert all(torch.equal(a.labels, b.labels) for a, b in zip(renumbered, src))

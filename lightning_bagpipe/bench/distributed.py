@@ -44,7 +44,14 @@ from pathlib import Path
 from typing import Any
 
 from lightning_bagpipe.bench.breakdown import StepBreakdown
-from lightning_bagpipe.bench.common import machine_info, require_matplotlib, save_figure, suite_config
+from lightning_bagpipe.bench.common import (
+    machine_info,
+    require_counts,
+    require_matplotlib,
+    require_positive,
+    save_figure,
+    suite_config,
+)
 
 #: name -> (prefetch with the full lookahead?, BagpipeDataModule sync mode)
 CONTENDERS = {
@@ -89,7 +96,19 @@ def _delays(text: str) -> list[float]:
     return delays
 
 
+def _check(args: argparse.Namespace) -> None:
+    require_counts(args, "batch_size", minimum=2)  # (one sample per rank at least)
+    require_counts(args, "warmup", "repeats", "lookahead", "cache_rows", "prefetch_depth", "embedding_dim")
+    require_positive(args, "scale", "timeout")
+    if args.steps <= args.warmup:
+        raise ValueError(
+            f"--steps must be more than --warmup (steps counts the warm-up ones), got {args.steps} and "
+            f"{args.warmup}"
+        )
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    _check(args)
     delays = _delays(args.delay_ms)
     runs: dict[str, list[dict[str, Any]]] = {}
     order = [(delay, name) for delay in delays for name in CONTENDERS]

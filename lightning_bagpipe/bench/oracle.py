@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from lightning_bagpipe.bench.common import require_counts, require_positive
 from lightning_bagpipe.data.criteo_shape import scaled_cardinalities
 from lightning_bagpipe.oracle.lookahead import LookaheadOracle, OracleStats
 from lightning_bagpipe.oracle.simulators import belady_fetches, lfu_fetches, lru_fetches, min_capacity
@@ -244,11 +245,8 @@ def _coprime_multiplier(rng: np.random.Generator, n: int) -> int:
 
 # ---------------------------------------------------------------------- helpers
 def _check(args: argparse.Namespace) -> None:
-    for flag in ("batches", "batch_size", "lookahead"):
-        if getattr(args, flag) < 1:
-            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
-    if args.zipf <= 0:
-        raise ValueError(f"--zipf must be > 0, got {args.zipf}")
+    require_counts(args, "batches", "batch_size", "lookahead")
+    require_positive(args, "zipf", "scale")
 
 
 def _capacity(text: str, distinct: int) -> int:

@@ -10,9 +10,15 @@ resident set, ``VmHWM``, is its own) and interleaved over ``--repeats``:
   tables far larger than RAM): a new file, initialised lazily, with a RAM write buffer of
   ``--buffer-mib`` and the default spill log (runs long enough to fill the buffer use it: ``--steps``);
 * **mmap_big**: the same rows in a plain :class:`~lightning_bagpipe.MmapStore` file;
+* **memory_touched**: the big run itself with its table in RAM: the rows its batches touch, renumbered
+  table by table in order (:class:`Renumbered`), in a :class:`~lightning_bagpipe.MemoryStore` that holds
+  only them, each starting from the initial values of the big row it stands for. Renumbering in order
+  leaves the oracle's plans the same, so it trains the same model as ``tiered_big``, step for step,
+  and the ratio between the two is the cost of keeping the ``--rows`` rows out of RAM;
 * **tiered_small**, **mmap_small** and **memory_small**: ``--small-rows`` rows (a table that fits in
   RAM) in a ``TieredStore``, a plain memory-mapped file and a :class:`~lightning_bagpipe.MemoryStore`,
-  on the same data: each store's own cost at equal size;
+  on data of the same shape over the smaller tables (fewer distinct rows per step, so more cache hits):
+  each store's own cost at equal size;
 * **oracle_big**: the lookahead oracle alone on the big run's id stream, for its resident memory.
 
 Initialisation: the library fills every row of a new ``MmapStore`` (``2**28`` rows are 19 GB of
@@ -51,7 +57,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -66,19 +72,23 @@ from lightning_bagpipe.bench.common import (
     machine_info,
     median_figures,
     proc_status_bytes,
+    require_counts,
     require_matplotlib,
+    require_positive,
     save_figure,
     suite_config,
 )
+from lightning_bagpipe.data.batch import Batch, SparseFeatures
 from lightning_bagpipe.data.criteo_shape import CRITEO_KAGGLE_CARDINALITIES
+from lightning_bagpipe.data.datamodule import BagpipeDataModule
 from lightning_bagpipe.embedding.init import INIT_RECIPE, initial_rows_at
-from lightning_bagpipe.embedding.store import EmbeddingStore, MmapStore
+from lightning_bagpipe.embedding.store import EmbeddingStore, MemoryStore, MmapStore
 from lightning_bagpipe.embedding.tiered_store import TieredStore, store_files
 from lightning_bagpipe.id_sets import unique_ids
 from lightning_bagpipe.optim.sparse import RowWiseAdagrad, SparseOptimizer
 from lightning_bagpipe.tables import Tables
 
-CONTENDERS = ("tiered_big", "mmap_big", "tiered_small", "mmap_small", "memory_small")
+CONTENDERS = ("tiered_big", "mmap_big", "memory_touched", "tiered_small", "mmap_small", "memory_small")
 _PAGE = 4096
 _QUEUE = 4
 _GIB = 2**30
@@ -134,10 +144,9 @@ def _check(args: argparse.Namespace) -> None:
     unknown = sorted(set(_names(args)) - {*CONTENDERS, "mmap_big_random"})
     if unknown:
         raise ValueError(f"--contenders: unknown contender(s) {', '.join(unknown)}; choose from {CONTENDERS}")
-    for flag in ("rows", "small_rows", "batch_size", "steps", "warmup", "repeats", "embedding_dim",
-                 "lookahead", "cache_rows"):  # fmt: skip
-        if getattr(args, flag) < 1:
-            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    require_counts(args, "rows", "small_rows", "batch_size", "steps", "warmup", "repeats", "embedding_dim")
+    require_counts(args, "lookahead", "cache_rows", "buffer_mib")
+    require_positive(args, "zipf", "timeout")
     for flag in ("rows", "small_rows"):
         if getattr(args, flag) < 26 * 2:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 52 (26 tables of >= 2 rows)")
@@ -195,6 +204,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for _, name in interleaved(names, args.repeats):
             if name == "memory_small":
                 cfg = {**base, "role": "train", "store": "memory", "rows": args.small_rows}
+            elif name == "memory_touched":
+                cfg = {**base, "role": "train", "store": "memory_touched", "rows": args.rows}
             elif name.startswith("tiered_"):
                 _remove_store_files(tiered)  # every run starts from a new, lazily initialised file
                 rows = args.rows if name == "tiered_big" else args.small_rows
@@ -231,10 +242,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for n in names
         if n != "memory_small"
     }
+    if "tiered_big" in contenders and "memory_touched" in contenders:
+        big, same_in_ram = contenders["tiered_big"], contenders["memory_touched"]
+        out["ratios"]["tiered_big_over_memory_touched"] = (
+            big["samples_per_second"] / same_in_ram["samples_per_second"]
+        )
     out["checks"] = {
         **{f"{n}_loss_decreased": bool(contenders[n].get("loss_decreased")) for n in names},
         "max_abs_loss_diff_mmap_small_vs_memory_small": _max_diff(losses, "mmap_small", "memory_small"),
         "max_abs_loss_diff_tiered_big_vs_mmap_big": _max_diff(losses, "tiered_big", "mmap_big"),
+        "max_abs_loss_diff_tiered_big_vs_memory_touched": _max_diff(losses, "tiered_big", "memory_touched"),
         "max_abs_loss_diff_tiered_small_vs_memory_small": _max_diff(losses, "tiered_small", "memory_small"),
         # the same rows and data in every run of a contender: the same losses, step for step
         "max_abs_loss_diff_between_repeats": max(
@@ -246,6 +263,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "tiered_big_peak_rss_under_2GiB": contenders["tiered_big"]["vm_hwm_bytes"] < 2 * _GIB,
             "tiered_big_at_least_0.8x_memory_small": out["ratios"]["tiered_big_over_memory_small"] >= 0.8,
         }
+        if "tiered_big_over_memory_touched" in out["ratios"]:
+            touched = out["ratios"]["tiered_big_over_memory_touched"] >= 0.8
+            out["goals"]["tiered_big_at_least_0.8x_memory_touched"] = touched
     out["machine"] = {
         **machine_info(),
         "load_average_1m_before": load0,
@@ -263,7 +283,7 @@ def plot(out: dict[str, Any], path: Path) -> None:
     names = [n for n in out["contenders"] if n != "oracle_big"]
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.5))
     figures = out["contenders"]
-    colors = ["C3" if n == "tiered_big" else "C7" if n == "memory_small" else "C0" for n in names]
+    colors = ["C3" if n == "tiered_big" else "C7" if n.startswith("memory_") else "C0" for n in names]
     med = [figures[n]["samples_per_second"] for n in names]
     err = [
         [m - figures[n].get("samples_per_second_min", m) for m, n in zip(med, names)],
@@ -423,6 +443,62 @@ class AdvisedMmapStore(MmapStore):
         self._array._mmap.madvise(mmap.MADV_RANDOM)  # type: ignore[attr-defined]
 
 
+# ---------------------------------------------------------------------- the big run in RAM (memory_touched)
+class Renumbered:
+    """A one-hot synthetic stream whose touched rows are renumbered, table by table and in order, into
+    tables just large enough to hold them (at least one row each).
+
+    The oracle's plans depend on ids only through their order, so the renumbered stream gets the same
+    plans, and a table whose rows start from the values of the rows they stand for
+    (:meth:`initial_store`) trains the same model as the original, step for step.
+    """
+
+    def __init__(self, src: Any) -> None:
+        self.original: Tables = src.tables
+        n_tables = len(self.original)
+        touched = _touched(src)  # fused ids, ascending
+        table_of = np.searchsorted(self.original.offsets, touched, side="right") - 1
+        counts = np.bincount(table_of, minlength=n_tables)
+        self.tables = Tables([(spec.name, max(1, int(c))) for spec, c in zip(self.original, counts)])
+        first = np.searchsorted(touched, self.original.offsets)  # rank of each table's first touched row
+        self.touched = touched
+        self.new_ids = self.tables.offsets[table_of] + (np.arange(touched.size) - first[table_of])
+        self.values: list[np.ndarray] = []  # per batch: the renumbered rows, key-major, per table
+        for ids in src.id_batches():
+            if ids.size % n_tables:
+                raise ValueError("Renumbered: the stream must be one-hot (a row per feature and sample)")
+            rank = np.searchsorted(touched, ids).reshape(n_tables, -1) - first[:, None]
+            self.values.append(rank.reshape(-1).astype(np.int32))
+
+    def initial_store(self, dim: int, optimizer: SparseOptimizer, seed: int) -> MemoryStore:
+        """A RAM store of the renumbered tables holding the original rows' initial values (and the
+        optimizer's initial state), marked initialised so ``CachedEmbedding`` takes it as it is."""
+        store = MemoryStore(self.tables.total_rows, optimizer.row_width(dim))
+        lo = 0
+        for part, rows in lazy_rows(self.original, dim, optimizer, seed, self.touched):
+            store.write(torch.from_numpy(self.new_ids[lo : lo + part.size]), rows)
+            lo += part.size
+        mark_initialized(store, self.tables, dim, optimizer, seed)
+        return store
+
+    def batches(self, src: Iterable[Batch]) -> Iterable[Batch]:
+        """``src``'s batches (the stream this was built from) with their rows renumbered."""
+        return _RenumberedBatches(src, self.values)
+
+
+class _RenumberedBatches:
+    def __init__(self, src: Iterable[Batch], values: list[np.ndarray]) -> None:
+        self.src, self.values = src, values
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def __iter__(self) -> Iterator[Batch]:
+        for batch, values in zip(self.src, self.values, strict=True):
+            sparse = SparseFeatures(batch.sparse.keys, torch.from_numpy(values).long(), batch.sparse.lengths)
+            yield Batch(sparse, batch.dense, batch.labels)
+
+
 # ---------------------------------------------------------------------- worker processes
 def _source(cfg: dict[str, Any]) -> Any:
     from lightning_bagpipe.data.synthetic import SyntheticCriteo
@@ -466,7 +542,7 @@ def _worker_train(cfg: dict[str, Any]) -> dict[str, Any]:
     warnings.filterwarnings("ignore")
     pl.seed_everything(cfg["seed"], verbose=False)
     batches = cfg["warmup"] + cfg["steps"] + cfg["lookahead"] + _QUEUE
-    dm = CriteoDataModule(
+    synthetic = CriteoDataModule(
         "synthetic",
         batch_size=cfg["batch_size"],
         lookahead=cfg["lookahead"],
@@ -480,7 +556,12 @@ def _worker_train(cfg: dict[str, Any]) -> dict[str, Any]:
     dim = cfg["embedding_dim"] + 1
     opt = RowWiseAdagrad(lr=0.02)
     store: Any
-    if cfg["store"] == "memory":
+    dm: BagpipeDataModule = synthetic
+    if cfg["store"] == "memory_touched":  # the same run, its touched rows renumbered into RAM
+        renumbered = Renumbered(_source(cfg))
+        store = renumbered.initial_store(dim, opt, cfg["seed"])
+        dm = _RenumberedData(synthetic, renumbered)
+    elif cfg["store"] == "memory":
         store = None  # a MemoryStore, every row initialised by the library
     elif cfg["store"] == "tiered":
         store = functools.partial(TieredStore, cfg["path"], buffer_bytes=cfg["buffer_bytes"])
@@ -552,6 +633,25 @@ def _worker_train(cfg: dict[str, Any]) -> dict[str, Any]:
             fetch_wait_ms_per_step=1000.0 * stats.wait_s / steps,
         )
     return out
+
+
+class _RenumberedData(BagpipeDataModule):
+    """``data``'s training batches, renumbered (``memory_touched``)."""
+
+    def __init__(self, data: BagpipeDataModule, renumbered: Renumbered) -> None:
+        super().__init__(
+            renumbered.tables,
+            batch_size=data.batch_size,
+            lookahead=data.lookahead,
+            cache_rows=data.cache_rows,
+            queue_batches=data.queue_batches,
+            prefetch_depth=data.prefetch_depth,
+            sync=data.sync,
+        )
+        self.data, self.renumbered = data, renumbered
+
+    def train_source(self) -> Iterable[Batch]:
+        return self.renumbered.batches(self.data.train_source())
 
 
 def _worker_oracle(cfg: dict[str, Any]) -> dict[str, Any]:

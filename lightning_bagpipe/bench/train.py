@@ -70,7 +70,9 @@ from lightning_bagpipe.bench.common import (
     machine_info,
     median_figures,
     parse_int_list,
+    require_counts,
     require_matplotlib,
+    require_positive,
     save_figure,
     suite_config,
 )
@@ -126,15 +128,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _check(args: argparse.Namespace) -> list[str]:
-    for flag in ("batch_size", "steps", "warmup", "repeats", "embedding_dim", "lookahead"):
-        if getattr(args, flag) < 1:
-            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    require_counts(args, "batch_size", "steps", "warmup", "repeats", "embedding_dim", "lookahead")
+    if args.threads is not None:
+        require_counts(args, "threads")
     if args.cache_rows < 0:
         raise ValueError(f"--cache-rows must be >= 0 (0: as many as needed), got {args.cache_rows}")
-    for flag in ("scale", "sparse_lr", "dense_lr"):
-        v = getattr(args, flag)
-        if not (v > 0 and math.isfinite(v)):
-            raise ValueError(f"--{flag.replace('_', '-')} must be a positive number, got {v}")
+    require_positive(args, "scale", "zipf", "sparse_lr", "dense_lr")
     names = [c.strip() for c in args.contenders.split(",") if c.strip()]
     unknown = [c for c in names if c not in CONTENDERS + EXTRA_CONTENDERS]
     if unknown or not names:
