@@ -45,6 +45,7 @@ from typing import Any
 
 from lightning_bagpipe.bench.breakdown import StepBreakdown
 from lightning_bagpipe.bench.common import (
+    loss_trend,
     machine_info,
     require_counts,
     require_matplotlib,
@@ -111,6 +112,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     _check(args)
     delays = _delays(args.delay_ms)
     runs: dict[str, list[dict[str, Any]]] = {}
+    losses: dict[str, list[list[float]]] = {}  # contender -> rank 0's losses of every run (any latency)
     order = [(delay, name) for delay in delays for name in CONTENDERS]
     for r in range(args.repeats):
         shift = r % len(order)  # repeat r starts at a different run, so none is always first
@@ -129,8 +131,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "delay_ms": delay,
                 "embedding_dim": args.embedding_dim,
             }
-            runs.setdefault(f"{name}@{delay:g}ms", []).append(_launch(cfg, args.timeout))
+            result = _launch(cfg, args.timeout)
+            losses.setdefault(name, []).append(result.pop("losses"))
+            runs.setdefault(f"{name}@{delay:g}ms", []).append(result)
     figures = {key: _median(rs) for key, rs in runs.items()}
+    for key, rs in runs.items():
+        figures[key]["loss_decreased"] = all(r["loss_decreased"] for r in rs)
     ratios = {
         f"prefetch_over_sync_fetch@{d:g}ms": figures[f"prefetch@{d:g}ms"]["samples_per_second"]
         / figures[f"sync_fetch@{d:g}ms"]["samples_per_second"]
@@ -160,6 +166,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "store": "sharded",
         "contenders": figures,
         "ratios": ratios,
+        "checks": {
+            **{f"{key}_loss_decreased": bool(f["loss_decreased"]) for key, f in figures.items()},
+            # a latency or a repeat changes when rows arrive, never what is computed: 0.0
+            "max_abs_loss_diff_across_latencies_and_repeats": max(_max_diff(r, r) for r in losses.values()),
+            # other plans (another lookahead, or every row all-reduced) sum the ranks' gradients of a
+            # row in another order: float32 rounding apart
+            "max_abs_loss_diff_sync_fetch_vs_prefetch": _max_diff(losses["sync_fetch"], losses["prefetch"]),
+            "max_abs_loss_diff_replicate_vs_prefetch": _max_diff(losses["replicate"], losses["prefetch"]),
+        },
         "machine": machine_info(),
     }
     if args.plot is not None:
@@ -192,6 +207,11 @@ def plot(out: dict[str, Any], path: Path) -> None:
     bx.set_title("where a step's time goes")
     bx.legend(fontsize=7, ncol=2)
     save_figure(fig, path)
+
+
+def _max_diff(a: list[list[float]], b: list[list[float]]) -> float:
+    """The largest step-by-step difference between any run of ``a`` and any run of ``b``."""
+    return max((abs(x - y) for ra in a for rb in b for x, y in zip(ra, rb, strict=True)), default=0.0)
 
 
 def _median(rs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -249,10 +269,12 @@ def _worker(cfg: dict[str, Any]) -> None:
             self.t0 = 0.0
             self.t1 = 0.0
             self.samples = 0
+            self.losses: list[float] = []  # rank 0's loss of every step
 
         def on_train_batch_end(
             self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, idx: int
         ) -> None:
+            self.losses.append(float(outputs["loss"] if isinstance(outputs, dict) else outputs))
             if trainer.global_step == cfg["warmup"]:
                 self.t0 = time.perf_counter()
             elif trainer.global_step > cfg["warmup"]:
@@ -307,6 +329,8 @@ def _worker(cfg: dict[str, Any]) -> None:
         Path(cfg["out"]).write_text(
             json.dumps(
                 {
+                    "losses": clock.losses,
+                    **loss_trend(clock.losses),
                     "samples_per_second": clock.samples / max(1e-9, clock.t1 - clock.t0),
                     "ms_per_step": 1000.0
                     * (clock.t1 - clock.t0)
