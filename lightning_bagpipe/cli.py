@@ -8,7 +8,9 @@ JSON is written, so a failed plot never loses the figures).
 Errors a user can fix (``ValueError`` and ``OSError``: bad data or flags, a missing or existing file) are
 reported as one ``lightning-bagpipe COMMAND: error: MESSAGE`` line with exit status 2, as argparse reports
 bad flags; ``--traceback`` shows the Python traceback instead. Anything else (``TypeError``,
-``RuntimeError``, ...) is a bug or a failure of the environment and keeps its traceback. The library's
+``RuntimeError``, ...) is a bug or a failure of the environment and keeps its traceback. A reader that
+closes the output early (``lightning-bagpipe trace DATA | head``) is no error: the command stops quietly
+with status 141, as a tool killed by ``SIGPIPE`` does (see :func:`_stop_writing`). The library's
 messages name keyword arguments (``pass skip_bad_lines=True``); :data:`FLAG_HINTS` rewrites them into
 the command's flags (``pass --skip-bad-lines``).
 """
@@ -19,7 +21,9 @@ import argparse
 import contextlib
 import importlib
 import json
+import os
 import re
+import select
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -84,6 +88,9 @@ FLAG_HINTS: dict[str, dict[str, str]] = {
 }
 #: The error types reported in one line (see the module docstring).
 USER_ERRORS = (ValueError, OSError)
+#: Exit status after the output was closed early: 128 + SIGPIPE (13), what a shell reports for a tool that
+#: ``SIGPIPE`` killed (``yes | head``), so ``set -o pipefail`` scripts see the same as with other tools.
+EXIT_BROKEN_PIPE = 141
 
 
 def _module(name: str) -> Any:
@@ -154,7 +161,8 @@ class _TrackedStream:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command ``argv`` names (default ``sys.argv[1:]``); 0 on success, 2 on a user error."""
+    """Run the command ``argv`` names (default ``sys.argv[1:]``); 0 on success, 2 on a user error, 141
+    when the output was closed early (:data:`EXIT_BROKEN_PIPE`)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser(argv).parse_args(argv)
     command = f"bench {args.suite}" if args.command == "bench" else args.command
@@ -164,6 +172,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         with contextlib.redirect_stderr(cast(TextIO, stderr)):
             _run(args)
     except USER_ERRORS as err:
+        # A BrokenPipeError is no error when the reader of our output has gone (`| head`); another pipe
+        # that broke (to a worker process, ...) is reported like any OSError.
+        if isinstance(err, BrokenPipeError) and (closed := _closed_outputs()):
+            return _stop_writing(closed)
         if show_traceback:
             raise
         message = str(err)
@@ -176,6 +188,42 @@ def main(argv: Sequence[str] | None = None) -> int:
     newline = "" if stderr.at_line_start else "\n"
     sys.stderr.write(f"{newline}lightning-bagpipe {command}: error: {flag_hints(command, message)}\n")
     return 2
+
+
+def _closed_outputs() -> list[int]:
+    """The file descriptors of stdout and stderr that are pipes whose reader has gone.
+
+    ``poll`` reports an error on the write end of such a pipe. Where it cannot tell (no ``poll``, a
+    stream that is no real file), the answer is "not closed", so the error is reported as before.
+    """
+    closed = []
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            fd = stream.fileno()
+            poller = select.poll()
+            poller.register(fd, select.POLLOUT)
+            if any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0)):
+                closed.append(fd)
+        except (AttributeError, OSError, ValueError):
+            continue
+    return closed
+
+
+def _stop_writing(fds: list[int]) -> int:
+    """Stop quietly after writing to a closed pipe; returns :data:`EXIT_BROKEN_PIPE`.
+
+    Python ignores ``SIGPIPE`` and raises ``BrokenPipeError`` instead. As the Python documentation's
+    recipe says (``signal`` module, "Note on SIGPIPE"), the closed outputs ``fds`` are pointed at
+    ``/dev/null``, so that flushing them at exit does not fail again ("Exception ignored ...
+    BrokenPipeError"); no message is printed: the reader asked for no more output.
+    """
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        for fd in fds:
+            os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)
+    return EXIT_BROKEN_PIPE
 
 
 def _run(args: argparse.Namespace) -> None:

@@ -25,7 +25,7 @@ import json
 import math
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +72,17 @@ class Stream:
     batch_size: int
     batches: list[np.ndarray]
     read_seconds: float = 0.0
+    samples: int | None = None
+    """Samples in :attr:`batches` (``None``: every batch is full, ``batch_size`` samples)."""
+    skipped_lines: int | None = None
+    """Criteo TSV with ``skip_bad_lines``: malformed lines dropped among the :attr:`lines_read` (which may
+    run past the last batch traced: the reader parses whole blocks); ``None`` otherwise."""
+    lines_read: int | None = None
+
+    @property
+    def num_samples(self) -> int:
+        """Samples in :attr:`batches` (the last batch of a file source may be partial)."""
+        return len(self.batches) * self.batch_size if self.samples is None else self.samples
 
     @property
     def occurrences(self) -> int:
@@ -83,7 +94,7 @@ class Stream:
         if k == 1:
             return self
         steps = [np.concatenate(self.batches[i : i + k]) for i in range(0, len(self.batches), k)]
-        return Stream(self.source, self.tables, self.batch_size, steps, self.read_seconds)
+        return replace(self, batches=steps)
 
     def counts(self) -> np.ndarray:
         """Accesses per fused row (``int64``, one per row of every table)."""
@@ -168,6 +179,13 @@ def load_stream(
     if data == "synthetic":
         from lightning_bagpipe.data.synthetic import SyntheticCriteo
 
+        _check_tsv_flags(
+            table_size,
+            skip_bad_lines,
+            labeled,
+            tables="synthetic tables are Criteo Kaggle's sizes times --scale",
+            lines="synthetic data has no lines",
+        )
         if batches == 0:
             raise ValueError("--batches 0 (all) needs a file source; synthetic data has no end")
         src = SyntheticCriteo(batch_size, batches, scale=scale, zipf=zipf, multi_hot=multi_hot, seed=seed)
@@ -180,11 +198,13 @@ def load_stream(
     if kind == "parquet":
         from lightning_bagpipe.data.parquet import CriteoParquet
 
-        if table_size is not None:
-            raise ValueError("--table-size applies to Criteo TSV data; Parquet files record their tables")
-        if skip_bad_lines or labeled is not None:
-            flag = "--skip-bad-lines" if skip_bad_lines else "--labeled/--unlabeled"
-            raise ValueError(f"{flag} applies to Criteo TSV data; Parquet files have no lines")
+        _check_tsv_flags(
+            table_size,
+            skip_bad_lines,
+            labeled,
+            tables="Parquet files record their tables",
+            lines="Parquet files have no lines",
+        )
         source = CriteoParquet(data, batch_size)
     else:
         from lightning_bagpipe.data.criteo_tsv import CriteoTSV, ModuloHashing
@@ -193,17 +213,42 @@ def load_stream(
         source = CriteoTSV(data, batch_size, hashing=hashing, skip_bad_lines=skip_bad_lines, labeled=labeled)
     tables: Tables = source.tables
     out: list[np.ndarray] = []
-    for i, batch in enumerate(_take(source, batches)):
-        try:
-            out.append(batch.sparse.fused_ids(tables))
-        except ValueError as err:
-            raise ValueError(f"{data}: batch {i}: {err}") from None
+    samples = 0
+    reading = iter(source)
+    try:
+        for i, batch in enumerate(_take(reading, batches)):
+            try:
+                out.append(batch.sparse.fused_ids(tables))
+            except ValueError as err:
+                raise ValueError(f"{data}: batch {i}: {err}") from None
+            samples += batch.batch_size
+    finally:
+        # Stop the reader now, not when it is garbage collected: a TSV pass cut short by --batches reports
+        # (BadLinesWarning) the lines it skipped when it closes.
+        close = getattr(reading, "close", None)
+        if close is not None:
+            close()
     if not out:
         raise ValueError(f"{data}: no batches to trace (the data is empty)")
-    return Stream(str(data), tables, batch_size, out, time.perf_counter() - t0)
+    stream = Stream(str(data), tables, batch_size, out, time.perf_counter() - t0, samples=samples)
+    if kind == "tsv" and skip_bad_lines:
+        stream.skipped_lines, stream.lines_read = source.stats.skipped_lines, source.stats.lines
+    return stream
 
 
-def _take(source: Any, n: int) -> Iterator[Any]:
+def _check_tsv_flags(
+    table_size: int | None, skip_bad_lines: bool, labeled: bool | None, *, tables: str, lines: str
+) -> None:
+    """Refuse the Criteo TSV flags for other data, saying why (``tables``, ``lines``), rather than ignore
+    them: a user who passes ``--table-size`` expects it to size the tables."""
+    if table_size is not None:
+        raise ValueError(f"--table-size applies to Criteo TSV data; {tables}")
+    if skip_bad_lines or labeled is not None:
+        flag = "--skip-bad-lines" if skip_bad_lines else "--labeled/--unlabeled"
+        raise ValueError(f"{flag} applies to Criteo TSV data; {lines}")
+
+
+def _take(source: Iterator[Any], n: int) -> Iterator[Any]:
     for i, item in enumerate(source):
         if n and i >= n:
             return
@@ -474,6 +519,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "data": str(args.data),
         "batch_size": stream.batch_size,
         "batches": len(read.batches),
+        "samples": read.num_samples,
         "accumulate_grad_batches": k,
         "occurrences": stream.occurrences,
         "read_seconds": stream.read_seconds,
@@ -482,10 +528,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "sweep": result.as_dict(),
         "recommendation": recommend(result, row_bytes),
     }
-    print(format_report(report))
-    if args.json is not None:  # before the plot: a failed plot does not lose the figures
+    if read.skipped_lines is not None:
+        report["skipped_lines"] = read.skipped_lines
+        report["lines_read"] = read.lines_read
+    # The JSON first: neither a failed plot nor a closed stdout (`| head`) loses the figures.
+    if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    print(format_report(report))
     if args.plot is not None:  # (the command line checked that matplotlib imports before any work)
         plot(report, args.plot)
         print(f"plot written to {args.plot}")
@@ -501,8 +551,16 @@ def format_report(report: dict[str, Any]) -> str:
     """The report as plain text: skew table, fetch table, recommendation."""
     skew = report["skew"]
     ov = skew["overall"]
+    n, size = report["batches"], report["batch_size"]
+    samples = report.get("samples", n * size)
+    # The last batch of a file source may be partial, or the only one (data smaller than a batch).
+    read = (
+        f"{n} batches of {size} samples"
+        if samples == n * size
+        else f"{samples:,} samples in {n} batch{'es' if n != 1 else ''} of at most {size}"
+    )
     lines = [
-        f"trace of {report['data']}: {report['batches']} batches of {report['batch_size']} samples"
+        f"trace of {report['data']}: {read}"
         + (
             f" in optimizer steps of {report['accumulate_grad_batches']}"
             if report.get("accumulate_grad_batches", 1) > 1
@@ -510,6 +568,13 @@ def format_report(report: dict[str, Any]) -> str:
         )
         + ", "
         f"{report['occurrences']:,} id occurrences, {ov['rows_touched']:,} of {ov['rows']:,} rows touched",
+    ]
+    if report.get("skipped_lines") is not None:
+        lines.append(
+            f"skipped {report['skipped_lines']:,} malformed line(s) of the {report['lines_read']:,} read "
+            "(--skip-bad-lines; whole blocks are read, so they may run past the last batch traced)"
+        )
+    lines += [
         "",
         "access skew: share of accesses to the hottest 1% / 10% of each table's rows",
         f"  {'feature':<10}{'rows':>12}{'touched':>12}{'top 1%':>9}{'top 10%':>9}",

@@ -24,6 +24,7 @@ from lightning_bagpipe.bench import train as train_suite
 from lightning_bagpipe.bench.breakdown import StepBreakdown
 from lightning_bagpipe.bench.common import interleaved, median_figures
 from lightning_bagpipe.cli import main
+from lightning_bagpipe.data.criteo_tsv import BadLinesWarning
 from lightning_bagpipe.data.parquet import write_parquet
 from lightning_bagpipe.data.synthetic import SyntheticCriteo, write_criteo_tsv
 from lightning_bagpipe.embedding.cached import CachedEmbedding
@@ -340,6 +341,54 @@ def test_trace_bad_input_names_the_culprit(tmp_path: Path, capsys: pytest.Captur
     assert parse_capacities("auto", bounds)[0] == 10 and parse_capacities("auto", bounds)[-1] == 80
     assert main(["trace", "synthetic", "--lookahead", "4,0"]) == 2
     assert "error: --lookahead" in capsys.readouterr().err
+
+
+def test_trace_reports_the_lines_skipped_before_it_stopped(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # --batches 2 stops the pass early: the malformed lines skipped so far are still reported, in a
+    # BadLinesWarning and in the report (the reader parses whole blocks, here the whole small file).
+    _, batches = _tiny_batches()
+    path = tmp_path / "day.tsv"
+    write_criteo_tsv(batches, path)
+    lines = path.read_text().splitlines()
+    for i in (3, 70, 300):
+        lines[i] = lines[i].replace("\t", ",", 3)
+    path.write_text("\n".join(lines) + "\n")
+    flags = [
+        "--batch-size",
+        "64",
+        "--batches",
+        "2",
+        "--table-size",
+        "500",
+        "--lookahead",
+        "2",
+        "--no-baselines",
+    ]
+    out = tmp_path / "t.json"
+    with pytest.warns(BadLinesWarning, match=rf"skipped 3 malformed line\(s\) of {len(lines)} read"):
+        assert main(["trace", str(path), *flags, "--skip-bad-lines", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["batches"] == 2 and r["skipped_lines"] == 3 and r["lines_read"] == len(lines)
+    assert f"skipped 3 malformed line(s) of the {len(lines)} read" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("batch", "count"), [(50, 1), (89, 2)])
+def test_trace_header_gives_the_samples_read(
+    batch: int, count: int, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # 50 samples (less than one batch of 64), or 178 (a last batch of 50): not "N batches of 64 samples"
+    src = SyntheticCriteo(batch, count, scale=0.0005, seed=3)
+    write_parquet(src, tmp_path / "pq", src.tables)
+    out = tmp_path / "t.json"
+    args = ["trace", str(tmp_path / "pq"), "--batch-size", "64", "--batches", "0", "--lookahead", "1"]
+    assert main([*args, "--no-baselines", "--json", str(out)]) == 0
+    samples, n = batch * count, math.ceil(batch * count / 64)
+    r = json.loads(out.read_text())
+    assert r["samples"] == samples and r["batches"] == n
+    head = capsys.readouterr().out.splitlines()[0]
+    assert f": {samples:,} samples in {n} batch{'es' if n > 1 else ''} of at most 64," in head, head
 
 
 def test_trace_sizes_the_cache_for_accumulated_steps(tmp_path: Path) -> None:

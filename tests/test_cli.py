@@ -3,7 +3,9 @@ any work, the JSON written before the plot, ``bench oracle``'s capacity and summ
 
 from __future__ import annotations
 
+import argparse
 import json
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -12,8 +14,11 @@ import pytest
 
 import lightning_bagpipe.bench.cache as cache_suite
 import lightning_bagpipe.trace as trace_module
-from lightning_bagpipe.cli import flag_hints, main
+from lightning_bagpipe.cli import EXIT_BROKEN_PIPE, flag_hints, main
+from lightning_bagpipe.data.convert import convert_tsv
+from lightning_bagpipe.data.criteo_tsv import ModuloHashing
 from lightning_bagpipe.data.synthetic import SyntheticCriteo, write_criteo_tsv
+from lightning_bagpipe.models import train as train_module
 from tests.helpers import has_matplotlib
 
 
@@ -100,6 +105,122 @@ def test_trace_labeled_flags(
     short.write_text("1\t2\t3\n")
     assert main(["trace", str(short), *flags]) == 2
     assert "pass --labeled or --unlabeled" in _one_error_line(capsys.readouterr().err, "trace")
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--table-size", "5"], "--table-size applies to Criteo TSV data; synthetic tables are"),
+        (["--skip-bad-lines"], "--skip-bad-lines applies to Criteo TSV data; synthetic data has no lines"),
+        (["--unlabeled"], "--labeled/--unlabeled applies to Criteo TSV data; synthetic data has no lines"),
+    ],
+)
+def test_trace_refuses_tsv_flags_for_synthetic_data(
+    flags: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = [
+        "trace",
+        "synthetic",
+        "--scale",
+        "0.001",
+        "--batches",
+        "2",
+        "--batch-size",
+        "64",
+        "--lookahead",
+        "1",
+    ]
+    assert main([*args, *flags]) == 2
+    assert message in _one_error_line(capsys.readouterr().err, "trace")
+
+
+TSV_FLAGS = {  # train's TSV flags, and how its error names them
+    "--table-size": (["--table-size", "50"], "--table-size"),
+    "--hashing": (["--hashing", "vocab"], "--hashing vocab"),
+    "--vocab-threshold": (["--hashing", "vocab", "--vocab-threshold", "2"], "--vocab-threshold"),
+    "--vocab-path": (["--vocab-path", "v.npz"], "--vocab-path"),
+    "--skip-bad-lines": (["--skip-bad-lines"], "--skip-bad-lines"),
+    "--unlabeled": (["--unlabeled"], "--labeled/--unlabeled"),
+}
+
+
+@pytest.mark.parametrize("flag", list(TSV_FLAGS))
+def test_train_refuses_tsv_flags_for_parquet_data(
+    flag: str, tsv: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    good, _ = tsv
+    convert_tsv(good, tmp_path / "pq", hashing=ModuloHashing(50), progress=False)
+    flags, named = TSV_FLAGS[flag]
+    base = ["--data", str(tmp_path / "pq"), "--batch-size", "4", "--max-steps", "1", "--no-logger"]
+    parser = argparse.ArgumentParser()
+    train_module.add_arguments(parser)
+    with pytest.raises(ValueError, match="TSV options, but the data is Parquet") as err:
+        train_module.build_datamodule(parser.parse_args([*base, *flags]))
+    assert str(err.value).startswith(f"{named}: ") or f", {named}:" in str(err.value)
+    # The same through the command: one error line.
+    assert main(["train", *base, *flags, "--no-checkpoint", "--root-dir", str(tmp_path / "run")]) == 2
+    assert "but the data is Parquet" in _one_error_line(capsys.readouterr().err, "train")
+    # With TSV validation data the flags apply to it (tables of 50 rows, as the Parquet training data's).
+    if flag == "--table-size":
+        args = parser.parse_args([*base, *flags, "--val-data", str(good)])
+        assert train_module.build_datamodule(args).tables.sizes.tolist() == [50] * 26
+
+
+def test_train_refuses_a_vocab_threshold_that_builds_no_vocabulary(tsv: tuple[Path, Path]) -> None:
+    good, _ = tsv
+    parser = argparse.ArgumentParser()
+    train_module.add_arguments(parser)
+    for flags in (
+        ["--vocab-threshold", "2"],
+        ["--hashing", "vocab", "--vocab-path", "v.npz", "--vocab-threshold", "2"],
+    ):
+        args = parser.parse_args(["--data", str(good), "--batch-size", "4", *flags])
+        with pytest.raises(ValueError, match="--vocab-threshold applies to --hashing vocab when building"):
+            train_module.build_datamodule(args)
+    args = parser.parse_args(
+        ["--data", str(good), "--batch-size", "4", "--hashing", "vocab", "--vocab-threshold", "2"]
+    )
+    assert train_module.build_datamodule(args).train_data.hashing.threshold == 2  # type: ignore[union-attr]
+
+
+def test_closed_output_ends_the_command_quietly(tmp_path: Path) -> None:
+    # `lightning-bagpipe trace DATA | head`: the reader has gone before the report is written. That is no
+    # error: no message, and status 141 (128 + SIGPIPE) as for a tool that SIGPIPE ended.
+    argv = [
+        "trace",
+        "synthetic",
+        "--scale",
+        "0.001",
+        "--batches",
+        "2",
+        "--batch-size",
+        "64",
+        "--lookahead",
+        "1",
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lightning_bagpipe.cli", *argv, "--json", str(tmp_path / "t.json")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # no reader: the report's write fails with EPIPE
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == EXIT_BROKEN_PIPE == 141, err
+    assert "error" not in err and "Broken pipe" not in err and "Exception ignored" not in err, err
+    assert json.loads((tmp_path / "t.json").read_text())["batches"] == 2  # written before the report
+
+
+def test_a_broken_pipe_that_is_not_the_output_is_an_error(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Only a closed stdout/stderr ends the command quietly; any other broken pipe is reported.
+    def broken(args: Any) -> None:
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(trace_module, "run", broken)
+    assert main(["trace", "synthetic"]) == 2
+    assert "Broken pipe" in _one_error_line(capsys.readouterr().err, "trace")
 
 
 def test_flag_hints_rewrite_only_known_keywords_of_the_command() -> None:

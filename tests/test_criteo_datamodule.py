@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import warnings
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import lightning_bagpipe as lb
 from lightning_bagpipe.data import convert
 from lightning_bagpipe.data.criteo import CriteoDataModule
 from lightning_bagpipe.data.criteo_tsv import ModuloHashing
+from lightning_bagpipe.data.loader import EvalLoader
 from tests.helpers import TinyModel, quiet_trainer
 from tests.test_criteo_tsv import SIZES, random_lines, write
 
@@ -118,3 +120,56 @@ def test_synthetic_tests_and_predicts_on_the_test_split():
 def test_test_batches_is_for_synthetic_data(files):
     with pytest.raises(ValueError, match="test_batches is for synthetic data"):
         CriteoDataModule(files["train"], test_batches=2, batch_size=16, table_sizes=SIZES)
+
+
+class _Ranks:
+    """What the data module asks its Trainer: this process's rank and the number of processes."""
+
+    def __init__(self, world_size: int) -> None:
+        self.global_rank, self.world_size = 0, world_size
+
+
+def test_evaluation_batches_too_small_for_the_processes_are_refused_up_front(files, tmp_path):
+    # 37 samples in batches of 18 leave a last batch of 1, fewer than 2 processes. Evaluation keeps every
+    # sample (no drop_last, whatever the training data's): the message suggests batch sizes or fewer
+    # processes, and its length being known (Parquet), it comes when the loader is asked for.
+    out = tmp_path / "test_pq"
+    convert.convert_tsv(files["test"], out, hashing=ModuloHashing(SIZES), progress=False)
+    paths = {"val_path": out, "test_path": out, "predict_path": out}
+    dm = CriteoDataModule(files["train"], **paths, batch_size=18, table_sizes=SIZES, drop_last=True)
+    dm.trainer = _Ranks(2)  # type: ignore[assignment]
+    hooks = {"validation": dm.val_dataloader, "test": dm.test_dataloader, "prediction": dm.predict_dataloader}
+    for what, hook in hooks.items():
+        with pytest.raises(
+            ValueError, match=rf"{what} data '.*test_pq' \(\w+_path\) has 37 samples: "
+        ) as err:
+            hook()
+        message = str(err.value)
+        assert "batch_size=18 leaves a last batch of 1 sample(s), fewer than the 2 processes" in message
+        assert "drop_last=True" not in message and "use at most 1 process(es)" in message
+    found = re.search(r"\(e\.g\. (\d+) or (\d+)\)", message)
+    assert found is not None
+    for size in map(int, found.groups()):  # the suggested batch sizes do fit
+        fits = CriteoDataModule(files["train"], val_path=out, batch_size=size, table_sizes=SIZES)
+        fits.trainer = _Ranks(2)  # type: ignore[assignment]
+        fits.val_dataloader()
+        ranks = [EvalLoader(fits.val_source, fits.tables, rank, 2, "val") for rank in (0, 1)]
+        assert sum(b.batch_size for loader in ranks for b in loader) == 37
+    dm.trainer = _Ranks(1)  # type: ignore[assignment]
+    assert sum(b.batch_size for b in dm.val_dataloader()) == 37
+
+
+def test_evaluation_batch_too_small_for_the_processes_names_the_evaluation_fixes(files):
+    # TSV: the length is unknown until read, so the loader refuses the batch when it comes; its message
+    # is about evaluation, which keeps every sample: a batch size or fewer processes, not drop_last
+    # (CriteoDataModule's evaluation sources take none).
+    dm = CriteoDataModule(files["train"], val_path=files["test"], batch_size=18, table_sizes=SIZES)
+    dm.trainer = _Ranks(2)  # type: ignore[assignment]
+    loader = dm.val_dataloader()
+    with pytest.raises(
+        ValueError, match=r"val batch 2 has 1 sample\(s\) and cannot be split over 2 ranks"
+    ) as err:
+        list(loader)
+    message = str(err.value)
+    assert "Evaluation keeps every sample: choose a batch size that leaves the last, partial batch" in message
+    assert message.endswith("or use at most 1 process(es)") and "drop_last" not in message

@@ -174,7 +174,8 @@ def test_short_lines_are_bad_lines_not_padded(tmp_path):
     # Skipping is on request only, and counted: the short lines are dropped, never padded.
     reader = CriteoTSV(path, 8, hashing=ModuloHashing(SIZES), skip_bad_lines=True)
     with pytest.warns(
-        BadLinesWarning, match=r"skipped 2 malformed line\(s\) of 6 \(first: .*day_0\.tsv:3, .*day_0\.tsv:5\)"
+        BadLinesWarning,
+        match=r"skipped 2 malformed line\(s\) of 6 read \(first: .*day_0\.tsv:3, .*day_0\.tsv:5\)",
     ):
         got = collect(reader)
     assert (
@@ -312,7 +313,7 @@ def test_skip_bad_lines_counts_and_warns(tmp_path):
     reader = CriteoTSV(
         path, 7, hashing=ModuloHashing(SIZES), labeled=True, skip_bad_lines=True, chunk_bytes=300
     )
-    with pytest.warns(BadLinesWarning, match=r"skipped 4 malformed line\(s\) of 24 \(first: .*t\.tsv:6"):
+    with pytest.warns(BadLinesWarning, match=r"skipped 4 malformed line\(s\) of 24 read \(first: .*t\.tsv:6"):
         got = collect(reader)
     assert reader.skipped_lines == 4 and reader.stats.rows == 20
     ref = reference(good, True, SIZES)
@@ -325,6 +326,44 @@ def test_skip_bad_lines_counts_and_warns(tmp_path):
         list(clean)
 
 
+def test_a_pass_stopped_early_still_reports_its_skipped_lines(tmp_path):
+    # A consumer that needs only the first batches (trace --batches N, training with max_steps) closes
+    # the pass before its end: the lines it skipped must still be reported, when it stops.
+    good = random_lines(np.random.default_rng(8), 30, strip=0.0)
+    path = write(tmp_path / "t.tsv", [*good[:2], BAD_LINES[0][0], *good[2:]])
+    reader = CriteoTSV(path, 4, hashing=ModuloHashing(SIZES), labeled=True, skip_bad_lines=True)
+    batches = iter(reader)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning while the pass runs
+        first = next(batches)
+    assert first.batch_size == 4 and reader.skipped_lines == 1
+    with pytest.warns(
+        BadLinesWarning, match=r"skipped 1 malformed line\(s\) of 31 read \(first: .*t\.tsv:3\)"
+    ):
+        batches.close()
+    # Stopped early without skipping anything: no warning.
+    clean = CriteoTSV(write(tmp_path / "ok.tsv", good), 4, hashing=ModuloHashing(SIZES), skip_bad_lines=True)
+    batches = iter(clean)
+    next(batches)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        batches.close()
+
+
+def test_skipped_lines_with_non_digit_dense_values_raise_no_numpy_warning(tmp_path):
+    # A dropped line's dense fields are never transformed: no "invalid value encountered in log1p".
+    good = random_lines(np.random.default_rng(4), 10, strip=0.0)
+    bad = GOOD.replace("1\t1\t2", "1\tabc\tx9", 1)
+    path = write(tmp_path / "t.tsv", [*good[:4], bad, *good[4:]])
+    reader = CriteoTSV(path, 8, hashing=ModuloHashing(SIZES), labeled=True, skip_bad_lines=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = collect(reader)
+    assert [w.category for w in caught] == [BadLinesWarning]
+    for a, b in zip(got, reference(good, True, SIZES)):
+        np.testing.assert_array_equal(a, b)
+
+
 # ---------------------------------------------------------------------------------------------- hashing
 def test_modulo_hashing_checks_sizes():
     with pytest.raises(ValueError, match="C3 needs at least 2 rows"):
@@ -332,6 +371,24 @@ def test_modulo_hashing_checks_sizes():
     with pytest.raises(ValueError, match="one table size or 26"):
         ModuloHashing([5, 5])
     assert ModuloHashing(100).tables.sizes.tolist() == [100] * 26
+
+
+def test_modulo_hashing_takes_numpy_integers_and_refuses_other_numbers():
+    # numpy integers are integers: one for every table, or one per table
+    assert ModuloHashing(np.int64(1000)).tables.sizes.tolist() == [1000] * 26
+    assert ModuloHashing(np.asarray(SIZES, dtype=np.int32)).tables.sizes.tolist() == SIZES
+    assert ModuloHashing([np.uint16(s) for s in SIZES]).tables.sizes.tolist() == SIZES
+    # anything else is refused, naming the value, rather than truncated
+    with pytest.raises(ValueError, match=r"table C1: size 1000\.7 \(float\) is not an integer"):
+        ModuloHashing([1000.7] * 26)
+    with pytest.raises(ValueError, match=r"table C2: size 5\.0 \(float\)"):
+        ModuloHashing([5, 5.0] + [5] * 24)
+    with pytest.raises(ValueError, match=r"table sizes must be an integer or 26 integers, got 1000\.7"):
+        ModuloHashing(1000.7)
+    with pytest.raises(ValueError, match=r"got True \(bool\)"):
+        ModuloHashing(True)
+    with pytest.raises(ValueError, match=r"got '1000' \(str\)"):
+        ModuloHashing("1000")
 
 
 def test_vocabulary_threshold_order_and_unseen_values(tmp_path):

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -227,6 +229,114 @@ def test_sink_rejects_mismatched_input(tmp_path):
         pytest.raises(ValueError, match="labels"),
     ):
         sink.write_batch(one_hot.batch(0))
+
+
+@pytest.mark.parametrize("name", ["part-00000.parquet", "part-00001.parquet"])
+@pytest.mark.parametrize("damage", ["empty", "truncated", "not parquet"])
+def test_unreadable_parquet_file_is_named(good_pq, name, damage):
+    victim = good_pq / name
+    data = victim.read_bytes()
+    victim.write_bytes(
+        {"empty": b"", "truncated": data[: len(data) // 2], "not parquet": b"label,I1\n1,2\n"}[damage]
+    )
+    with pytest.raises(ValueError, match=rf"{name.replace('.', '[.]')}: not a readable Parquet file"):
+        CriteoParquet(good_pq, 10)
+
+
+# ---------------------------------------------------------------------------------------------- failures
+def _folder(path: Path) -> dict[str, bytes] | None:
+    """Every file of a folder (hidden ones too) with its contents; ``None`` if there is no folder."""
+    return {f.name: f.read_bytes() for f in sorted(path.iterdir())} if path.exists() else None
+
+
+def _write_until(sink: ParquetSink, source: SyntheticCriteo, error: BaseException) -> None:
+    """Write ``source``'s batches, then raise ``error`` once the sink has written two files' rows."""
+    for batch in source:
+        sink.write_batch(batch)
+        if sink.rows_written >= 2 * sink.rows_per_file:
+            raise error
+    raise AssertionError("the source is too short to fail mid-way")
+
+
+def test_sink_output_appears_only_when_complete(tmp_path):
+    first, second = SyntheticCriteo(50, 8, scale=0.001), SyntheticCriteo(50, 8, scale=0.001, seed=1)
+    out = tmp_path / "pq"
+    kw = {"rows_per_file": 100, "row_group_rows": 50}
+    # An error after two files: nothing is left, not even the folder the sink created.
+    with pytest.raises(RuntimeError, match="boom"), ParquetSink(out, first.tables, **kw) as sink:
+        _write_until(sink, first, RuntimeError("boom"))
+    assert _folder(out) is None
+    files = write_parquet(first, out, first.tables, **kw)
+    before = _folder(out)
+    assert before is not None and sorted(before) == [f.name for f in files]  # no hidden leftovers
+    # With overwrite, an interrupted rewrite leaves the old dataset whole ...
+    with pytest.raises(KeyboardInterrupt), ParquetSink(out, second.tables, overwrite=True, **kw) as sink:
+        _write_until(sink, second, KeyboardInterrupt())
+    assert _folder(out) == before
+    same_batches(CriteoParquet(out, 50), first)
+    # ... and a completed one replaces it (the old files gone, also those of a longer dataset).
+    write_parquet(list(second)[:3], out, second.tables, overwrite=True, **kw)
+    assert sorted(_folder(out) or {}) == ["part-00000.parquet", "part-00001.parquet"]
+    same_batches(CriteoParquet(out, 50), list(second)[:3])
+    with pytest.raises(ValueError, match="aborted: it takes no more rows"):
+        sink.write_batch(first.batch(0))  # an aborted sink takes no more rows
+
+
+def test_failed_conversion_leaves_no_partial_dataset(tmp_path, monkeypatch):
+    lines = random_lines(np.random.default_rng(5), 300)
+    bad = write(tmp_path / "day.tsv", [*lines[:250], "garbage", *lines[250:]])
+    # Small parse blocks: the bad line comes after several row groups and files were written.
+    monkeypatch.setattr(convert, "CriteoTSV", functools.partial(CriteoTSV, chunk_bytes=2000))
+    kw = {"hashing": ModuloHashing(SIZES), "rows_per_file": 100, "row_group_rows": 50, "progress": False}
+    out = tmp_path / "pq"
+    with pytest.raises(ValueError, match=r"day\.tsv, line 251"):
+        convert.convert_tsv(bad, out, **kw)
+    assert _folder(out) is None
+    good = write(tmp_path / "good.tsv", lines[:120])
+    convert.convert_tsv(good, out, **kw)
+    before = _folder(out)
+    with pytest.raises(ValueError, match=r"day\.tsv, line 251"):
+        convert.convert_tsv(bad, out, overwrite=True, **kw)
+    assert _folder(out) == before  # --overwrite replaces the old files only once a conversion succeeds
+    same_batches(CriteoParquet(out, 64), CriteoTSV(good, 64, hashing=ModuloHashing(SIZES)))
+
+
+def test_vocab_conversion_changes_a_used_folder_only_on_success(tsv_dir, tmp_path, monkeypatch):
+    out = tmp_path / "pq"
+    convert.convert_tsv(tsv_dir, out, vocab_threshold=1, progress=False)
+    before = _folder(out)
+    assert before is not None and "vocabulary.npz" in before
+    # A mistaken second conversion into the folder is refused before any pass over its input.
+    passes: list[object] = []
+    build = Vocabulary.build
+    monkeypatch.setattr(Vocabulary, "build", lambda *a, **k: passes.append(a) or build(*a, **k))
+    val = write(tmp_path / "val.tsv", random_lines(np.random.default_rng(9), 30))
+    with pytest.raises(
+        FileExistsError, match=r"holds 1 \.parquet file\(s\) and vocabulary\.npz; pass overwrite"
+    ):
+        convert.convert_tsv(val, out, vocab_threshold=1, progress=False)
+    assert passes == [] and _folder(out) == before
+    # With overwrite, a conversion interrupted after the vocabulary was built changes nothing either.
+    write_records = ParquetSink.write_records
+    written: list[int] = []
+
+    def interrupted(sink: ParquetSink, records) -> None:
+        if written:  # the second block (tsv_dir has two files)
+            raise KeyboardInterrupt
+        write_records(sink, records)
+        written.append(len(records))
+
+    monkeypatch.setattr(ParquetSink, "write_records", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        convert.convert_tsv(tsv_dir, out, vocab_threshold=2, overwrite=True, progress=False)
+    assert len(passes) == 1 and _folder(out) == before
+    # A conversion that succeeds replaces both.
+    monkeypatch.setattr(ParquetSink, "write_records", write_records)
+    result = convert.convert_tsv(tsv_dir, out, vocab_threshold=2, overwrite=True, progress=False)
+    vocab = Vocabulary.load(out / "vocabulary.npz")
+    assert result.vocabulary == out / "vocabulary.npz" and vocab.threshold == 2
+    assert sorted(_folder(out) or {}) == sorted(before)  # no hidden leftovers
+    same_batches(CriteoParquet(out, 100), CriteoTSV(tsv_dir, 100, hashing=vocab))
 
 
 # ---------------------------------------------------------------------------------------------- CLI

@@ -7,6 +7,11 @@ one row group whatever the input size. With ``--hashing vocab`` a first pass cou
 vocabulary is saved as ``OUT_DIR/vocabulary.npz`` (convert validation/test files with
 ``--vocab OUT_DIR/vocabulary.npz`` so they share the training rows).
 
+A conversion changes ``OUT_DIR`` only when it succeeds: the output folder is checked before the first
+pass, the Parquet files and the vocabulary are written under hidden temporary names and renamed at the
+end, and a failure (a malformed line, Ctrl-C) removes them. ``--overwrite`` replaces the old files at
+that last step, so a failed run leaves the old dataset whole.
+
 :func:`add_arguments` and :func:`run` are what the ``lightning-bagpipe`` CLI wires up;
 :func:`convert_tsv` is the same as a function.
 """
@@ -31,7 +36,7 @@ from lightning_bagpipe.data.criteo_tsv import (
     add_line_arguments,
     list_input_files,
 )
-from lightning_bagpipe.data.parquet import ParquetSink
+from lightning_bagpipe.data.parquet import ParquetSink, check_output_dir, staging_path
 
 VOCAB_FILE = "vocabulary.npz"
 
@@ -101,23 +106,28 @@ def convert_tsv(
     ``hashing`` maps hashes to rows (default :class:`ModuloHashing` with Criteo Kaggle's sizes). Pass
     ``vocab_threshold`` instead to build a :class:`Vocabulary` from the input first (saved next to the
     output as ``vocabulary.npz``).
+
+    ``out_dir`` must not hold ``.parquet`` files (nor, when a vocabulary is built, ``vocabulary.npz``)
+    unless ``overwrite``; this is checked before any pass over the input. The output is published only
+    when the whole conversion succeeds (see :class:`ParquetSink`): on an error nothing this call wrote is
+    left, and the files it was to overwrite are untouched.
     """
     start = time.perf_counter()
     out = Path(out_dir)
-    vocab_path = None
+    vocab_path = None if vocab_threshold is None else out / VOCAB_FILE
+    if vocab_threshold is not None and hashing is not None:
+        raise ValueError("pass either hashing or vocab_threshold, not both")
+    # Before any pass: a mistaken run into a used folder must fail at once, having changed nothing.
+    check_output_dir(out, overwrite=overwrite, other_files=[] if vocab_path is None else [VOCAB_FILE])
+    vocabulary: Vocabulary | None = None
     if vocab_threshold is not None:
-        if hashing is not None:
-            raise ValueError("pass either hashing or vocab_threshold, not both")
         total = sum(f.stat().st_size for f in list_input_files(input_path))
         count = Progress("counting values", total, stream) if progress else None
-        hashing = Vocabulary.build(
+        hashing = vocabulary = Vocabulary.build(
             input_path, vocab_threshold, labeled=labeled, skip_bad_lines=skip_bad_lines, progress=count
         )
         if count is not None:
             count.finish()
-        out.mkdir(parents=True, exist_ok=True)
-        vocab_path = out / VOCAB_FILE
-        hashing.save(vocab_path)
     reader = CriteoTSV(input_path, hashing=hashing, labeled=labeled, skip_bad_lines=skip_bad_lines)
     bar = Progress("converting", reader.total_bytes, stream) if progress else None
     records = reader.iter_records(progress=bar)
@@ -133,12 +143,23 @@ def convert_tsv(
         overwrite=overwrite,
         extra_metadata={"hashing": reader.hashing.describe(), "source": str(input_path)},
     )
-    with sink:
-        sink.write_records(first)
-        for rec in records:
-            sink.write_records(rec)
-            if bar is not None:
-                bar.rows = sink.rows_written
+    staged_vocab: Path | None = None
+    try:
+        with sink:  # publishes the Parquet files on success, removes them on an error
+            sink.write_records(first)
+            for rec in records:
+                sink.write_records(rec)
+                if bar is not None:
+                    bar.rows = sink.rows_written
+            if vocabulary is not None and vocab_path is not None:
+                staged_vocab = staging_path(vocab_path)  # saved before the files are published ...
+                vocabulary.save(staged_vocab)
+        if staged_vocab is not None and vocab_path is not None:
+            os.replace(staged_vocab, vocab_path)  # ... and renamed right after
+            staged_vocab = None
+    finally:
+        if staged_vocab is not None:
+            staged_vocab.unlink(missing_ok=True)
     if bar is not None:
         bar.rows = sink.rows_written
         bar.finish()
@@ -199,7 +220,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rows-per-file", type=int, default=1 << 22, help="rows per Parquet file")
     parser.add_argument("--row-group-rows", type=int, default=1 << 17, help="rows per Parquet row group")
     add_line_arguments(parser)
-    parser.add_argument("--overwrite", action="store_true", help="replace .parquet files already in OUTPUT")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the .parquet files (and vocabulary.npz) in OUTPUT once the conversion succeeds",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress line")
 
 

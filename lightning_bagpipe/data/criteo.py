@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 
@@ -262,13 +262,54 @@ class CriteoDataModule(BagpipeDataModule):
     def predict_source(self) -> Iterable[Batch] | None:
         return self._predict
 
+    def val_dataloader(self) -> Any:
+        self._check_last_batch(self._val, "validation", "val_path")
+        return super().val_dataloader()
+
     def test_dataloader(self) -> EvalLoader:
         self._require(self._test, "trainer.test", "test_path")
+        self._check_last_batch(self._test, "test", "test_path")
         return super().test_dataloader()
 
     def predict_dataloader(self) -> EvalLoader:
         self._require(self._predict, "trainer.predict", "predict_path")
+        self._check_last_batch(self._predict, "prediction", "predict_path")
         return super().predict_dataloader()
+
+    def _check_last_batch(self, data: Source | None, what: str, path_arg: str) -> None:
+        """Refuse, before the pass, evaluation data whose last batch has fewer samples than there are
+        processes (every process needs one sample of every batch), when the number of samples is known
+        (Parquet, synthetic data; a TSV source is only checked as its batches come, by the loader).
+
+        Evaluation keeps every sample (no ``drop_last``), so the way out is another batch size or fewer
+        processes; the message suggests both.
+        """
+        world = self._rank()[1]
+        if data is None or world == 1 or isinstance(data, CriteoTSV):
+            return
+        size = data.batch_size
+        total = data.num_rows if isinstance(data, CriteoParquet) else len(data) * size
+        last = total % size or size
+        if total == 0 or last >= world:
+            return
+        if isinstance(data, SyntheticCriteo):
+            where = f"the synthetic {what} data"
+        else:
+            where = f"{what} data {str(data.path)!r} ({path_arg})"
+        if total < world:
+            raise ValueError(
+                f"{where} holds {total} sample(s), fewer than the {world} processes: every process needs "
+                f"at least one sample of every batch; use at most {total} process(es)"
+            )
+        sizes = " or ".join(str(b) for b in _fitting_batch_sizes(total, size, world))
+        raise ValueError(
+            f"{where} has {total:,} samples: batch_size={size} leaves a last batch of {last} sample(s), "
+            f"fewer than the {world} processes, and every process needs at least one sample of every "
+            "batch. Evaluation keeps every sample (no drop_last): choose a batch size that leaves at least "
+            f"{world} samples in the last batch"
+            + (f" (e.g. {sizes})" if sizes else "")
+            + f", or use at most {last} process(es)"
+        )
 
     def _require(self, data: Source | None, use: str, path_arg: str) -> None:
         """Raise an error that says how to give the data ``use`` needs when there is none."""
@@ -279,6 +320,18 @@ class CriteoDataModule(BagpipeDataModule):
         else:
             fix = f"{path_arg}= (a TSV or Parquet file or folder)"
         raise ValueError(f"CriteoDataModule({self._where!r}) has no data for {use}: pass {fix}")
+
+
+def _fitting_batch_sizes(total: int, size: int, world: int, reach: int = 10_000) -> list[int]:
+    """The batch sizes nearest to ``size`` (at most one below it, one above, within ``reach``) that split
+    ``total`` samples into batches of at least ``world`` samples each: a message's suggestion."""
+
+    def fits(b: int) -> bool:
+        return b >= world and (total % b == 0 or total % b >= world)
+
+    below = next((b for b in range(size - 1, max(world, size - reach) - 1, -1) if fits(b)), None)
+    above = next((b for b in range(size + 1, size + reach) if fits(b)), None)
+    return [b for b in (below, above) if b is not None]
 
 
 __all__ = ["CriteoDataModule", "detect_kind"]

@@ -41,10 +41,10 @@ import os
 import re
 import warnings
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, TypeGuard
 
 import numpy as np
 import torch
@@ -337,6 +337,9 @@ def parse_block(
     good = ~bad
     stats.negative_dense += int((neg & (d_value > 0))[:, good].sum())
     d_value[neg] = 0  # the transform clips negative values: log(1 + max(x, 0))
+    # A skipped line's non-digit fields parse to garbage (negative sums of -1 digits), which log1p would
+    # warn about ("invalid value") although the line is dropped: zero them first.
+    d_value[:, bad] = 0
     dense = np.log1p(d_value.T.astype(np.float64)).astype(np.float32)
     if not good.all():
         dense, hashes = dense[good], hashes[:, good]
@@ -361,10 +364,32 @@ def iter_parsed(
     stats: ParseStats,
     chunk_bytes: int = 4 << 20,
     progress: ProgressFn | None = None,
-) -> Iterator[ParsedChunk]:
+) -> Generator[ParsedChunk, None, None]:
     """Parse ``files`` in order, block by block. ``labeled=None`` detects the format per file (see the
     module docstring); every file must agree. Warns with :class:`BadLinesWarning` at the end if lines
-    were skipped."""
+    were skipped, also when the pass stops early (the generator is closed: a consumer that needs only the
+    first batches, or training that ends after ``max_steps``), so dropped lines are never unreported."""
+    try:
+        yield from _iter_parsed(files, labeled, skip_bad_lines, stats, chunk_bytes, progress)
+    finally:
+        if stats.skipped_lines:
+            warnings.warn(
+                f"skipped {stats.skipped_lines} malformed line(s) of {stats.lines} read "
+                f"(first: {', '.join(stats.skipped_examples)})",
+                BadLinesWarning,
+                stacklevel=2,
+            )
+
+
+def _iter_parsed(
+    files: Sequence[Path],
+    labeled: bool | None,
+    skip_bad_lines: bool,
+    stats: ParseStats,
+    chunk_bytes: int,
+    progress: ProgressFn | None,
+) -> Iterator[ParsedChunk]:
+    """:func:`iter_parsed` without the final warning."""
     resolved = labeled
     done_bytes = 0
     for path in files:
@@ -410,13 +435,6 @@ def iter_parsed(
             if len(chunk):
                 yield chunk
         done_bytes = stats.bytes_read
-    if stats.skipped_lines:
-        warnings.warn(
-            f"skipped {stats.skipped_lines} malformed line(s) of {stats.lines} "
-            f"(first: {', '.join(stats.skipped_examples)})",
-            BadLinesWarning,
-            stacklevel=2,
-        )
 
 
 # ---------------------------------------------------------------------------------------------- hashing
@@ -424,14 +442,15 @@ class ModuloHashing:
     """Hash to row: ``MISSING_ROW`` (0) for a missing value, else ``1 + hash % (rows - 1)``.
 
     Args:
-        sizes: rows per table: one int for all 26 tables, or one per table (each at least 2). The
-            default is Criteo Kaggle's cardinalities.
+        sizes: rows per table: one integer (Python or numpy) for all 26 tables, or one per table (each at
+            least 2). Other values (floats, bools) are refused, not truncated. The default is Criteo
+            Kaggle's cardinalities.
     """
 
-    def __init__(self, sizes: int | Sequence[int] = CRITEO_KAGGLE_CARDINALITIES) -> None:
-        arr = np.full(NUM_SPARSE, int(sizes)) if isinstance(sizes, int) else np.asarray(sizes, dtype=np.int64)
-        if arr.shape != (NUM_SPARSE,):
-            raise ValueError(f"need one table size or {NUM_SPARSE}, got {arr.size}")
+    def __init__(
+        self, sizes: int | np.integer | Sequence[int | np.integer] = CRITEO_KAGGLE_CARDINALITIES
+    ) -> None:
+        arr = _table_sizes(sizes)
         if (arr < 2).any():
             j = int(np.flatnonzero(arr < 2)[0])
             raise ValueError(
@@ -449,6 +468,39 @@ class ModuloHashing:
 
     def describe(self) -> dict[str, object]:
         return {"mode": "modulo"}
+
+
+def _is_integer(value: object) -> TypeGuard[int | np.integer]:
+    """A Python or numpy integer (not a bool, which is an ``int`` to Python but no table size)."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _table_sizes(sizes: object) -> np.ndarray:
+    """``sizes`` (one integer for every table, or one per table) as ``int64 [26]``.
+
+    Python and numpy integers are accepted; anything else (a float such as ``1000.7``, a bool, a string)
+    is an error naming the value, so a size is never silently truncated."""
+    values: list[object]
+    if isinstance(sizes, np.ndarray) and sizes.ndim == 0:
+        sizes = sizes[()]  # a numpy scalar
+    if _is_integer(sizes):
+        values = [sizes] * NUM_SPARSE
+    elif isinstance(sizes, (str, bytes)) or not isinstance(sizes, (Sequence, np.ndarray)):
+        raise ValueError(
+            f"table sizes must be an integer or {NUM_SPARSE} integers, got {sizes!r} ({type(sizes).__name__})"
+        )
+    else:
+        values = list(sizes)
+        if len(values) != NUM_SPARSE:
+            raise ValueError(f"need one table size or {NUM_SPARSE}, got {len(values)}")
+    ints: list[int] = []
+    for name, v in zip(SPARSE_NAMES, values):
+        if not _is_integer(v):
+            raise ValueError(f"table {name}: size {v!r} ({type(v).__name__}) is not an integer")
+        if not -(2**63) <= int(v) < 2**63:
+            raise ValueError(f"table {name}: size {v} does not fit in int64")
+        ints.append(int(v))
+    return np.array(ints, dtype=np.int64)
 
 
 class Vocabulary:
@@ -710,22 +762,34 @@ class CriteoTSV:
         """Size of the input files on disk (compressed size for gzip files)."""
         return sum(f.stat().st_size for f in self.files)
 
-    def iter_records(self, progress: ProgressFn | None = None) -> Iterator[Records]:
-        """Mapped samples block by block (sizes follow the input blocks, not ``batch_size``)."""
+    def iter_records(self, progress: ProgressFn | None = None) -> Generator[Records, None, None]:
+        """Mapped samples block by block (sizes follow the input blocks, not ``batch_size``).
+
+        Closing this generator before the end closes the parse at once (not whenever it is garbage
+        collected), so the :class:`BadLinesWarning` of a pass that stops early comes when it stops.
+        """
         self.stats = ParseStats()
-        for chunk in iter_parsed(
+        parsed = iter_parsed(
             self.files,
             labeled=self.labeled,
             skip_bad_lines=self.skip_bad_lines,
             stats=self.stats,
             chunk_bytes=self.chunk_bytes,
             progress=progress,
-        ):
-            yield Records(chunk.labels, chunk.dense, self.hashing.map(chunk.hashes))
+        )
+        try:
+            for chunk in parsed:
+                yield Records(chunk.labels, chunk.dense, self.hashing.map(chunk.hashes))
+        finally:
+            parsed.close()
 
     def __iter__(self) -> Iterator[Batch]:
-        for records in rebatch(self.iter_records(), self.batch_size, self.drop_last):
-            yield records.to_batch(self.tables)
+        records = self.iter_records()
+        try:
+            for batch in rebatch(records, self.batch_size, self.drop_last):
+                yield batch.to_batch(self.tables)
+        finally:
+            records.close()  # an early stop reports its skipped lines now (see iter_records)
 
     def __repr__(self) -> str:
         files = f"{len(self.files)} file(s)"

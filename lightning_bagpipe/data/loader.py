@@ -129,11 +129,22 @@ class _LoaderBase:
             return shell, (0, batch.batch_size)
         b = batch.batch_size
         if b < self.world_size:
-            raise ValueError(
+            problem = (
                 f"{self.name} batch {index} has {b} sample(s) and cannot be split over {self.world_size} "
-                "ranks: every rank needs at least one sample of every batch. Drop the last, partial batch "
-                "(drop_last=True on CriteoParquet/CriteoTSV, or in your own source) or choose a batch size "
-                f"that leaves it at least {self.world_size} samples"
+                "ranks: every rank needs at least one sample of every batch."
+            )
+            if self.name == "train":
+                raise ValueError(
+                    f"{problem} Drop the last, partial batch (drop_last=True on CriteoParquet/CriteoTSV, or "
+                    "in your own source) or choose a batch size that leaves it at least "
+                    f"{self.world_size} samples"
+                )
+            # Evaluation keeps every sample: dropping the batch would leave its samples out of the metrics,
+            # and CriteoDataModule's evaluation sources take no drop_last.
+            fewer = f", or use at most {b} process(es)" if b else ""
+            raise ValueError(
+                f"{problem} Evaluation keeps every sample: choose a batch size that leaves the last, partial "
+                f"batch at least {self.world_size} samples (or none){fewer}"
             )
         start, stop = rank_bounds(b, self.rank, self.world_size)
         return batch.slice_samples(start, stop), (start, stop)

@@ -19,8 +19,10 @@ row groups in file order, so the stream order is the write order.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import secrets
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -91,12 +93,42 @@ def read_layout(schema: pa.Schema, where: str) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------- writing
+def staging_path(final: Path) -> Path:
+    """A hidden name, unique to this writer, next to ``final`` to write it under until it is complete.
+
+    The name starts with ``.`` and ends in ``.tmp``, so no reader takes the half-written file for data
+    (folders are read as their non-hidden ``*.parquet`` files); renaming it to ``final`` publishes it.
+    """
+    return final.with_name(f".{final.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+
+
+def check_output_dir(
+    out_dir: str | os.PathLike[str], *, overwrite: bool, other_files: Sequence[str] = ()
+) -> None:
+    """Raise ``FileExistsError`` if ``out_dir`` holds ``.parquet`` files (or any of ``other_files``, e.g.
+    a vocabulary a conversion would replace) and ``overwrite`` is false. A missing folder is fine."""
+    out = Path(out_dir)
+    if overwrite or not out.is_dir():
+        return
+    held = [f"{n} .parquet file(s)" for n in [len(list(out.glob("*.parquet")))] if n]
+    held += [name for name in other_files if (out / name).exists()]
+    if held:
+        raise FileExistsError(f"{out} already holds {' and '.join(held)}; pass overwrite")
+
+
 class ParquetSink:
     """Stream samples into ``out_dir/part-00000.parquet, part-00001.parquet, ...``.
 
     Rows are buffered until a full row group of ``row_group_rows`` is ready, and a new file starts every
     ``rows_per_file`` rows, so memory stays around one row group whatever the input size. Use as a
-    context manager or call :meth:`close`; :attr:`files` lists what was written.
+    context manager or call :meth:`close`; :attr:`files` lists the files' names.
+
+    The output appears only when it is complete: files are written under hidden temporary names
+    (:func:`staging_path`) and renamed to ``part-NNNNN.parquet`` by :meth:`close`, which is also when
+    ``overwrite`` removes the folder's old ``.parquet`` files. :meth:`abort` (called by the context
+    manager on an exception, e.g. a malformed input line or Ctrl-C) removes what this sink wrote and
+    leaves the folder as it was, so a failed conversion never leaves a partial dataset that reads as
+    valid, nor destroys the one it was to replace.
 
     Args:
         out_dir: output folder (created). It must not hold ``.parquet`` files unless ``overwrite``.
@@ -125,14 +157,10 @@ class ParquetSink:
                 f"row_group_rows ({row_group_rows}) and rows_per_file ({rows_per_file}) must be >= 1"
             )
         self.out_dir = Path(out_dir)
+        check_output_dir(self.out_dir, overwrite=overwrite)
+        self._made_dir = not self.out_dir.exists()  # abort() removes it again
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        existing = sorted(self.out_dir.glob("*.parquet"))
-        if existing and not overwrite:
-            raise FileExistsError(
-                f"{self.out_dir} already holds {len(existing)} .parquet file(s); pass overwrite"
-            )
-        for f in existing:
-            f.unlink()
+        self.overwrite = bool(overwrite)
         self.tables = tables
         self.dense = list(dense)
         self.labeled = labeled
@@ -144,7 +172,11 @@ class ParquetSink:
             tables, dense=self.dense, labeled=labeled, multi_hot=multi_hot, extra_metadata=extra_metadata
         )
         self.files: list[Path] = []
+        """The output files' final names (they exist once :meth:`close` has returned)."""
         self.rows_written = 0
+        self._staged: list[Path] = []  # files[i] is written as _staged[i] until close() renames it
+        self._published: list[Path] = []  # the files close() has renamed so far
+        self._state = "open"  # then "closed" or "aborted"
         self._writer: pq.ParquetWriter | None = None
         self._file_rows = 0
         self._pending: list[pa.Table] = []
@@ -225,6 +257,8 @@ class ParquetSink:
 
     # -- output
     def _append(self, table: pa.Table) -> None:
+        if self._state != "open":
+            raise ValueError(f"this ParquetSink is {self._state}: it takes no more rows")
         self._pending.append(table)
         self._pending_rows += table.num_rows
         self._flush(final=False)
@@ -240,8 +274,10 @@ class ParquetSink:
             self._pending, self._pending_rows = ([rest] if rest.num_rows else []), rest.num_rows
             if self._writer is None:
                 path = self.out_dir / f"part-{len(self.files):05d}.parquet"
-                self._writer = pq.ParquetWriter(path, self.schema, compression=self.compression)
+                staged = staging_path(path)
+                self._staged.append(staged)  # before the writer creates it: abort() removes it
                 self.files.append(path)
+                self._writer = pq.ParquetWriter(staged, self.schema, compression=self.compression)
             self._writer.write_table(group, row_group_size=n)
             self._file_rows += n
             self.rows_written += n
@@ -250,12 +286,64 @@ class ParquetSink:
                 self._writer, self._file_rows = None, 0
 
     def close(self) -> list[Path]:
-        """Write what is buffered and close the current file; returns the files written."""
-        self._flush(final=True)
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+        """Write what is buffered, close the current file and publish the output; returns the files.
+
+        Publishing removes the folder's old ``.parquet`` files (with ``overwrite``) and renames this
+        sink's files to their final names. If any of it fails, :meth:`abort` removes this sink's files.
+        Closing again returns the same files.
+        """
+        if self._state == "closed":
+            return self.files
+        if self._state == "aborted":
+            raise ValueError("this ParquetSink was aborted: its files are gone")
+        try:
+            self._flush(final=True)
+            if self._writer is not None:
+                self._writer.close()
+                self._writer = None
+            self._publish()
+        except BaseException:
+            self.abort()
+            raise
+        self._state = "closed"
         return self.files
+
+    def _publish(self) -> None:
+        """Replace the folder's ``.parquet`` files (if ``overwrite``) by this sink's staged files."""
+        existing = sorted(self.out_dir.glob("*.parquet"))
+        if existing and not self.overwrite:  # another writer filled the folder meanwhile
+            raise FileExistsError(
+                f"{self.out_dir} gained {len(existing)} .parquet file(s) while this sink wrote; its own "
+                "files were removed (pass overwrite to replace the others)"
+            )
+        for f in existing:
+            f.unlink()
+        for staged, final in zip(self._staged, self.files):
+            os.replace(staged, final)
+            self._published.append(final)
+
+    def abort(self) -> None:
+        """Discard the output: close the current file and remove every file this sink created.
+
+        The folder's earlier files are left as they were (``overwrite`` removes them only when
+        :meth:`close` succeeds); a folder the sink created is removed. Nothing happens after a successful
+        :meth:`close`.
+        """
+        if self._state == "closed":
+            return
+        self._state = "aborted"
+        self._pending, self._pending_rows = [], 0
+        if self._writer is not None:
+            # the file is removed below; the error that made us abort is the one to report
+            with contextlib.suppress(Exception):
+                self._writer.close()
+            self._writer = None
+        for f in self._staged + self._published:
+            f.unlink(missing_ok=True)
+        self.files, self._staged, self._published = [], [], []
+        if self._made_dir:
+            with contextlib.suppress(OSError):  # not empty: someone else's files arrived meanwhile
+                self.out_dir.rmdir()
 
     def __enter__(self) -> ParquetSink:
         return self
@@ -263,7 +351,10 @@ class ParquetSink:
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        self.close()
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()  # an error or an interrupt: no partial output
 
 
 def write_parquet(
@@ -341,7 +432,7 @@ class CriteoParquet:
         self.files = list_input_files(path, suffixes=[".parquet"])
         self.batch_size = int(batch_size)
         self.drop_last = bool(drop_last)
-        schema = pq.read_schema(self.files[0])
+        schema = _read_metadata(self.files[0]).schema.to_arrow_schema()
         if tables is None:
             layout = read_layout(schema, str(self.files[0]))
             all_tables = Tables(layout["tables"])
@@ -368,7 +459,7 @@ class CriteoParquet:
 
     def _check_file(self, f: Path, expect_tables: Tables | None) -> int:
         """Check one file's schema against the layout; returns its row count."""
-        meta = pq.read_metadata(f)
+        meta = _read_metadata(f)
         schema = meta.schema.to_arrow_schema()
         if expect_tables is not None:
             layout = read_layout(schema, str(f))
@@ -469,6 +560,17 @@ class CriteoParquet:
             f"CriteoParquet({str(self.path)!r}, batch_size={self.batch_size}, {len(self.files)} file(s), "
             f"{self.num_rows} rows, {self.tables})"
         )
+
+
+def _read_metadata(f: Path) -> pq.FileMetaData:
+    """The Parquet footer of ``f``; a ``ValueError`` naming the file if it is not readable Parquet (empty,
+    truncated, or another format with a ``.parquet`` name): pyarrow's own message does not say which."""
+    try:
+        return pq.read_metadata(f)
+    except (pa.ArrowException, OSError) as err:
+        raise ValueError(
+            f"{f}: not a readable Parquet file ({err}); remove it from the folder or write it again"
+        ) from err
 
 
 def _column_numpy(table: pa.Table, name: str) -> np.ndarray:

@@ -31,7 +31,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from lightning_bagpipe.cli import flag_hints
-from lightning_bagpipe.data.criteo import CriteoDataModule
+from lightning_bagpipe.data.criteo import CriteoDataModule, detect_kind
 from lightning_bagpipe.data.criteo_tsv import add_line_arguments
 from lightning_bagpipe.data.synthetic import DEFAULT_ZIPF, SyntheticCriteo
 from lightning_bagpipe.embedding.store_lock import store_lock
@@ -165,8 +165,7 @@ def add_arguments(parser: argparse.ArgumentParser, model: str | None = None) -> 
     add(
         "--vocab-threshold",
         type=pos_int,
-        default=1,
-        help="TSV with --hashing vocab: values seen fewer times share one row (default: %(default)s)",
+        help="TSV with --hashing vocab: values seen fewer times share one row (default: 1)",
     )
     add("--vocab-path", metavar="PATH", help="TSV with --hashing vocab: load this saved vocabulary")
     add_line_arguments(data)
@@ -300,20 +299,30 @@ def _model_name(args: argparse.Namespace) -> str:
 
 
 def build_datamodule(args: argparse.Namespace) -> CriteoDataModule:
-    """The CriteoDataModule the flags describe."""
+    """The CriteoDataModule the flags describe. Flags that do not apply to the data are refused, naming
+    them, rather than ignored (a user who passes ``--table-size`` expects it to size the tables)."""
     synthetic = str(args.data) == "synthetic"
     if synthetic and args.val_data is not None:
         raise ValueError("--val-data is for file sources; synthetic data validates on its own 'val' split")
     tsv_flags = {
         "--hashing vocab": args.hashing != "modulo",
         "--table-size": args.table_size is not None,
+        "--vocab-threshold": args.vocab_threshold is not None,
         "--vocab-path": args.vocab_path is not None,
         "--skip-bad-lines": args.skip_bad_lines,
         "--labeled/--unlabeled": args.labeled is not None,
     }
-    if synthetic and any(tsv_flags.values()):
-        given = [k for k, v in tsv_flags.items() if v]
+    given = [k for k, v in tsv_flags.items() if v]
+    if synthetic and given:
         raise ValueError(f"{', '.join(given)}: TSV options, but --data is synthetic")
+    # The TSV options shape how TSV files are read: they apply if the training or validation data is TSV.
+    if given and not synthetic and all(detect_kind(p) == "parquet" for p in (args.data, args.val_data) if p):
+        raise ValueError(
+            f"{', '.join(given)}: TSV options, but the data is Parquet: its files record their tables "
+            "(no hashing or table sizes to choose) and have no lines to skip or to detect labels in"
+        )
+    if args.vocab_threshold is not None and (args.hashing != "vocab" or args.vocab_path is not None):
+        raise ValueError("--vocab-threshold applies to --hashing vocab when building a vocabulary")
     if not synthetic and args.train_batches is not None:
         raise ValueError(
             "--train-batches sets the length of synthetic data; a file source has its own length"
@@ -334,7 +343,7 @@ def build_datamodule(args: argparse.Namespace) -> CriteoDataModule:
         seed=args.seed,
         hashing=args.hashing,
         table_sizes=args.table_size,
-        vocab_threshold=args.vocab_threshold,
+        vocab_threshold=1 if args.vocab_threshold is None else args.vocab_threshold,
         vocab_path=args.vocab_path,
         labeled=args.labeled,
         skip_bad_lines=args.skip_bad_lines,
