@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
+from pathlib import Path
 
-__all__ = ["integer", "non_negative"]
+__all__ = ["integer", "non_negative", "output_file"]
 
 
 def integer(name: str, value: object, minimum: int | None = None) -> int:
@@ -28,3 +30,16 @@ def non_negative(name: str, value: object) -> float:
     if not (real and math.isfinite(value) and value >= 0):  # type: ignore[arg-type, operator]
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
     return float(value)  # type: ignore[arg-type]
+
+
+def output_file(flag: str, path: str | os.PathLike[str] | None) -> None:
+    """Refuse, before any work, an output file ``path`` (given as ``flag``) that cannot be written: a
+    directory, or a path under an existing file. Missing parent folders are fine (they are created)."""
+    if path is None:
+        return
+    p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"{flag} {p}: is a directory; give the name of a file to write")
+    existing = next((a for a in p.parents if a.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise ValueError(f"{flag} {p}: {existing} is a file, so no folder can be made there")

@@ -29,6 +29,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO, cast
 
+from lightning_bagpipe.arguments import output_file
+
 DESCRIPTION = """\
 Train recommendation models (DeepFM, DLRM) whose embedding tables are larger
 than memory, with a lookahead embedding cache; prepare Criteo data for them,
@@ -137,10 +139,30 @@ def _sentence(text: str) -> str:
 
 def flag_hints(command: str, message: str) -> str:
     """``message`` with the library's keyword hints (``pass skip_bad_lines=True``) turned into the flags
-    of ``command`` (``pass --skip-bad-lines``); hints without a flag in :data:`FLAG_HINTS` are kept."""
+    of ``command`` (``pass --skip-bad-lines``); hints without a flag in :data:`FLAG_HINTS` are kept. A
+    cache too small (the oracle's message names ``cache_rows``) gets a note naming ``--cache-rows``, for
+    the commands that have it (:data:`GROWING_CACHE`)."""
     for keyword, flags in FLAG_HINTS.get(command, {}).items():
         message = re.sub(rf"\bpass {re.escape(keyword)}(?![\w=])", f"pass {flags}", message)
+    if command in GROWING_CACHE and "cache_rows" in message and "[here: " not in message:  # (once)
+        message += f" [{cache_rows_note(message, GROWING_CACHE[command])}]"
     return message
+
+
+#: Commands with a ``--cache-rows`` flag, and how each asks for a cache that grows (None: it cannot).
+GROWING_CACHE: dict[str, str | None] = {
+    "train": "no --cache-rows",
+    "bench train": "--cache-rows 0",
+    "bench scale": None,
+    "bench distributed": None,
+}
+
+
+def cache_rows_note(message: str, grow: str | None) -> str:
+    """Which ``--cache-rows`` the oracle's message (``... cache_rows ... at least N ...``) asks for."""
+    least = re.search(r"cache_rows\b[^.;]*? at least (\d+)", message)
+    rows = f"--cache-rows {least[1]} or more" if least else "a larger --cache-rows"
+    return f"here: {rows}" + (f", or {grow} for a cache that grows" if grow else "")
 
 
 class _TrackedStream:
@@ -227,14 +249,9 @@ def _stop_writing(fds: list[int]) -> int:
 
 
 def _run(args: argparse.Namespace) -> None:
-    """Run the parsed command; a bench suite's results go to ``--json``, then its plot, then stdout."""
-    if getattr(args, "plot", None) is not None:  # refuse before any work, not after it
-        from lightning_bagpipe.bench.common import require_matplotlib
-
-        try:
-            require_matplotlib()
-        except RuntimeError as err:
-            raise ValueError(str(err)) from None
+    """Run the parsed command; a bench suite's results go to ``--json``, then stdout, then its plot (so a
+    plot that fails loses no figures)."""
+    _check_outputs(args)  # before any work, not after it
     module = _module(args._run)
     result = module.run(args)
     if args.command != "bench":
@@ -243,14 +260,36 @@ def _run(args: argparse.Namespace) -> None:
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(text + "\n")
-    if getattr(args, "plot", None) is not None:
-        module.plot(result, args.plot)
     summary = getattr(module, "summary", None)
     if summary is None:
         print(text)
     else:
         print(summary(result))
         print("(all the figures: --json PATH)" if args.json is None else f"all the figures: {args.json}")
+    if getattr(args, "plot", None) is not None:
+        sys.stdout.flush()
+        module.plot(result, args.plot)
+
+
+def _check_outputs(args: argparse.Namespace) -> None:
+    """Refuse ``--json`` and ``--plot`` paths that cannot be written, and ``--plot`` without matplotlib or
+    of a format it cannot write, before the command does any work."""
+    for flag in ("json", "plot", "metrics_json"):
+        output_file(f"--{flag.replace('_', '-')}", getattr(args, flag, None))
+    plot = getattr(args, "plot", None)
+    if plot is None:
+        return
+    from lightning_bagpipe.bench.common import require_matplotlib
+
+    try:
+        plt = require_matplotlib()
+    except RuntimeError as err:
+        raise ValueError(str(err)) from None
+    formats = plt.figure().canvas.get_supported_filetypes()
+    plt.close("all")
+    if Path(plot).suffix.lstrip(".").lower() not in formats:
+        known = ", ".join(f".{f}" for f in sorted(formats))
+        raise ValueError(f"--plot {plot}: name a file of a format matplotlib writes ({known})")
 
 
 if __name__ == "__main__":

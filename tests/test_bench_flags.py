@@ -29,3 +29,11 @@ def test_a_bad_count_or_size_is_one_error_line_before_any_work(
     assert main(["bench", suite, *flags]) == 2  # (no work: a suite that started would take seconds)
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"lightning-bagpipe bench {suite}: error: ") and message in err, err
+
+
+def test_a_cache_too_small_names_the_suites_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    flags = ["--steps", "2", "--warmup", "1", "--repeats", "1", "--batch-size", "256", "--scale", "0.002"]
+    assert main(["bench", "train", *flags, "--contenders", "bagpipe", "--cache-rows", "10"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("[here: --cache-rows ") == 1, err
+    assert err.rstrip().endswith("or more, or --cache-rows 0 for a cache that grows]"), err

@@ -269,6 +269,62 @@ def test_json_is_written_before_the_plot(
     assert json.loads(out.read_text())["batches" if command[0] == "trace" else "stream"]
 
 
+@pytest.mark.parametrize(
+    "command",
+    [["bench", "oracle"], ["trace", "synthetic"], ["train", "--max-steps", "1", "--metrics-json"]],
+    ids=["bench", "trace", "train"],
+)
+def test_an_output_that_cannot_be_written_is_refused_before_any_work(
+    command: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def no_work(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the command worked before refusing its output")
+
+    monkeypatch.setattr(trace_module, "load_stream", no_work)
+    monkeypatch.setattr(train_module, "_run", no_work)
+    monkeypatch.setattr("lightning_bagpipe.bench.oracle.run", no_work)
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    name = "train" if command[0] == "train" else " ".join(command[:2]) if command[0] == "bench" else "trace"
+    flag = [] if command[0] == "train" else ["--json"]
+    for path, why in [(tmp_path, "is a directory"), (a_file / "r.json", "a_file is a file")]:
+        assert main([*command, *flag, str(path)]) == 2
+        line = _one_error_line(capsys.readouterr().err, name.split(" --")[0])
+        assert why in line and str(path) in line
+    if command[0] == "train":  # the example scripts' own entry point too
+        with pytest.raises(SystemExit) as stop:
+            train_module.main(["--metrics-json", str(tmp_path)], model="deepfm")
+        assert stop.value.code == 2 and "is a directory" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not has_matplotlib(), reason="--plot is refused without matplotlib")
+def test_a_plot_format_matplotlib_cannot_write_is_refused_before_any_work(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def no_work(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the data was read before --plot was refused")
+
+    monkeypatch.setattr(trace_module, "load_stream", no_work)
+    for plot in ("p.txt", "p"):  # (without a suffix matplotlib wrote p.png, and the JSON named p)
+        assert main(["trace", "synthetic", "--plot", str(tmp_path / plot)]) == 2
+        line = _one_error_line(capsys.readouterr().err, "trace")
+        assert "name a file of a format matplotlib writes" in line and ".png" in line
+
+
+@pytest.mark.skipif(not has_matplotlib(), reason="--plot is refused without matplotlib")
+def test_a_failed_plot_without_json_still_prints_the_figures(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    def failing_plot(*args: Any) -> None:
+        raise OSError("no space left on device")
+
+    monkeypatch.setattr(cache_suite, "plot", failing_plot)
+    flags = ["--scale", "0.001", "--batches", "4", "--batch-size", "128", "--lookahead", "2"]
+    assert main(["bench", "cache", *flags, "--plot", str(tmp_path / "p.png")]) == 2
+    io = capsys.readouterr()
+    assert "no space left" in io.err and json.loads(io.out)["stream"]
+
+
 # ---------------------------------------------------------------------- bench oracle
 ORACLE = ["bench", "oracle", "--batches", "4", "--batch-size", "256", "--scale", "0.002", "--lookahead", "2"]
 

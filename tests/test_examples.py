@@ -262,6 +262,23 @@ def test_bad_flags_are_clear_errors(
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--model", "deepfm", "--bottom", "8,16"], "--bottom: not a flag of --model deepfm"),
+        (["--model", "deepfm", "--bottom", "8,16", "--top", "8,1"], "--bottom and --top: not a flag"),
+        (["--model", "dlrm", "--hidden", "32"], "--hidden: not a flag of --model dlrm, whose MLP widths are"),
+    ],
+)
+def test_the_other_models_widths_are_refused_not_ignored(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:  # (the package's `train` command has both models' flags)
+        main([*argv, "--max-steps", "1", "--no-logger", "--no-checkpoint", "--scale", "0.001"])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
 def _write_tsv(path: Path, source: SyntheticCriteo) -> None:
     """Criteo's raw format from synthetic batches: label, 13 integer counts, 26 hex hashes (the ids)."""
     lines = []

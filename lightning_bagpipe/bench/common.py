@@ -98,6 +98,18 @@ def require_positive(args: argparse.Namespace, *flags: str) -> None:
             raise ValueError(f"{_flag(name)} must be a finite number > 0, got {value}")
 
 
+def worker_failure(what: str, returncode: int, stderr: str) -> Exception:
+    """The error to raise for a worker process that failed: a ``ValueError`` carrying the worker's own
+    message when it ended on one (a flag or data the user can fix: the command reports it in one line),
+    else a ``RuntimeError`` with the end of its stderr."""
+    lines = [ln for ln in stderr.splitlines() if ln.strip()]
+    last = lines[-1] if lines else ""
+    for kind in ("ValueError: ", "FileNotFoundError: ", "FileExistsError: "):
+        if last.startswith(kind):
+            return ValueError(f"{what}: {last.removeprefix(kind)}")
+    return RuntimeError(f"{what} (exit {returncode}):\n{stderr[-3000:]}")
+
+
 def parse_int_list(text: str, flag: str) -> list[int]:
     """``"1,4,16"`` -> ``[1, 4, 16]``; a ValueError naming ``flag`` and the bad item otherwise."""
     out = []

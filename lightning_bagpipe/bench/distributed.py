@@ -52,6 +52,7 @@ from lightning_bagpipe.bench.common import (
     require_positive,
     save_figure,
     suite_config,
+    worker_failure,
 )
 
 #: name -> (prefetch with the full lookahead?, BagpipeDataModule sync mode)
@@ -240,11 +241,7 @@ def _launch(cfg: dict[str, Any], timeout: float) -> dict[str, Any]:
             cmd, capture_output=True, text=True, timeout=timeout, env=env, start_new_session=True
         )
         if done.returncode != 0 or not out.exists():
-            errors = [ln for ln in done.stderr.splitlines() if "Error" in ln or "error" in ln]
-            raise RuntimeError(
-                f"benchmark run {cfg} failed (exit {done.returncode}):\n"
-                + "\n".join(errors[-10:] or [done.stderr[-3000:]])
-            )
+            raise worker_failure(f"benchmark run {cfg} failed", done.returncode, done.stderr)
         result: dict[str, Any] = json.loads(out.read_text())
         return result
 

@@ -77,6 +77,7 @@ from lightning_bagpipe.bench.common import (
     require_positive,
     save_figure,
     suite_config,
+    worker_failure,
 )
 from lightning_bagpipe.data.batch import Batch, SparseFeatures
 from lightning_bagpipe.data.criteo_shape import CRITEO_KAGGLE_CARDINALITIES
@@ -360,8 +361,8 @@ def _launch(cfg: dict[str, Any], timeout: float) -> dict[str, Any]:
             cmd, capture_output=True, text=True, timeout=timeout, env=env, start_new_session=True
         )
         if done.returncode != 0 or not out.exists():
-            what = f"bench scale: {cfg['role']} run {cfg} failed (exit {done.returncode})"
-            raise RuntimeError(f"{what}:\n{done.stderr[-3000:]}")
+            what = f"a {cfg['role']} run ({cfg.get('store', 'oracle')}) failed"
+            raise worker_failure(what, done.returncode, done.stderr)
         result: dict[str, Any] = json.loads(out.read_text())
         return result
 

@@ -18,7 +18,6 @@ import functools
 import json
 import math
 import os
-import re
 import sys
 import time
 import warnings
@@ -30,6 +29,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
+from lightning_bagpipe.arguments import output_file
 from lightning_bagpipe.cli import flag_hints
 from lightning_bagpipe.data.criteo import CriteoDataModule, detect_kind
 from lightning_bagpipe.data.criteo_tsv import add_line_arguments
@@ -212,8 +212,8 @@ def add_arguments(parser: argparse.ArgumentParser, model: str | None = None) -> 
         add(
             "--hidden",
             type=_widths,
-            default=",".join(map(str, DEFAULT_HIDDEN)),
-            help="DeepFM: hidden widths of the deep MLP, e.g. 400,400,400 (default: %(default)s)",
+            help="DeepFM: hidden widths of the deep MLP, e.g. 400,400,400 "
+            f"(default: {','.join(map(str, DEFAULT_HIDDEN))})",
         )
     if model in (None, "dlrm"):
         add(
@@ -221,12 +221,7 @@ def add_arguments(parser: argparse.ArgumentParser, model: str | None = None) -> 
             type=_widths,
             help="DLRM: bottom MLP widths, ending at --embedding-dim (default: 64,EMBEDDING_DIM)",
         )
-        add(
-            "--top",
-            type=_widths,
-            default="64,1",
-            help="DLRM: top MLP widths, ending at 1 (default: %(default)s)",
-        )
+        add("--top", type=_widths, help="DLRM: top MLP widths, ending at 1 (default: 64,1)")
     add(
         "--sparse-optimizer",
         choices=SPARSE_OPTIMIZERS,
@@ -412,10 +407,22 @@ def build_model(
         "store": store,
         "seed": args.seed,
     }
-    if _model_name(args) == "deepfm":
-        return DeepFM(datamodule.tables, hidden=args.hidden, **common)
+    name = _model_name(args)
+    given = {
+        flag: getattr(args, flag)
+        for flag, model in (("hidden", "deepfm"), ("bottom", "dlrm"), ("top", "dlrm"))
+        if model != name and getattr(args, flag, None) is not None
+    }
+    if given:  # (the package's `train` command has both models' flags)
+        flags = " and ".join(f"--{flag}" for flag in given)
+        own = "--hidden" if name == "deepfm" else "--bottom and --top"
+        raise ValueError(f"{flags}: not a flag of --model {name}, whose MLP widths are {own}")
+    if name == "deepfm":
+        hidden = args.hidden if args.hidden is not None else list(DEFAULT_HIDDEN)
+        return DeepFM(datamodule.tables, hidden=hidden, **common)
     bottom = args.bottom if args.bottom is not None else [64, args.embedding_dim]
-    return DLRM(datamodule.tables, bottom=bottom, top=args.top, **common)
+    top = args.top if args.top is not None else [64, 1]
+    return DLRM(datamodule.tables, bottom=bottom, top=top, **common)
 
 
 class ThroughputMeter(Callback):
@@ -556,15 +563,10 @@ def _tables_hint(args: argparse.Namespace, kind: str, r: dict[str, Any]) -> str 
 
 def _in_flags(message: str) -> str:
     """A library error message in this command's terms: the flags instead of the keyword arguments."""
-    message = flag_hints("train", message)
-    notes = []
+    message = flag_hints("train", message)  # (with the --cache-rows note)
     if "labeled=" in message:
-        notes.append("--labeled or --unlabeled sets labeled=")
-    if "cache_rows" in message:
-        least = re.search(r"cache_rows\b[^.;]*? at least (\d+)", message)
-        rows = f"--cache-rows {least[1]} or more" if least else "a larger --cache-rows"
-        notes.append(f"here: {rows}, or no --cache-rows for a cache that grows")
-    return message + "".join(f" [{n}]" for n in notes)
+        message += " [--labeled or --unlabeled sets labeled=]"
+    return message
 
 
 def _metric(trainer: pl.Trainer, name: str) -> float | None:
@@ -578,6 +580,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     A ``ValueError`` naming a keyword argument the flags set (``labeled=``, ``cache_rows``, ...) is raised
     again naming the flag.
     """
+    output_file("--metrics-json", args.metrics_json)  # (before training, not after it)
     try:
         return _run(args)
     except ValueError as err:
@@ -704,7 +707,7 @@ def main(argv: Sequence[str] | None = None, *, model: str | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         run(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as err:  # (ValueErrors name flags: run)
+    except (ValueError, OSError) as err:  # (ValueErrors name flags: run; OSErrors name their file)
         parser.exit(2, f"{parser.prog}: error: {err}\n")
     return 0
 
