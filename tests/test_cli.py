@@ -335,6 +335,7 @@ def test_bench_oracle_raises_the_default_capacity_and_prints_a_summary(
     out = tmp_path / "o.json"
     assert main([*ORACLE, "--json", str(out)]) == 0
     r = json.loads(out.read_text())
+    assert r["suite"] == "oracle" and "load_average" in r["machine"]  # (as every suite's JSON)
     need = r["stream"]["min_feasible_capacity"]
     assert r["config"]["capacity_rows"] == need > round(0.1 * r["stream"]["distinct_rows"])
     assert r["config"]["capacity_raised_to_minimum"] is True

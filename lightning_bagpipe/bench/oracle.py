@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
-import platform
 import sys
 import time
 from collections.abc import Sequence
@@ -36,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from lightning_bagpipe.bench.common import require_counts, require_positive
+from lightning_bagpipe.bench.common import machine_info, require_counts, require_positive
 from lightning_bagpipe.data.criteo_shape import scaled_cardinalities
 from lightning_bagpipe.oracle.lookahead import LookaheadOracle, OracleStats
 from lightning_bagpipe.oracle.simulators import belady_fetches, lfu_fetches, lru_fetches, min_capacity
@@ -100,6 +98,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     occurrences = sum(int(ids.size) for ids in stream)
 
     result: dict[str, Any] = {
+        "suite": "oracle",
         "config": {
             "batches": args.batches,
             "batch_size": args.batch_size,
@@ -132,12 +131,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "oracle_frequency_ties": freq_stats.fetched,
             "distinct_rows": distinct,
         },
-        "host": {
-            "python": platform.python_version(),
-            "numpy": np.__version__,
-            "machine": platform.machine(),
-            "cpus": os.cpu_count(),
-        },
+        "machine": machine_info(),
     }
     if not args.no_baselines:
         timings = {}
