@@ -166,6 +166,35 @@ def test_train_refuses_tsv_flags_for_parquet_data(
         assert train_module.build_datamodule(args).tables.sizes.tolist() == [50] * 26
 
 
+@pytest.mark.parametrize(
+    "flags", [["--scale", "0.5"], ["--zipf", "1.2"], ["--multi-hot", "3"], ["--val-batches", "0"]]
+)
+def test_train_refuses_synthetic_options_for_file_data(
+    flags: list[str], tsv: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # (they were ignored: a user who passes --scale with a file expects it to size something)
+    good, _ = tsv
+    parser = argparse.ArgumentParser()
+    train_module.add_arguments(parser)
+    args = parser.parse_args(["--data", str(good), "--batch-size", "4", *flags])
+    with pytest.raises(ValueError, match=rf"^{flags[0]}: options of synthetic data, but --data is "):
+        train_module.build_datamodule(args)
+    # on synthetic data they apply, and without them the defaults do
+    synthetic = parser.parse_args(["--batch-size", "4", "--max-steps", "2", *flags])
+    dm = train_module.build_datamodule(synthetic)
+    plain = train_module.build_datamodule(parser.parse_args(["--batch-size", "4", "--max-steps", "2"]))
+    assert (
+        plain.tables.total_rows
+        == train_module.build_datamodule(
+            parser.parse_args(
+                ["--batch-size", "4", "--max-steps", "2", "--scale", str(train_module.DEFAULT_SCALE)]
+            )
+        ).tables.total_rows
+    )
+    if flags[0] == "--scale":
+        assert dm.tables.total_rows > plain.tables.total_rows
+
+
 def test_train_refuses_a_vocab_threshold_that_builds_no_vocabulary(tsv: tuple[Path, Path]) -> None:
     good, _ = tsv
     parser = argparse.ArgumentParser()

@@ -61,6 +61,10 @@ __all__ = [
 
 MODELS = ("deepfm", "dlrm")
 SPARSE_OPTIMIZERS = ("rowwise_adagrad", "adagrad", "adam", "sgd")
+DEFAULT_SCALE = 0.01
+"""``--scale`` of synthetic data when not given (33.8M rows x 0.01)."""
+DEFAULT_VAL_BATCHES = 10
+"""``--val-batches`` of synthetic data when not given."""
 
 
 def _widths(text: str) -> list[int]:
@@ -123,8 +127,8 @@ def add_arguments(parser: argparse.ArgumentParser, model: str | None = None) -> 
     add(
         "--scale",
         type=pos_float,
-        default=0.01,
-        help="synthetic: multiplies Criteo Kaggle's table sizes, 33.8M rows in all (default: %(default)s)",
+        help="synthetic: multiplies Criteo Kaggle's table sizes, 33.8M rows in all "
+        f"(default: {DEFAULT_SCALE})",
     )
     add(
         "--train-batches",
@@ -135,20 +139,17 @@ def add_arguments(parser: argparse.ArgumentParser, model: str | None = None) -> 
     add(
         "--val-batches",
         type=int,
-        default=10,
-        help="synthetic: validation batches, 0 for none (default: %(default)s)",
+        help=f"synthetic: validation batches, 0 for none (default: {DEFAULT_VAL_BATCHES})",
     )
     add(
         "--zipf",
         type=float,
-        default=DEFAULT_ZIPF,
-        help="synthetic: Zipf exponent of ids (default: %(default)s)",
+        help=f"synthetic: Zipf exponent of ids (default: {DEFAULT_ZIPF})",
     )
     add(
         "--multi-hot",
         type=pos_int,
-        default=1,
-        help="synthetic: largest bag size, 1 = one-hot (default: %(default)s)",
+        help="synthetic: largest bag size, 1 = one-hot (default: 1)",
     )
     add(
         "--hashing",
@@ -318,23 +319,33 @@ def build_datamodule(args: argparse.Namespace) -> CriteoDataModule:
         )
     if args.vocab_threshold is not None and (args.hashing != "vocab" or args.vocab_path is not None):
         raise ValueError("--vocab-threshold applies to --hashing vocab when building a vocabulary")
-    if not synthetic and args.train_batches is not None:
+    synthetic_flags = {
+        "--scale": args.scale,
+        "--train-batches": args.train_batches,
+        "--val-batches": args.val_batches,
+        "--zipf": args.zipf,
+        "--multi-hot": args.multi_hot,
+    }
+    given_synthetic = [k for k, v in synthetic_flags.items() if v is not None]
+    if not synthetic and given_synthetic:
         raise ValueError(
-            "--train-batches sets the length of synthetic data; a file source has its own length"
+            f"{', '.join(given_synthetic)}: options of synthetic data, but --data is {args.data}: a file "
+            "source has its own tables, length and ids (validation data: --val-data)"
         )
-    if args.val_batches < 0:
-        raise ValueError(f"--val-batches must be >= 0, got {args.val_batches}")
+    val_batches = DEFAULT_VAL_BATCHES if args.val_batches is None else args.val_batches
+    if val_batches < 0:
+        raise ValueError(f"--val-batches must be >= 0, got {val_batches}")
     return CriteoDataModule(
         args.data,
         val_path=args.val_data,
         batch_size=args.batch_size,
         lookahead=args.lookahead,
         cache_rows=args.cache_rows,
-        scale=args.scale,
+        scale=DEFAULT_SCALE if args.scale is None else args.scale,
         num_batches=args.train_batches or args.max_steps * args.accumulate_grad_batches,
-        val_batches=args.val_batches,
-        zipf=args.zipf,
-        multi_hot=args.multi_hot,
+        val_batches=val_batches,
+        zipf=DEFAULT_ZIPF if args.zipf is None else args.zipf,
+        multi_hot=1 if args.multi_hot is None else args.multi_hot,
         seed=args.seed,
         hashing=args.hashing,
         table_sizes=args.table_size,
