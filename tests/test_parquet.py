@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -337,6 +340,9 @@ def test_vocab_conversion_changes_a_used_folder_only_on_success(tsv_dir, tmp_pat
     assert result.vocabulary == out / "vocabulary.npz" and vocab.threshold == 2
     assert sorted(_folder(out) or {}) == sorted(before)  # no hidden leftovers
     same_batches(CriteoParquet(out, 100), CriteoTSV(tsv_dir, 100, hashing=vocab))
+    # Converted again by modulo: the vocabulary no longer describes the files, so it goes with them.
+    convert.convert_tsv(tsv_dir, out, overwrite=True, progress=False)
+    assert not (out / "vocabulary.npz").exists() and len(list(out.glob("*.parquet"))) == 1
 
 
 # ---------------------------------------------------------------------------------------------- CLI
@@ -437,3 +443,20 @@ def test_datamodule_rejects_validation_with_other_tables(tsv_dir, good_pq):
 
     with pytest.raises(ValueError, match="must share tables"):
         CriteoDataModule(good_pq, val_path=tsv_dir, batch_size=8, table_sizes=100)
+
+
+def test_files_a_killed_conversion_left_are_removed_by_the_next_one(tsv_dir, tmp_path):
+    out = tmp_path / "pq"
+    out.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a pid that has ended (a writer killed with -9 leaves its files behind)
+    stale = [
+        out / f".part-00000.parquet.{dead.pid}-0a1b2c3d.tmp",
+        out / f".vocabulary.npz.{dead.pid}-00ff.tmp",
+    ]
+    live = out / f".part-00000.parquet.{os.getppid()}-0a1b2c3d.tmp"  # another writer, still running
+    for f in [*stale, live]:
+        f.write_bytes(b"half a file")
+    convert.convert_tsv(tsv_dir, out, progress=False)
+    assert not any(f.exists() for f in stale) and live.exists()
+    assert len(list(out.glob("*.parquet"))) == 1

@@ -157,6 +157,8 @@ def convert_tsv(
         if staged_vocab is not None and vocab_path is not None:
             os.replace(staged_vocab, vocab_path)  # ... and renamed right after
             staged_vocab = None
+        elif overwrite:  # the old conversion's vocabulary does not describe the new files
+            (out / VOCAB_FILE).unlink(missing_ok=True)
     finally:
         if staged_vocab is not None:
             staged_vocab.unlink(missing_ok=True)

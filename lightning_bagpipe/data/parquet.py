@@ -102,6 +102,29 @@ def staging_path(final: Path) -> Path:
     return final.with_name(f".{final.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
 
 
+def remove_stale_staging(folder: Path) -> list[Path]:
+    """Remove the files :func:`staging_path` names in ``folder`` whose writing process is gone (a
+    conversion killed before it could clean up); returns them. Another live writer's files are kept."""
+    removed = []
+    for f in folder.glob(".*.tmp"):
+        pid = f.name.rsplit(".", 2)[-2].split("-", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid() or _alive(int(pid)):
+            continue
+        f.unlink(missing_ok=True)
+        removed.append(f)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # (another user's process)
+        return True
+    return True
+
+
 def check_output_dir(
     out_dir: str | os.PathLike[str], *, overwrite: bool, other_files: Sequence[str] = ()
 ) -> None:
@@ -160,6 +183,7 @@ class ParquetSink:
         check_output_dir(self.out_dir, overwrite=overwrite)
         self._made_dir = not self.out_dir.exists()  # abort() removes it again
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_staging(self.out_dir)  # (left by a conversion that was killed)
         self.overwrite = bool(overwrite)
         self.tables = tables
         self.dense = list(dense)
