@@ -155,6 +155,12 @@ def test_bad_batches_are_named() -> None:
     for dtype in (np.int8, np.int32):  # negative ids of every signed width are caught
         with pytest.raises(ValueError, match=r"fused id -2 \(occurrence 0\)"):
             oracle.push(np.array([-2, 3], dtype=dtype))
+    # also where the narrow type's negative ids, read as unsigned, are below num_rows (-1 of int32 as
+    # unsigned is 2**32 - 1: they were planned as rows, -1 even as the last row with the dense index)
+    for rows, dtype, index in ((1000, np.int8, "dense"), (2**33, np.int32, "compact")):
+        wide = LookaheadOracle(rows, 1, 10, index=index)
+        with pytest.raises(ValueError, match=rf"fused id -1 \(occurrence 1\) is outside \[0, {rows}\)"):
+            wide.push(np.array([5, -1], dtype=dtype))
     with pytest.raises(ValueError, match="must be integers, got dtype float64"):
         oracle.push(np.array([1.0, 2.0]))
     with pytest.raises(ValueError, match=r"1-D array of fused ids, got shape \(2, 2\)"):

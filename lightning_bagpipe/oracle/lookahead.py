@@ -231,8 +231,11 @@ class LookaheadOracle:
             return _EMPTY, _EMPTY
         if arr.size > _NEVER:
             raise ValueError(f"batch {step}: {arr.size} id occurrences exceed the limit of {_NEVER}")
-        # one pass: viewed as unsigned, a negative id is huge
-        if int(arr.view(arr.dtype.str.replace("i", "u")).max()) >= self.num_rows:
+        # one pass: viewed as unsigned, a negative id is huge (at least 2**(bits - 1); a narrower type's
+        # negative ids can be below a large num_rows, so those are also compared with 0)
+        narrow_signed = arr.dtype.kind == "i" and arr.dtype.itemsize < 8
+        as_unsigned = int(arr.view(arr.dtype.str.replace("i", "u")).max())
+        if as_unsigned >= self.num_rows or (narrow_signed and int(arr.min()) < 0):
             bad = (arr < 0) | (arr >= self.num_rows)
             pos = int(np.flatnonzero(bad)[0])
             raise ValueError(
