@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import lightning_bagpipe as lb
-from lightning_bagpipe.data.loader import BagpipeLoader, EvalLoader, rank_bounds
+from lightning_bagpipe.data.loader import BagpipeLoader, EvalLoader, _OracleThread, rank_bounds
 from tests.helpers import ListDataModule, random_batches, small_tables
 
 
@@ -274,3 +274,30 @@ def test_a_loader_built_before_the_ranks_were_known_takes_them_and_one_built_for
     evaluation = EvalLoader(lambda: batches, tables, 0, 1, "val")
     evaluation.bind(0, 2)
     assert [b.batch_size for b in evaluation] == [4] * 4
+
+
+def test_stopping_does_not_wait_for_a_source_that_stalls() -> None:
+    # a fit that fails (or is interrupted) while the source is blocked in a read must report at once;
+    # it used to wait for the source's next batch, forever if the read never returned
+    tables = small_tables()
+    batches = random_batches(tables, 12, 4)
+    release = threading.Event()
+
+    def stalls_at_6():
+        for i, b in enumerate(batches):
+            if i == 6:
+                release.wait(timeout=60)  # (a stalled network read)
+            yield b
+
+    loader = BagpipeLoader(stalls_at_6, tables, lookahead=2, cache_rows=None, queue_batches=1)
+    it = iter(loader)
+    next(it)
+    time.sleep(0.2)  # the oracle thread is now blocked inside the source
+    t0 = time.perf_counter()
+    loader.close()
+    assert time.perf_counter() - t0 < _OracleThread.STOP_WAIT_S + 1.0
+    release.set()  # the source returns: the thread sees the stop and ends by itself
+    deadline = time.monotonic() + 10
+    while _oracle_threads() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _oracle_threads()

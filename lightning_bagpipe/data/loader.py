@@ -23,6 +23,7 @@ from __future__ import annotations
 import itertools
 import queue
 import threading
+import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -270,7 +271,7 @@ class BagpipeLoader(_LoaderBase):
             thread.stop()
 
     def _check_idle(self) -> None:
-        if any(t.is_alive() for t in self._threads):
+        if any(t.is_alive() and not t.stopping for t in self._threads):
             raise RuntimeError("a BagpipeLoader cannot change ranks while an epoch is being planned")
 
     def _known_length(self) -> float:
@@ -330,9 +331,20 @@ class _OracleThread(threading.Thread):
                 return None
             return item
 
+    #: Seconds :meth:`stop` waits for the thread to end. The thread checks for the stop between batches,
+    #: so one blocked inside the user's source (a stalled read) ends only when the source returns; the
+    #: caller (a failing or interrupted fit) must not wait for that: the daemon thread ends by itself.
+    STOP_WAIT_S = 1.0
+
+    @property
+    def stopping(self) -> bool:
+        """Whether :meth:`stop` was called (the thread may still be finishing a batch of the source)."""
+        return self._stop_event.is_set()
+
     def stop(self) -> None:
         self._stop_event.set()
-        while self.is_alive():
+        deadline = time.monotonic() + self.STOP_WAIT_S
+        while self.is_alive() and time.monotonic() < deadline:
             try:
                 while True:
                     self.queue.get_nowait()
