@@ -316,6 +316,62 @@ def test_a_failed_step_writes_nothing_to_the_store(data) -> None:
     assert torch.equal(failing.emb.store.tensor(), ref.emb.store.tensor())
 
 
+def _failing_store_method(monkeypatch: pytest.MonkeyPatch, name: str, at: int) -> None:
+    """The store's ``name`` (read or write) raises an OSError at its ``at``-th call, once (transient)."""
+    original = getattr(lb.MemoryStore, name)
+    calls = itertools.count(1)
+
+    def flaky(self, *args, **kwargs):
+        if next(calls) == at:
+            raise OSError(5, "Input/output error (injected)")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(lb.MemoryStore, name, flaky)
+
+
+@pytest.mark.parametrize(("name", "at"), [("read", 2), ("read", 4), ("read", 7), ("write", 3), ("write", 6)])
+def test_a_store_failure_mid_fit_leaves_the_store_at_the_last_completed_step(
+    data, monkeypatch: pytest.MonkeyPatch, name: str, at: int
+) -> None:
+    # the row executor stops at its first failure and skips what is queued after it; the rows only the
+    # cache held (dirty rows, queued and pending write-backs) are written from the main thread. They
+    # were lost: the store matched no step at all
+    tables, train, _ = data
+    failing = TinyModel(tables)
+    clean = _twin(failing)
+    with monkeypatch.context() as m:
+        _failing_store_method(m, name, at)
+        trainer = quiet_trainer()
+        with pytest.raises(RuntimeError, match=r"background fetch/write-back failed.*injected"):
+            trainer.fit(failing, datamodule=_dm(tables, train))
+    steps = trainer.global_step
+    assert 0 < steps < len(train)
+    quiet_trainer(max_steps=steps).fit(clean, datamodule=_dm(tables, train))
+    assert torch.equal(failing.emb.store.tensor(), clean.emb.store.tensor())
+    assert not _bagpipe_threads()
+
+
+def test_a_checkpoint_on_the_exception_of_a_store_failure_holds_the_last_completed_step(
+    data, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # (Lightning's OnExceptionCheckpoint: the save raised again, Lightning then skipped the teardown and
+    # the pipeline's threads were left running)
+    from lightning.pytorch.callbacks import OnExceptionCheckpoint
+
+    tables, train, _ = data
+    model = TinyModel(tables)
+    with monkeypatch.context() as m:
+        _failing_store_method(m, "read", 4)
+        trainer = quiet_trainer(
+            callbacks=[OnExceptionCheckpoint(tmp_path)], default_root_dir=tmp_path, enable_checkpointing=True
+        )
+        with pytest.raises(RuntimeError, match="injected"):
+            trainer.fit(model, datamodule=_dm(tables, train))
+    assert not _bagpipe_threads()
+    saved = torch.load(tmp_path / "on_exception.ckpt", weights_only=True)
+    assert torch.equal(saved["state_dict"]["emb.rows"], model.emb.store.tensor())
+
+
 def test_nan_loss_follows_lightnings_usual_behaviour(data) -> None:
     tables, train, _ = data
 

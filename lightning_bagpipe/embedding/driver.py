@@ -19,8 +19,10 @@ The driver also keeps, per slot, which row it holds and whether the cache copy i
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -132,6 +134,24 @@ def sum_blocks(
     return torch.cat([b.flatten() for b in out])
 
 
+@dataclass
+class _WriteJob:
+    """A queued job that writes ``rows`` to the store (its ``ticket`` is set once it is queued)."""
+
+    rows: list[IdSlots]
+    ticket: _Ticket | None = field(default=None)
+
+    @property
+    def wrote(self) -> bool:
+        """Whether the job's write completed (whatever happened after it in the job)."""
+        return self.ticket is not None and self.ticket.wrote
+
+    @property
+    def written(self) -> bool:
+        """Whether the job ended without error (nothing of it is left to recover)."""
+        return self.ticket is not None and self.ticket.done.is_set() and self.ticket.error is None
+
+
 class CacheDriver:
     """Drives the caches of ``modules`` (they share one plan stream) through one executor."""
 
@@ -169,6 +189,8 @@ class CacheDriver:
         self._queued_ticket: _Ticket | None = None
         self._current: StepPlan | None = None
         self._writeback: IdSlots | None = None
+        self._writes: deque[_WriteJob] = deque()  # write jobs not known to have written their rows
+        self._recovered = False  # the store was brought up to date after the executor failed
         self.last = StepStats()
         self.total = TotalStats()
 
@@ -209,16 +231,16 @@ class CacheDriver:
         # Step t-1's last-use rows ride along with the next prestep's evictions: one store write (one
         # collective on a sharded store, one round trip to a remote one) per step instead of two. Every
         # later fetch still runs after them (same executor, writes before the barrier and the fetch).
-        writeback = self._take_writeback()
         if plan.key == self._queued_key:
             ticket = self._queued_ticket
         else:
             self._reserve(plan.evict, plan.fetch)
-            ticket = self.executor.submit_prestep(
-                plan.evict, plan.fetch, writeback, key=plan.key, early=plan.early
-            )
-            writeback = None
+            writeback = self._take_writeback()
+            ticket = self._prestep(plan.evict, plan.fetch, writeback, key=plan.key, early=plan.early)
         waited = self.executor.wait(ticket)
+        # (taken only now: if the wait fails, the rows are still the pending write-back, which a recovery
+        # writes; None if the prestep above took them)
+        writeback = self._take_writeback()
         early_rows = ticket.early_rows if ticket is not None else 0
         self._queued_key, self._queued_ticket = None, None
         if (
@@ -228,7 +250,7 @@ class CacheDriver:
             and plan.next_evict is not None
         ):
             self._reserve(plan.next_evict, plan.next_fetch)
-            self._queued_ticket = self.executor.submit_prestep(
+            self._queued_ticket = self._prestep(
                 plan.next_evict,
                 plan.next_fetch,
                 writeback,
@@ -239,7 +261,7 @@ class CacheDriver:
             self._queued_key = plan.next_key
             writeback = None
         if writeback is not None:
-            self.executor.submit_writeback(writeback)
+            self._write_job(writeback)
         self._current = plan
         self._updated = False
         self.last = StepStats(
@@ -435,10 +457,15 @@ class CacheDriver:
         the optimizer step, or on an exception) holds the rows before its update, and the step still
         applies its update afterwards.
         """
-        if self.executor is None:
+        if self.executor is None or self._recovered:
             return
-        self._submit_writeback()
-        self.executor.drain()
+        try:
+            self._submit_writeback()
+            self.executor.drain()
+        except Exception:
+            if self.executor.failed is not None and self.groups is None:
+                self._write_back_after_failure()  # (the store is current again; the error still stands)
+            raise
         slots = np.flatnonzero(self.dirty)
         if slots.size or self.groups is not None:  # (sharded stores write collectively)
             ids = self.slot_ids[slots]
@@ -450,6 +477,12 @@ class CacheDriver:
             for m in self.modules:
                 m.store.flush()
 
+    @property
+    def recovered(self) -> bool:
+        """Whether the row executor failed and the store was brought up to date without it (one process):
+        the store then matches the last completed step, and the cache takes no more steps."""
+        return self._recovered
+
     def close(self, flush: bool = True) -> None:
         """Stop the executor; with ``flush``, first bring the store up to date.
 
@@ -460,7 +493,11 @@ class CacheDriver:
         self._end_step()  # (a step that did not reach its update writes nothing)
         try:
             if flush:
-                self.sync_store(durable=True)
+                try:
+                    self.sync_store(durable=True)
+                except Exception:
+                    if not self._recovered:  # (recovered: the store is current despite the failure)
+                        raise
         finally:
             self.executor.close(wait=flush or self.groups is None)
             self.executor = None
@@ -510,8 +547,55 @@ class CacheDriver:
     def _submit_writeback(self) -> None:
         rows = self._take_writeback()
         if rows is not None:
-            assert self.executor is not None
-            self.executor.submit_writeback(rows)
+            self._write_job(rows)
+
+    # Every job that writes rows to the store is tracked until it is known to have written them: the rows'
+    # slots count as clean from the moment it is queued, so after a failure of the executor these are
+    # the rows whose newest values are only in the cache (see _write_back_after_failure).
+    def _prestep(self, evict: IdSlots, fetch: IdSlots, writeback: IdSlots | None, **kw: Any) -> _Ticket:
+        assert self.executor is not None
+        job = self._track([r for r in (writeback, evict) if r is not None])
+        job.ticket = self.executor.submit_prestep(evict, fetch, writeback, **kw)
+        return job.ticket
+
+    def _write_job(self, rows: IdSlots) -> None:
+        assert self.executor is not None
+        job = self._track([rows])  # (first: if queueing fails, the rows are still known)
+        job.ticket = self.executor.submit_writeback(rows)
+
+    def _track(self, rows: list[IdSlots]) -> _WriteJob:
+        """Record a write job about to be queued; forget the earlier ones done without error."""
+        while self._writes and self._writes[0].written:
+            self._writes.popleft()
+        job = _WriteJob(rows)
+        self._writes.append(job)
+        return job
+
+    def _write_back_after_failure(self) -> None:
+        """Bring the store up to date from this thread after the row executor failed (one process).
+
+        The executor skips every job after the one that failed, so the store lacks: the rows of write
+        jobs that did not write (their slots still hold them: a job's fetch follows its write, and no
+        later job ran), the last step's end-of-use rows, and the dirty rows. Their cache copies are the
+        updates of every completed step; written here, the store matches the last completed step again.
+        """
+        assert self.executor is not None and self.groups is None
+        self.executor.close(wait=True)  # (the queued jobs are skipped; afterwards nothing runs)
+        rows = [r for job in self._writes if not job.wrote for r in job.rows]
+        self._writes.clear()
+        pending = self._take_writeback()
+        if pending is not None:
+            rows.append(pending)
+        slots = np.flatnonzero(self.dirty)
+        rows.append((self.slot_ids[slots], slots))
+        self.dirty.fill(False)
+        for ids, where in rows:  # (in the order the rows were written: a later copy is the newer one)
+            if ids.size:
+                for m in self.modules:
+                    m._store_rows(ids, where)
+        for m in self.modules:
+            m.store.flush()
+        self._recovered = True
 
     def _reserve(self, evict: IdSlots, fetch: IdSlots) -> None:
         """Book a pre-step job's slots before it is queued: grow an unbounded cache to hold them, and

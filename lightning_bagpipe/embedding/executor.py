@@ -46,11 +46,14 @@ IdSlots = tuple[np.ndarray, np.ndarray]
 class _Ticket:
     """Completion of one submitted job (set by the worker, possibly with an error)."""
 
-    __slots__ = ("cuda_event", "done", "early_rows", "error", "ready_at")
+    __slots__ = ("cuda_event", "done", "early_rows", "error", "ready_at", "wrote")
 
     def __init__(self) -> None:
         self.done = threading.Event()
         self.error: BaseException | None = None
+        self.wrote = False
+        """Whether the job's write to the store completed (a job that writes, then reads, may fail in its
+        read: its rows are in the store all the same)."""
         self.cuda_event: Any = None
         self.ready_at = 0.0
         """``time.perf_counter()`` at which the job's fetched rows have arrived (emulated latency)."""
@@ -130,6 +133,11 @@ class RowExecutor:
         self._last = ticket
         return ticket
 
+    @property
+    def failed(self) -> BaseException | None:
+        """The error of the first job that failed (every later job is skipped), if any."""
+        return self._failed
+
     def raise_if_failed(self) -> None:
         if self._failed is not None:
             raise RuntimeError(f"a background fetch/write-back failed: {self._failed!r}") from self._failed
@@ -162,6 +170,7 @@ class RowExecutor:
         def job(ticket: _Ticket) -> None:
             if evict_ids.size or self.groups is not None:
                 self._write_back(evict_ids, evict_slots, compute_event)
+            ticket.wrote = True
             if self.groups is not None:
                 # every rank's earlier write-backs are in the store before any rank fetches
                 self.groups.barrier()
@@ -209,7 +218,12 @@ class RowExecutor:
         if not ids.size and self.groups is None:
             return None
         compute_event = self._compute_event()
-        return self._submit(lambda ticket: self._write_back(ids, slots, compute_event))
+
+        def job(ticket: _Ticket) -> None:
+            self._write_back(ids, slots, compute_event)
+            ticket.wrote = True
+
+        return self._submit(job)
 
     def submit_deferred(self, fn: Callable[[], None]) -> None:
         """Run ``fn`` after every job queued so far and before every job queued later (nothing waits on

@@ -15,7 +15,7 @@ from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins.io.wrapper import _WrappingCheckpointIO
 from lightning.pytorch.strategies import DDPStrategy
-from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.trainer.states import TrainerFn, TrainerStatus
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.nn import Module
 from torch.nn.parallel import DistributedDataParallel
@@ -234,6 +234,25 @@ class BagpipeStrategy(DDPStrategy):
     def on_exception(self, exception: BaseException) -> None:
         self._failed = True
         super().on_exception(exception)
+
+    def _failing(self) -> bool:
+        """Whether the run is ending on an exception (Lightning marks it interrupted before it calls the
+        callbacks' ``on_exception``, and this strategy's last)."""
+        trainer = self.lightning_module.trainer if self.lightning_module is not None else None
+        interrupted = trainer is not None and trainer.state.status == TrainerStatus.INTERRUPTED
+        return self._failed or interrupted
+
+    def _abandon_pipeline(self) -> None:
+        """Stop the row executor and the loaders' threads without flushing (a failed run whose teardown
+        Lightning skips)."""
+        driver, self._driver = self._driver, None
+        if driver is not None:
+            driver.close(flush=False)
+        trainer = self.lightning_module.trainer if self.lightning_module is not None else None
+        if trainer is not None:
+            for loader in _library_loaders(trainer.train_dataloader):
+                if isinstance(loader, BagpipeLoader):
+                    loader.close()
 
     @override
     def teardown(self) -> None:
@@ -464,7 +483,17 @@ class BagpipeStrategy(DDPStrategy):
         # Not durable: the checkpoint holds the rows, and a TieredStore would spill its buffer to the file
         # at every checkpoint (the end of fit still flushes every store).
         if self._driver is not None:
-            self._driver.sync_store()
+            try:
+                self._driver.sync_store()
+            except Exception:
+                # a checkpoint saved on the exception (OnExceptionCheckpoint) after the row executor failed:
+                # on one process the store was brought up to date without it, so the checkpoint holds the
+                # last completed step; otherwise Lightning will not tear down after this error, so the
+                # pipeline's threads are stopped here
+                if not (self._failing() and self._driver.recovered):
+                    if self._failing():
+                        self._abandon_pipeline()
+                    raise
         self._save_as_directory = self._directory_checkpoints()  # (save_checkpoint follows with the same)
         if not self._save_as_directory:
             with written_rows_only(self._cached_modules().values()):  # not the whole of a lazy table
