@@ -301,3 +301,13 @@ def test_stopping_does_not_wait_for_a_source_that_stalls() -> None:
     while _oracle_threads() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not _oracle_threads()
+
+
+def test_printing_a_data_module_describes_it_without_loading() -> None:
+    # (Lightning's __str__ iterated the training loader as if it were a list of loaders, and failed)
+    tables = small_tables()
+    dm = ListDataModule(tables, random_batches(tables, 4, 8), lookahead=3, cache_rows=40)
+    assert str(dm) == (
+        f"ListDataModule({tables!r}, batch_size=8, lookahead=3, cache_rows=40, sync='partitioned')"
+    )
+    assert not _oracle_threads()

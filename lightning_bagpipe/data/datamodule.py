@@ -122,6 +122,15 @@ class BagpipeDataModule(pl.LightningDataModule):
     def predict_source(self) -> Iterable[Batch] | None:
         return None
 
+    def __str__(self) -> str:
+        # (Lightning's own describes the datasets behind its loaders by iterating them: a BagpipeLoader
+        # would start an oracle and hand out batches, not datasets)
+        cache = "as needed" if self.cache_rows is None else self.cache_rows
+        return (
+            f"{type(self).__name__}({self.tables!r}, batch_size={self.batch_size}, "
+            f"lookahead={self.lookahead}, cache_rows={cache}, sync={self.sync!r})"
+        )
+
     # ------------------------------------------------------------------ Lightning hooks
     def _rank(self) -> tuple[int, int]:
         trainer = self.trainer

@@ -712,7 +712,7 @@ def main(argv: Sequence[str] | None = None, *, model: str | None = None) -> int:
     title = {"deepfm": "DeepFM", "dlrm": "DLRM", None: "DeepFM or DLRM"}[model]
     parser = argparse.ArgumentParser(
         description=f"Train {title} with lightning-bagpipe's lookahead embedding cache (strategy='bagpipe'). "
-        "With no arguments: synthetic Criteo-shaped data, a few minutes on a laptop CPU.",
+        "With no arguments: synthetic Criteo-shaped data, under a minute on a 2-core CPU.",
     )
     add_arguments(parser, model)
     args = parser.parse_args(argv)
