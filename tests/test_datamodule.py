@@ -12,7 +12,7 @@ import torch
 
 import lightning_bagpipe as lb
 from lightning_bagpipe.data.loader import BagpipeLoader, EvalLoader, _OracleThread, rank_bounds
-from tests.helpers import ListDataModule, random_batches, small_tables
+from tests.helpers import ListDataModule, TinyModel, quiet_trainer, random_batches, small_tables
 
 
 def _oracle_threads() -> list[threading.Thread]:
@@ -311,3 +311,25 @@ def test_printing_a_data_module_describes_it_without_loading() -> None:
         f"ListDataModule({tables!r}, batch_size=8, lookahead=3, cache_rows=40, sync='partitioned')"
     )
     assert not _oracle_threads()
+
+
+def test_without_validation_data_lightning_sees_no_validation_loader(
+    recwarn: pytest.WarningsRecorder,
+) -> None:
+    # (it saw an empty list, and warned "Total length of `list` across ranks is zero", an error under
+    # `python -W error`); a val_dataloader of the user's own is left alone
+    tables = small_tables()
+    batches = random_batches(tables, 4, 8)
+    quiet_trainer().fit(TinyModel(tables), datamodule=ListDataModule(tables, batches, lookahead=2))
+    assert not [w for w in recwarn if "Total length" in str(w.message)]
+
+    class OwnLoader(ListDataModule):
+        def val_dataloader(self):
+            return EvalLoader(lambda: batches[:1], tables, 0, 1, "val")
+
+    dm = OwnLoader(tables, batches, lookahead=2)
+    dm.setup("fit")
+    assert len(list(dm.val_dataloader())) == 1
+    with_val = ListDataModule(tables, batches, batches[:2], lookahead=2)
+    with_val.setup("fit")
+    assert len(list(with_val.val_dataloader())) == 2

@@ -176,6 +176,16 @@ class BagpipeDataModule(pl.LightningDataModule):
         rank, world = self._rank()
         return EvalLoader(lambda: fn() or (), self.tables, rank, world, name)
 
+    def setup(self, stage: str) -> None:
+        """Without validation data (:meth:`val_source` returns None), Lightning is shown no validation
+        loader at all, rather than an empty one it warns about ("Total length ... is zero")."""
+        if not type(self).val_dataloader.__module__.startswith("lightning_bagpipe."):
+            return  # a val_dataloader of the user's own: theirs to decide
+        if self.val_source() is None:
+            self.val_dataloader = pl.LightningDataModule.val_dataloader.__get__(self)  # type: ignore[method-assign]
+        else:
+            self.__dict__.pop("val_dataloader", None)  # (validation data again: the class's loader)
+
     def val_dataloader(self) -> Any:
         if self.val_source() is None:
             return []
