@@ -351,6 +351,22 @@ def test_a_store_failure_mid_fit_leaves_the_store_at_the_last_completed_step(
     assert not _bagpipe_threads()
 
 
+def test_the_write_jobs_tracked_for_a_recovery_stay_few(data) -> None:
+    # the driver keeps each queued write job until it is known to have written (for a recovery after a
+    # failure): done ones must be dropped, or the list grows all run and a recovery rewrites stale slots
+    tables, train, val = data
+    seen: list[int] = []
+
+    class Count(Callback):
+        def on_train_batch_end(self, trainer, *args) -> None:
+            seen.append(len(trainer.strategy.driver._writes))
+
+    # (an epoch's end, or a validation, writes the last rows back, sometimes none: that job must not stay)
+    trainer = quiet_trainer(callbacks=[Count()], max_epochs=3, val_check_interval=5, num_sanity_val_steps=0)
+    trainer.fit(TinyModel(tables), datamodule=_dm(tables, train, val, lookahead=8))
+    assert len(seen) == 3 * len(train) and max(seen) <= 3, seen
+
+
 def test_a_checkpoint_on_the_exception_of_a_store_failure_holds_the_last_completed_step(
     data, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

@@ -562,6 +562,8 @@ class CacheDriver:
         assert self.executor is not None
         job = self._track([rows])  # (first: if queueing fails, the rows are still known)
         job.ticket = self.executor.submit_writeback(rows)
+        if job.ticket is None:  # nothing to write (no rows, one process): nothing to track
+            self._writes.pop()
 
     def _track(self, rows: list[IdSlots]) -> _WriteJob:
         """Record a write job about to be queued; forget the earlier ones done without error."""
