@@ -201,6 +201,25 @@ def test_a_store_of_another_dim_with_the_same_width_is_refused() -> None:
         emb(s, lb.optim.Adagrad(lr=0.1), dim=2)  # (a state per weight: 4 columns too)
 
 
+@pytest.mark.parametrize("kind", ["mmap", "tiered"])
+def test_a_store_file_of_another_dim_optimizer_or_tables_says_which(tmp_path: Path, kind: str) -> None:
+    # (reopened by path with another width, it said only "width=6 ... but width=10 was requested")
+    path = tmp_path / "t.f32"
+    first = emb(path if kind == "mmap" else tiered(path))
+    first.store.close()
+    for other, message in [
+        ({"dim": DIM + 4}, rf"rows of dim {DIM} and 1 optimizer state columns, but .* needs dim {DIM + 4}"),
+        ({"optimizer": lb.optim.Adam(lr=0.1)}, "holds rowwise_adagrad optimizer state, but .* uses adam"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            emb(path, **other)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="was created for other tables"):
+        CachedEmbedding(
+            lb.Tables([("a", 100), ("b", 301)]), DIM, lb.optim.RowWiseAdagrad(lr=0.1), store=path, seed=1
+        )
+    emb(path).store.close()  # the right module still opens it
+
+
 # ---------------------------------------------------------------------------------------------- item 2
 def enospc(*args: Any, **kwargs: Any) -> Any:
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))

@@ -154,9 +154,9 @@ class CachedEmbedding(nn.Module):
 
     def _prepare_store(self, s: EmbeddingStore, created: bool, opened: bool, what: str) -> None:
         """Initialise store ``s`` if it is new (or its initialisation was interrupted), else check that its
-        metadata describes rows of this module (ValueError otherwise)."""
-        s.validate(self.tables.total_rows, self.width, what=what)
+        metadata describes rows of this module, then its shape (ValueError otherwise)."""
         if created or new_or_unfinished(s, opened):
+            s.validate(self.tables.total_rows, self.width, what=what)
             state = self.optimizer.initial_state(self.dim)
             if isinstance(s, TieredStore):  # rows computed on first read instead of written now
                 s.initialize_lazily(self.tables, self.dim, state, self.seed)
@@ -178,6 +178,7 @@ class CachedEmbedding(nn.Module):
                 f"store {s!r} holds rows of dim {meta['dim']} and {meta['state_width']} optimizer state "
                 f"columns, but {what} needs dim {self.dim} and {self.width - self.dim}"
             )
+        s.validate(self.tables.total_rows, self.width, what=what)
 
     def export(self) -> dict[str, Tensor]:
         """The trained tables as plain ``[num_embeddings, dim]`` tensors, keyed by feature name.

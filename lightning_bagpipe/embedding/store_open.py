@@ -26,15 +26,17 @@ _SCAN_BYTES = 1 << 20
 
 
 def open_path(path: Path, num_rows: int, width: int) -> tuple[EmbeddingStore, bool]:
-    """The store at ``path`` and whether this call created it: a new ``MmapStore`` file if nothing is there,
-    else the existing file, as a ``TieredStore`` when its metadata says one wrote it (rows never written,
-    computed on read, or rows in its spill log: a plain mapping sees neither)."""
+    """The store at ``path`` and whether this call created it: a new ``MmapStore`` file of ``num_rows`` x
+    ``width`` if nothing is there, else the existing file, as a ``TieredStore`` when its metadata says one
+    wrote it (rows never written, computed on read, or rows in its spill log: a plain mapping sees neither).
+    An existing file is opened whatever its shape: the caller checks it against what its metadata records
+    first, which says more (another dim, optimizer or tables) than two shapes."""
     if not path.exists():
         return MmapStore(path, num_rows=num_rows, width=width, mode="create"), True
-    s = MmapStore(path, num_rows=num_rows, width=width, mode="open")
+    s = MmapStore(path, mode="open")
     if s.metadata.get("lazy") or s.metadata.get("log_runs"):
         s.close()
-        return TieredStore(path, num_rows=num_rows, width=width, mode="open"), False
+        return TieredStore(path, mode="open"), False
     return s, False
 
 
