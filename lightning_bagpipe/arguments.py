@@ -6,12 +6,13 @@ mistyped lookahead, table size or embedding dimension into another valid one wit
 
 from __future__ import annotations
 
+import argparse
 import math
 import numbers
 import os
 from pathlib import Path
 
-__all__ = ["integer", "non_negative", "output_file"]
+__all__ = ["integer", "non_negative", "output_file", "require_counts", "require_positive"]
 
 
 def integer(name: str, value: object, minimum: int | None = None) -> int:
@@ -43,3 +44,23 @@ def output_file(flag: str, path: str | os.PathLike[str] | None) -> None:
     existing = next((a for a in p.parents if a.exists()), None)
     if existing is not None and not existing.is_dir():
         raise ValueError(f"{flag} {p}: {existing} is a file, so no folder can be made there")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def require_counts(args: argparse.Namespace, *flags: str, minimum: int = 1) -> None:
+    """A ValueError naming the first of ``flags`` (attribute names of ``args``) below ``minimum``."""
+    for name in flags:
+        value = getattr(args, name)
+        if value < minimum:
+            raise ValueError(f"{_flag(name)} must be >= {minimum}, got {value}")
+
+
+def require_positive(args: argparse.Namespace, *flags: str) -> None:
+    """A ValueError naming the first of ``flags`` that is not a finite number > 0 (NaN and inf fail)."""
+    for name in flags:
+        value = getattr(args, name)
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{_flag(name)} must be a finite number > 0, got {value}")

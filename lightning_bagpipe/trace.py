@@ -9,7 +9,8 @@ the tool reads the first ``--batches`` global batches and reports:
   the classic LRU and LFU caches and offline Belady (the whole trace known in advance) with the same
   capacity (:mod:`lightning_bagpipe.oracle.simulators`);
 * a **recommendation**: the smallest capacity in the sweep whose oracle fetches (at the best ``L`` for
-  that capacity) are within 5% of the fewest fetches seen anywhere in the sweep, with the cache's size
+  that capacity) are within 5% of the oracle's fewest fetches in the sweep (Belady, which knows the whole
+  trace, may fetch a little less; JSON ``fewest_fetched_in_sweep``), with the cache's size
   in bytes for the embedding dimension and optimizer state given.
 
 Capacities below the stream's minimum (two consecutive steps' distinct rows must be resident at once,
@@ -31,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from lightning_bagpipe.arguments import require_counts, require_positive
 from lightning_bagpipe.bench.common import parse_int_list, require_matplotlib, save_figure
 from lightning_bagpipe.data.criteo_tsv import add_line_arguments
 from lightning_bagpipe.id_sets import unique_ids
@@ -136,7 +138,13 @@ def add_stream_arguments(parser: argparse.ArgumentParser, *, default_batches: in
 
 
 def stream_from_args(args: argparse.Namespace) -> Stream:
-    """:func:`load_stream` with the flags of :func:`add_stream_arguments`."""
+    """:func:`load_stream` with the flags of :func:`add_stream_arguments` (checked here, so an error names
+    the flag)."""
+    require_counts(args, "batch_size", "multi_hot")
+    require_counts(args, "batches", "seed", minimum=0)  # (--batches 0: all of a file)
+    require_positive(args, "scale")
+    if not (math.isfinite(args.zipf) and args.zipf >= 0):
+        raise ValueError(f"--zipf must be a finite number >= 0, got {args.zipf}")
     return load_stream(
         str(args.data),
         batch_size=args.batch_size,
@@ -434,7 +442,8 @@ def sweep(
 
 
 def recommend(result: Sweep, row_bytes: int, within: float = WITHIN) -> dict[str, Any] | None:
-    """The smallest capacity whose best-``L`` oracle fetches are within ``within`` of the sweep's fewest.
+    """The smallest capacity whose best-``L`` oracle fetches are within ``within`` of the sweep's fewest
+    oracle fetches.
 
     ``None`` when no capacity of the sweep could run the oracle.
     """
@@ -611,8 +620,8 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(
             f"recommendation: cache_rows={rec['capacity_rows']:,} with lookahead={rec['lookahead']} "
             f"({rec['cache_bytes'] / 2**20:,.1f} MiB at {report['row_bytes']} bytes/row): "
-            f"{rec['oracle_fetched']:,} rows fetched, within {WITHIN - 1:.0%} of the fewest in the sweep "
-            f"({rec['fewest_fetched_in_sweep']:,}){extra}"
+            f"{rec['oracle_fetched']:,} rows fetched, within {WITHIN - 1:.0%} of the oracle's fewest in the "
+            f"sweep ({rec['fewest_fetched_in_sweep']:,}){extra}"
         )
     return "\n".join(lines)
 

@@ -18,6 +18,8 @@ CASES = [
     ("oracle", ["--zipf", "nan"], "--zipf must be a finite number > 0, got nan"),
     ("oracle", ["--scale", "-1"], "--scale must be a finite number > 0, got -1.0"),
     ("scale", ["--buffer-mib", "0"], "--buffer-mib must be >= 1, got 0"),
+    ("cache", ["--scale", "inf"], "--scale must be a finite number > 0, got inf"),
+    ("cache", ["--zipf", "nan"], "--zipf must be a finite number >= 0, got nan"),
     ("scale", ["--zipf", "0"], "--zipf must be a finite number > 0, got 0.0"),
 ]
 
@@ -37,3 +39,12 @@ def test_a_cache_too_small_names_the_suites_flag(capsys: pytest.CaptureFixture[s
     err = capsys.readouterr().err
     assert err.count("[here: --cache-rows ") == 1, err
     assert err.rstrip().endswith("or more, or --cache-rows 0 for a cache that grows]"), err
+
+
+@pytest.mark.parametrize("value", ["inf", "1e30", "nan"])
+def test_trace_names_a_scale_out_of_range(value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    # (inf and 1e30 ended in an OverflowError traceback, nan in "cannot convert float NaN to integer")
+    assert main(["trace", "synthetic", "--batches", "2", "--batch-size", "8", "--scale", value]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("lightning-bagpipe trace: error: ") and "Traceback" not in err, err
+    assert ("--scale must be a finite number > 0" if value != "1e30" else "scale 1e+30 makes tables") in err

@@ -20,7 +20,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 import lightning_bagpipe as lb
 from lightning_bagpipe.models import DLRM, DeepFM, fm_second_order, mlp, pairwise_dot_interactions
-from lightning_bagpipe.models.common import memory_store_for_loading
+from lightning_bagpipe.models.common import coerce_tables, memory_store_for_loading
 from tests.helpers import ListDataModule, random_batches, small_tables
 
 NUM_DENSE = 3
@@ -426,3 +426,10 @@ def test_tables_too_large_for_ram_ask_for_a_file_store(monkeypatch: pytest.Monke
         memory_store_for_loading(1000, 5)
     monkeypatch.setattr("lightning_bagpipe.models.common._memory_available", lambda: 1000 * 5 * 4)
     assert memory_store_for_loading(1000, 5).tensor().shape == (1000, 5)
+
+
+def test_model_tables_refuse_a_fractional_row_count() -> None:
+    # (int() truncated it: a table of 10.7 rows silently lost its last row)
+    with pytest.raises(ValueError, match=r"table 'a': num_embeddings must be an integer >= 1, got 10.7"):
+        coerce_tables([("a", 10.7), ("b", 5)])
+    assert coerce_tables([("a", 10), ("b", np.int64(5))]).sizes.tolist() == [10, 5]

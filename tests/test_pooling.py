@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
-from lightning_bagpipe.data.batch import CacheLookup, PoolingIndex, group_by_row
+from lightning_bagpipe.data.batch import CacheLookup, PoolingIndex, SparseFeatures, group_by_row
 from lightning_bagpipe.embedding.pooling import pooled_lookup
 
 
@@ -100,3 +101,13 @@ def test_group_by_row_matches_a_stable_sort(num_rows: int) -> None:
     assert order.tolist() == sorted(range(5000), key=lambda i: (int(inverse[i]), i))
     counts = torch.bincount(inverse, minlength=num_rows)
     assert starts.tolist() == (torch.cumsum(counts, 0) - counts).tolist()
+
+
+def test_from_dict_and_from_lengths_refuse_what_would_pair_the_wrong_ids() -> None:
+    # features with different numbers of bags were regrouped silently (user 3 became item sample 0)
+    with pytest.raises(ValueError, match=r"one bag per sample: 'user' has 3 bags but 'item' has 1"):
+        SparseFeatures.from_dict({"user": [[1], [2], [3]], "item": [[4]]})
+    with pytest.raises(ValueError, match=r"values must be 1-D .* got shape \(4, 1\)"):
+        SparseFeatures.from_lengths(["a", "b"], np.zeros((4, 1), dtype=np.int64), np.ones(4, dtype=np.int64))
+    empty = SparseFeatures.from_dict({"a": [], "b": []})  # (lengths were a float tensor: a dtype error)
+    assert empty.batch_size == 0 and empty.lengths.dtype == torch.long

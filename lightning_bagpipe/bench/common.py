@@ -10,7 +10,6 @@ pages of mapped files (a memory-mapped store's pages, which the kernel can drop 
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import platform
 import statistics
@@ -76,26 +75,6 @@ def median_figures(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         out["samples_per_second_max"] = max(sps)
     out["runs"] = len(runs)
     return out
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def require_counts(args: argparse.Namespace, *flags: str, minimum: int = 1) -> None:
-    """A ValueError naming the first of ``flags`` (attribute names of ``args``) below ``minimum``."""
-    for name in flags:
-        value = getattr(args, name)
-        if value < minimum:
-            raise ValueError(f"{_flag(name)} must be >= {minimum}, got {value}")
-
-
-def require_positive(args: argparse.Namespace, *flags: str) -> None:
-    """A ValueError naming the first of ``flags`` that is not a finite number > 0 (NaN and inf fail)."""
-    for name in flags:
-        value = getattr(args, name)
-        if not (math.isfinite(value) and value > 0):
-            raise ValueError(f"{_flag(name)} must be a finite number > 0, got {value}")
 
 
 def worker_failure(what: str, returncode: int, stderr: str) -> Exception:

@@ -43,13 +43,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from lightning_bagpipe.arguments import require_counts, require_positive
 from lightning_bagpipe.bench.breakdown import StepBreakdown
 from lightning_bagpipe.bench.common import (
     loss_trend,
     machine_info,
-    require_counts,
     require_matplotlib,
-    require_positive,
     save_figure,
     suite_config,
     worker_failure,

@@ -34,7 +34,8 @@ from typing import Any
 
 import numpy as np
 
-from lightning_bagpipe.bench.common import machine_info, require_counts, require_positive
+from lightning_bagpipe.arguments import require_counts, require_positive
+from lightning_bagpipe.bench.common import machine_info
 from lightning_bagpipe.data.criteo_shape import scaled_cardinalities
 from lightning_bagpipe.oracle.lookahead import LookaheadOracle, OracleStats
 from lightning_bagpipe.oracle.simulators import belady_fetches, lfu_fetches, lru_fetches, min_capacity

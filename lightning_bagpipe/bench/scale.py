@@ -65,6 +65,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from lightning_bagpipe.arguments import require_counts, require_positive
 from lightning_bagpipe.bench.common import (
     RssSampler,
     disk_usage,
@@ -72,9 +73,7 @@ from lightning_bagpipe.bench.common import (
     machine_info,
     median_figures,
     proc_status_bytes,
-    require_counts,
     require_matplotlib,
-    require_positive,
     save_figure,
     suite_config,
     worker_failure,

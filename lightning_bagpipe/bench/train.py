@@ -63,6 +63,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 
+from lightning_bagpipe.arguments import require_counts, require_positive
 from lightning_bagpipe.bench.breakdown import StepBreakdown, TimedDeepFM
 from lightning_bagpipe.bench.common import (
     StepClock,
@@ -70,9 +71,7 @@ from lightning_bagpipe.bench.common import (
     machine_info,
     median_figures,
     parse_int_list,
-    require_counts,
     require_matplotlib,
-    require_positive,
     save_figure,
     suite_config,
 )

@@ -196,6 +196,8 @@ class SparseFeatures:
         v = _as_long(values, "values")
         ln = _as_long(lengths, "lengths")
         keys = list(keys)
+        if v.dim() != 1:
+            raise ValueError(f"values must be 1-D (key-major: every bag's ids), got shape {tuple(v.shape)}")
         if ln.dim() != 1:
             raise ValueError(f"lengths must be 1-D (key-major, F*B entries), got shape {tuple(ln.shape)}")
         if len(keys) == 0:
@@ -246,13 +248,23 @@ class SparseFeatures:
     def from_dict(cls, bags: Mapping[str, Sequence[Sequence[int]]]) -> SparseFeatures:
         """From ``{feature: [bag of ids per sample]}``; convenient in notebooks and tests."""
         keys = list(bags)
+        samples = {k: len(bags[k]) for k in keys}
+        if len(set(samples.values())) > 1:  # (a feature's bags would pair with another's samples)
+            first = keys[0]
+            other = next(k for k in keys if samples[k] != samples[first])
+            raise ValueError(
+                f"every feature needs one bag per sample: {first!r} has {samples[first]} bags but {other!r} "
+                f"has {samples[other]}"
+            )
         lengths: list[int] = []
         values: list[int] = []
         for k in keys:
             for bag in bags[k]:
                 lengths.append(len(bag))
                 values.extend(int(x) for x in bag)
-        return cls.from_lengths(keys, torch.tensor(values, dtype=torch.long), torch.tensor(lengths))
+        return cls.from_lengths(
+            keys, torch.tensor(values, dtype=torch.long), torch.tensor(lengths, dtype=torch.long)
+        )
 
     # ------------------------------------------------------------------ shape
     @property

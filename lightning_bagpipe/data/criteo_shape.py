@@ -7,6 +7,8 @@ DLRM's and TorchRec's Criteo Kaggle configurations.
 
 from __future__ import annotations
 
+import math
+
 NUM_DENSE = 13
 NUM_SPARSE = 26
 DENSE_NAMES = [f"I{i}" for i in range(1, NUM_DENSE + 1)]
@@ -44,6 +46,9 @@ CRITEO_KAGGLE_CARDINALITIES: list[int] = [
 
 def scaled_cardinalities(scale: float = 1.0, minimum: int = 2) -> list[int]:
     """Criteo Kaggle's cardinalities multiplied by ``scale`` (at least ``minimum`` rows per table)."""
-    if scale <= 0:
-        raise ValueError(f"scale must be > 0, got {scale}")
-    return [max(minimum, round(n * scale)) for n in CRITEO_KAGGLE_CARDINALITIES]
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be a finite number > 0, got {scale}")
+    sizes = [max(minimum, round(n * scale)) for n in CRITEO_KAGGLE_CARDINALITIES]
+    if sum(sizes) >= 2**62:
+        raise ValueError(f"scale {scale} makes tables of {sum(sizes):.3g} rows in all; ids need < 2**62")
+    return sizes

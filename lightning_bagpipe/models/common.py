@@ -163,7 +163,7 @@ def coerce_tables(tables: TablesLike) -> Tables:
         if isinstance(t, TableSpec):
             specs.append(t)
         elif isinstance(t, (tuple, list)) and len(t) == 2:
-            specs.append(TableSpec(str(t[0]), int(t[1])))
+            specs.append(TableSpec(str(t[0]), t[1]))  # (as Tables does; a row count must be whole)
         else:
             raise ValueError(f"tables[{i}] must be a TableSpec or a [name, rows] pair, got {t!r}")
     return Tables(specs)
