@@ -433,3 +433,29 @@ def test_model_tables_refuse_a_fractional_row_count() -> None:
     with pytest.raises(ValueError, match=r"table 'a': num_embeddings must be an integer >= 1, got 10.7"):
         coerce_tables([("a", 10.7), ("b", 5)])
     assert coerce_tables([("a", 10), ("b", np.int64(5))]).sizes.tolist() == [10, 5]
+
+
+@pytest.mark.parametrize("precision", ["bf16-true", "64-true"])
+@pytest.mark.parametrize("build", [_deepfm, _dlrm], ids=["deepfm", "dlrm"])
+def test_the_models_train_under_a_true_precision(build, precision: str) -> None:
+    # (the pooled rows stayed float32 and the dense input was cast to float32, so the first layer of the
+    # bf16 or float64 model failed with a dtype mismatch); the rows stay float32 in the cache and store
+    tables = small_tables()
+    model = build(tables)
+    before = model.embedding.store.tensor().clone()
+    trainer = pl.Trainer(
+        strategy="bagpipe",
+        accelerator="cpu",
+        precision=precision,  # type: ignore[arg-type]
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    batches = random_batches(tables, 6, 8, num_dense=NUM_DENSE, multi_hot=2)
+    trainer.fit(model, datamodule=ListDataModule(tables, batches, batches[:2], lookahead=2))
+    wanted = torch.bfloat16 if precision == "bf16-true" else torch.float64
+    assert all(p.dtype == wanted for p in model.parameters())
+    rows = model.embedding.store.tensor()
+    assert rows.dtype == torch.float32 and not torch.equal(rows, before) and torch.isfinite(rows).all()

@@ -319,14 +319,16 @@ class CachedEmbedding(nn.Module):
             index = PoolingIndex.from_lookup(
                 inverse, features.lengths, features.num_features, rows.shape[0], grouped=False
             )
-        return pooled_lookup(
-            rows,
-            index,
-            features.batch_size,
-            features.num_features,
-            mode=self.pooling,
-            weights=features.weights,
+        weights = features.weights
+        if weights is not None and weights.dtype != rows.dtype:  # (a "-true" precision converted them)
+            weights = weights.to(rows.dtype)
+        out = pooled_lookup(
+            rows, index, features.batch_size, features.num_features, mode=self.pooling, weights=weights
         )
+        # The rows stay float32 (the cache and the store hold them so); under Lightning's "bf16-true",
+        # "16-true" or "64-true" precision the dense layers expect the default dtype it sets
+        wanted = torch.get_default_dtype()
+        return out if out.dtype == wanted else out.to(wanted)
 
     def _fused_ids(self, features: SparseFeatures) -> Tensor:
         if features.keys != self.tables.names:

@@ -267,18 +267,19 @@ class ClickModel(pl.LightningModule):
                 f"{type(self).__name__} expects batch.dense of shape [{b}, {self.num_dense}] "
                 f"(batch size, num_dense), got {list(batch.dense.shape)}"
             )
-        return batch.dense.float()
+        return batch.dense.to(torch.get_default_dtype())  # (float32, or what a "-true" precision sets)
 
     @staticmethod
     def labels_of(batch: Batch, stage: str) -> Tensor:
-        """``batch.labels`` as float ``[B]``; a ValueError if missing or mis-shaped."""
+        """``batch.labels`` as float ``[B]`` (of the default dtype, as the logits); a ValueError if missing or
+        mis-shaped."""
         if batch.labels is None:
             raise ValueError(f"{stage}: the batch has no labels (batch.labels is None)")
         if tuple(batch.labels.shape) != (batch.batch_size,):
             raise ValueError(
                 f"{stage}: batch.labels must have shape [{batch.batch_size}], got {list(batch.labels.shape)}"
             )
-        return batch.labels.float()
+        return batch.labels.to(torch.get_default_dtype())
 
     # ------------------------------------------------------------------ steps
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
