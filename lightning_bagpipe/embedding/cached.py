@@ -64,7 +64,8 @@ class CachedEmbedding(nn.Module):
             first read.
         seed: seed of the deterministic initialisation
             (:func:`~lightning_bagpipe.embedding.init.initial_rows`).
-        pooling: ``"sum"`` or ``"mean"`` over each bag.
+        pooling: ``"sum"`` or ``"mean"`` over each bag (an empty bag, a missing value, pools to zeros either
+            way, with no gradient, as in ``nn.EmbeddingBag``).
 
     ``forward(features)`` returns ``[batch, features, dim]``.
     """
