@@ -517,3 +517,30 @@ def test_a_fit_after_predict_in_the_same_process_trains() -> None:
     trainer = quiet_trainer(max_steps=2)
     trainer.fit(TinyModel(tables), datamodule=ListDataModule(tables, batches, lookahead=2))
     assert trainer.global_step == 2
+
+
+def test_a_checkpoint_replaces_a_checkpoint_never_a_directory_that_is_not_one(data, tmp_path: Path) -> None:
+    # (a directory checkpoint saved onto a folder of other checkpoints deleted all of it; a file saved onto
+    # another world size's directory checkpoint failed with IsADirectoryError)
+    tables, train, _ = data
+    folder = tmp_path / "ckpts"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("keep")
+
+    def fitted(layout: str) -> pl.Trainer:
+        trainer = quiet_trainer(
+            strategy=lb.BagpipeStrategy(checkpoint_layout=layout), max_steps=2, default_root_dir=tmp_path
+        )
+        trainer.fit(TinyModel(tables), datamodule=_dm(tables, train))
+        return trainer
+
+    for layout in ("file", "directory"):
+        with pytest.raises(ValueError, match="is a directory that is not a bagpipe checkpoint"):
+            fitted(layout).save_checkpoint(folder)
+        assert [p.name for p in folder.iterdir()] == ["notes.txt"]
+    last = tmp_path / "last.ckpt"
+    fitted("directory").save_checkpoint(last)
+    assert (last / "manifest.json").exists()
+    fitted("file").save_checkpoint(last)  # (how a run resumed on one process saves over it)
+    assert last.is_file() and "state_dict" in torch.load(last, weights_only=True)
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporaries left

@@ -28,6 +28,7 @@ renames it over the target, so a crash or ``kill -9`` during a save leaves the p
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import os
 import pickle
@@ -66,6 +67,7 @@ __all__ = [
     "add_bagpipe_section",
     "atomic_torch_save",
     "capture_rng_states",
+    "check_replaceable",
     "read_checkpoint",
     "restore_rng_states",
     "rng_snapshot",
@@ -91,6 +93,7 @@ WRITTEN_ROWS_VERSION = 3
 SHARDED_VERSION = 2
 
 _TMP_SUFFIX = ".tmp"
+_OLD_SUFFIX = ".old"
 _ZIP_MAGIC = b"PK\x03\x04"
 
 
@@ -152,6 +155,7 @@ def atomic_torch_save(obj: Any, path: _PATH) -> None:
     if local is None:
         raise ValueError(f"atomic_torch_save writes local files only, got {os.fspath(path)}")
     target = Path(local)
+    check_replaceable(target)
     directory = target.parent
     directory.mkdir(parents=True, exist_ok=True)
     _remove_stale_temporaries(target)
@@ -162,7 +166,10 @@ def atomic_torch_save(obj: Any, path: _PATH) -> None:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, target)
+        if target.is_dir() and not target.is_symlink():  # a directory checkpoint (another world size's)
+            _install(tmp, target)
+        else:
+            os.replace(tmp, target)
     except BaseException as err:
         with contextlib.suppress(OSError):
             tmp.unlink()
@@ -173,6 +180,65 @@ def atomic_torch_save(obj: Any, path: _PATH) -> None:
             raise
         raise failure from err
     fsync_dir(directory)
+
+
+def check_replaceable(target: Path) -> None:
+    """Refuse to save a checkpoint at ``target`` if it is a directory that is not a bagpipe directory
+    checkpoint (no ``manifest.json``): replacing it would delete everything in it (a folder of other
+    checkpoints, given as the file name by mistake). A file, or a bagpipe checkpoint directory, is
+    replaced as a whole."""
+    if target.is_dir() and not (target / "manifest.json").exists():
+        held = sorted(p.name for p in target.iterdir())[:5]
+        raise ValueError(
+            f"cannot save a checkpoint at {target}: it is a directory that is not a bagpipe checkpoint "
+            f"(no manifest.json; it holds {held}{', ...' if len(held) == 5 else ''}), and saving would "
+            "replace it with everything in it. Give the checkpoint a path of its own, e.g. "
+            f"{target / 'model.ckpt'}"
+        )
+
+
+def _install(tmp: Path, target: Path) -> None:
+    """Put the complete directory ``tmp`` at ``target`` so ``target`` is always the old or the new one."""
+    if os.path.lexists(target):
+        if _exchange(tmp, target):
+            _remove(tmp)  # it now holds the previous checkpoint
+        else:
+            old = tmp.with_name(tmp.name.removesuffix(_TMP_SUFFIX) + _OLD_SUFFIX)
+            os.rename(target, old)  # a crash between these two renames leaves the previous one at ``old``
+            os.rename(tmp, target)
+            _remove(old)
+    else:
+        os.rename(tmp, target)
+    fsync_dir(target.parent)
+
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False
+    raise OSError(code, f"renameat2({a}, {b}, RENAME_EXCHANGE): {os.strerror(code)}")
+
+
+def _remove(p: Path) -> None:
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            p.unlink()
 
 
 def _io_failure(err: BaseException, what: str, path: Path) -> BaseException | None:

@@ -34,8 +34,6 @@ when the world size is the one that saved them.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import errno
 import io
 import json
 import os
@@ -64,18 +62,22 @@ from lightning_bagpipe.embedding.distributed import ShardedStore
 from lightning_bagpipe.embedding.init import INIT_RECIPE
 from lightning_bagpipe.embedding.store import EmbeddingStore, fsync_dir
 from lightning_bagpipe.strategies.checkpointing import (
+    _OLD_SUFFIX,
     SECTION,
     SHARDED_VERSION,
     WRITTEN_ROWS_VERSION,
     AtomicCheckpointIO,
     RngSnapshot,
+    _install,
     _io_failure,
     _local_path,
     _pid_alive,
+    _remove,
     _remove_stale_temporaries,
     _rows_key,
     add_bagpipe_section,
     capture_rng_states,
+    check_replaceable,
     read_checkpoint,
     verify_bagpipe_section,
 )
@@ -108,7 +110,6 @@ MANIFEST_FORMAT = "lightning-bagpipe-sharded-checkpoint"
 MANIFEST_VERSION = 2
 
 _TMP_SUFFIX = ".tmp"
-_OLD_SUFFIX = ".old"
 _CHUNK = 16 << 20
 
 M = TypeVar("M", bound=pl.LightningModule)
@@ -396,6 +397,7 @@ def _make_temporary_dir(target: str) -> Path:
             f"{target} is a remote URL"
         )
     dest = Path(local)
+    check_replaceable(dest)  # (before anything is written)
     dest.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temporaries(dest)
     _remove_stale_old_copies(dest)
@@ -455,50 +457,6 @@ def _finish(
         os.fsync(f.fileno())
     fsync_dir(tmp)
     _install(tmp, target)
-
-
-def _install(tmp: Path, target: Path) -> None:
-    """Put the complete directory ``tmp`` at ``target`` so ``target`` is always the old or the new one."""
-    if os.path.lexists(target):
-        if _exchange(tmp, target):
-            _remove(tmp)  # it now holds the previous checkpoint
-        else:
-            old = tmp.with_name(tmp.name.removesuffix(_TMP_SUFFIX) + _OLD_SUFFIX)
-            os.rename(target, old)  # a crash between these two renames leaves the previous one at ``old``
-            os.rename(tmp, target)
-            _remove(old)
-    else:
-        os.rename(tmp, target)
-    fsync_dir(target.parent)
-
-
-_RENAME_EXCHANGE = 2
-_AT_FDCWD = -100
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Atomically swap two paths (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        fn = libc.renameat2
-    except (OSError, AttributeError):
-        return False
-    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    fn.restype = ctypes.c_int
-    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
-        return True
-    code = ctypes.get_errno()
-    if code in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP):
-        return False
-    raise OSError(code, f"renameat2({a}, {b}, RENAME_EXCHANGE): {os.strerror(code)}")
-
-
-def _remove(p: Path) -> None:
-    if p.is_dir() and not p.is_symlink():
-        shutil.rmtree(p, ignore_errors=True)
-    else:
-        with contextlib.suppress(OSError):
-            p.unlink()
 
 
 def _old_copies(target: Path) -> list[Path]:
