@@ -34,6 +34,7 @@ import pytest
 import torch
 
 import lightning_bagpipe as lb
+from lightning_bagpipe.strategies import checkpointing
 from lightning_bagpipe.strategies import sharded_checkpoint as sc
 from lightning_bagpipe.strategies.checkpointing import rows_checksum
 from tests.helpers import ListDataModule, TinyModel, quiet_trainer, random_batches, small_tables
@@ -488,13 +489,16 @@ def _save_in_a_child(target: Path, value: float, kill_in: str | None) -> int:
     if pid == 0:  # the child: never returns to pytest
         try:
             if kill_in is not None:
-                original = getattr(sc, kill_in)
+                for module in (sc, checkpointing):  # (the swap's helpers live in checkpointing)
+                    original = getattr(module, kill_in, None)
+                    if original is None:
+                        continue
 
-                def die(*args: Any, **kwargs: Any) -> Any:
-                    os.kill(os.getpid(), signal.SIGKILL)
-                    return original(*args, **kwargs)
+                    def die(*args: Any, original: Any = original, **kwargs: Any) -> Any:
+                        os.kill(os.getpid(), signal.SIGKILL)
+                        return original(*args, **kwargs)
 
-                setattr(sc, kill_in, die)
+                    setattr(module, kill_in, die)
             sc.save_sharded_checkpoint(checkpoint, target, modules, sc.LocalComm())
             os._exit(0)
         except BaseException:
@@ -538,7 +542,9 @@ def test_kill_during_a_directory_save_leaves_the_previous_checkpoint(tmp_path: P
 def test_replacing_without_rename_exchange_keeps_a_complete_checkpoint(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(sc, "_exchange", lambda a, b: False)  # a filesystem without RENAME_EXCHANGE
+    monkeypatch.setattr(
+        checkpointing, "_exchange", lambda a, b: False
+    )  # a filesystem without RENAME_EXCHANGE
     target = tmp_path / "last.ckpt"
     for value in (1.0, 2.0):
         checkpoint, modules = _tiny_module()
