@@ -92,11 +92,13 @@ def pipeline_thread(process_threads: int, nice: int | None = None) -> Iterator[N
 
     ``process_threads`` is ``torch.get_num_threads()`` as read by the thread that *started* this one: torch
     keeps a process-wide default that ``set_num_threads`` also changes, and it is restored on exit so
-    threads started later get the user's setting.
+    threads started later get the user's setting, unless the user set another one meanwhile (then the
+    default is no longer the 1 set here, and theirs stays).
     """
     torch.set_num_threads(1)
     _lower_priority(PIPELINE_NICE if nice is None else nice)
     try:
         yield
     finally:
-        torch.set_num_threads(max(1, process_threads))
+        if torch.get_num_threads() == 1:
+            torch.set_num_threads(max(1, process_threads))

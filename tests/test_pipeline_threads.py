@@ -41,6 +41,35 @@ def test_one_intra_op_thread_inside_and_the_process_setting_kept() -> None:
     assert later == [2]  # threads started afterwards get the process default back
 
 
+def test_a_thread_count_the_user_sets_meanwhile_is_kept() -> None:
+    # (the pipeline thread restored the count it read at its start: torch.set_num_threads(1) in the
+    # middle of a fit was undone for every thread started later)
+    torch.set_num_threads(2)
+    inside, done = threading.Event(), threading.Event()
+
+    def body() -> None:
+        with pipeline_thread(2):
+            inside.set()
+            done.wait(timeout=10)
+
+    t = threading.Thread(target=body)
+    t.start()
+    inside.wait(timeout=10)
+    try:
+        torch.set_num_threads(3)  # the user's choice, while a pipeline thread runs
+    finally:
+        done.set()
+        t.join()
+    later: list[int] = []
+    t = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
+    t.start()
+    t.join()
+    try:
+        assert later == [3]
+    finally:
+        torch.set_num_threads(2)
+
+
 @pytest.mark.skipif(sys.platform != "linux", reason="per-thread priorities are a Linux feature")
 def test_priority_is_lowered_by_the_configured_increment() -> None:
     old = pipeline_threads.PIPELINE_NICE
