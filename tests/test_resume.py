@@ -528,6 +528,44 @@ def test_resume_with_gradient_accumulation_is_bitwise_the_uninterrupted_run(
 
 
 @pytest.mark.parametrize("sized", [True, False], ids=["sized", "unsized"])
+def test_an_epoch_end_checkpoint_resumed_with_max_steps_and_its_resumed_run_resumed_again_are_exact(
+    tmp_path: Path, sized: bool
+) -> None:
+    # Lightning restores an epoch that a checkpoint saw finish (saved by ModelCheckpoint at the epoch's
+    # end) as unfinished when max_steps is set: it took one more batch, the next epoch's first, and then
+    # began another epoch (a batch twice, an epoch lost). And a source without a length, resumed from such
+    # a checkpoint, was counted on from the finished epoch's last index, so the resumed run's own
+    # checkpoints restarted the epoch when resumed again. The strategy now completes that epoch on load.
+    tables = small_tables()
+    train = random_batches(tables, 6, 8, multi_hot=2, seed=3)
+
+    def dm() -> ListDataModule:
+        return (ListDataModule if sized else UnsizedDataModule)(tables, train, lookahead=3, cache_rows=60)
+
+    reference = _fit(_model(tables), dm(), train, seed=1, max_epochs=3)
+    first = tmp_path / "first"
+    _fit(_model(tables), dm(), train, seed=1, callbacks=[ModelCheckpoint(dirpath=first)])
+    (end_of_epoch,) = first.glob("*.ckpt")
+    second = tmp_path / "second"
+    every = ModelCheckpoint(dirpath=second, filename="{step}", every_n_train_steps=1, save_top_k=-1)
+    run = _fit(
+        _model(tables),
+        dm(),
+        train,
+        seed=7,
+        ckpt_path=end_of_epoch,
+        callbacks=[every],
+        max_epochs=3,
+        max_steps=18,
+    )
+    assert run.seen == list(range(6)) * 2
+    _assert_same_result(run, reference)
+    again = _fit(_model(tables), dm(), train, seed=7, ckpt_path=second / "step=9.ckpt", max_epochs=3)
+    assert again.seen == [3, 4, 5, *range(6)]
+    _assert_same_result(again, reference)
+
+
+@pytest.mark.parametrize("sized", [True, False], ids=["sized", "unsized"])
 def test_resume_after_an_epoch_cut_short_starts_the_next_epoch(tmp_path: Path, sized: bool) -> None:
     # limit_train_batches=4 of 10: a checkpoint after batch 3 resumes at batch 0 of the next epoch (the
     # loader used to go on at batch 4, where its own epoch had stopped)

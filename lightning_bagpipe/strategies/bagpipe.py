@@ -444,6 +444,7 @@ class BagpipeStrategy(DDPStrategy):
         )
         if fitting:
             self._resume_section = section  # RNG states are restored when training starts
+            _complete_a_finished_epoch(checkpoint)
         return checkpoint
 
     @override
@@ -524,6 +525,41 @@ def _find_plan(batch: Any) -> StepPlan | None:
         if isinstance(item, Batch) and item.plan is not None:
             return item.plan
     return None
+
+
+def _complete_a_finished_epoch(checkpoint: dict[str, Any]) -> None:
+    """Count an epoch that a checkpoint saw finish (saved from ``on_train_epoch_end``: its last batch
+    processed, the epoch not yet marked completed) as completed, as Lightning itself does on resume, but
+    there only for epoch-based training: with ``max_steps`` set, Lightning 2.6 restarted "mid" the finished
+    epoch, at an index past its last batch, took one more batch from the loader (the next epoch's first,
+    as the loader had moved on) and then began another epoch, so a batch was trained twice and an epoch
+    lost (a plain DataLoader is replayed the same way)."""
+    loop = checkpoint.get("loops", {}).get("fit_loop")
+    if not isinstance(loop, dict):
+        return
+    epochs = loop.get("epoch_progress", {})
+    batches = loop.get("epoch_loop.batch_progress", {})
+    cur = epochs.get("current", {})
+    finished = (
+        batches.get("is_last_batch") is True
+        and cur.get("ready") == cur.get("started") == cur.get("processed")
+        and cur.get("completed") == cur.get("processed", 0) - 1
+    )
+    if not finished:
+        return
+    for counts in (epochs.get("current", {}), epochs.get("total", {})):
+        if "processed" in counts:
+            counts["completed"] = counts["processed"]
+    batches["current"] = {k: 0 for k in batches.get("current", {})}
+    batches["is_last_batch"] = False
+    # Lightning now starts the next epoch counting from 0, so the count a loader saved for the resume
+    # that went on counting (a source without a length; see BagpipeLoader.state_dict) no longer applies
+    positions = [*loop.get("state_dict", {}).get("combined_loader", [])]
+    sections = [v for v in checkpoint.values() if isinstance(v, dict) and "train_loader" in v]
+    positions += [v["train_loader"] for v in sections]
+    for position in positions:
+        if isinstance(position, dict):
+            position.pop("counted", None)
 
 
 def _library_loaders(loaders: Any) -> list[BagpipeLoader | EvalLoader]:
