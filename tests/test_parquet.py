@@ -6,6 +6,7 @@ import argparse
 import functools
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -447,14 +448,15 @@ def test_datamodule_rejects_validation_with_other_tables(tsv_dir, good_pq):
 
 def test_files_a_killed_conversion_left_are_removed_by_the_next_one(tsv_dir, tmp_path):
     out = tmp_path / "pq"
+    host = socket.gethostname()  # (temporaries are named .<name>.<host>.<pid>.<random>.tmp)
     out.mkdir()
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()  # a pid that has ended (a writer killed with -9 leaves its files behind)
     stale = [
-        out / f".part-00000.parquet.{dead.pid}-0a1b2c3d.tmp",
-        out / f".vocabulary.npz.{dead.pid}-00ff.tmp",
+        out / f".part-00000.parquet.{host}.{dead.pid}.0a1b2c3d.tmp",
+        out / f".vocabulary.npz.{host}.{dead.pid}.00ff00ff.tmp",
     ]
-    live = out / f".part-00000.parquet.{os.getppid()}-0a1b2c3d.tmp"  # another writer, still running
+    live = out / f".part-00000.parquet.{host}.{os.getppid()}.0a1b2c3d.tmp"  # another writer, still running
     for f in [*stale, live]:
         f.write_bytes(b"half a file")
     convert.convert_tsv(tsv_dir, out, progress=False)

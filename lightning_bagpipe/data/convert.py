@@ -36,7 +36,8 @@ from lightning_bagpipe.data.criteo_tsv import (
     add_line_arguments,
     list_input_files,
 )
-from lightning_bagpipe.data.parquet import ParquetSink, check_output_dir, staging_path
+from lightning_bagpipe.data.parquet import ParquetSink, check_output_dir
+from lightning_bagpipe.temporaries import remove_stale_temporaries, temporary_path
 
 VOCAB_FILE = "vocabulary.npz"
 
@@ -144,6 +145,7 @@ def convert_tsv(
         extra_metadata={"hashing": reader.hashing.describe(), "source": str(input_path)},
     )
     staged_vocab: Path | None = None
+    remove_stale_temporaries(out / VOCAB_FILE)  # (a killed conversion's; the sink removes its files')
     try:
         with sink:  # publishes the Parquet files on success, removes them on an error
             sink.write_records(first)
@@ -152,7 +154,7 @@ def convert_tsv(
                 if bar is not None:
                     bar.rows = sink.rows_written
             if vocabulary is not None and vocab_path is not None:
-                staged_vocab = staging_path(vocab_path)  # saved before the files are published ...
+                staged_vocab = temporary_path(vocab_path)  # saved before the files are published ...
                 vocabulary.save(staged_vocab)
         if staged_vocab is not None and vocab_path is not None:
             os.replace(staged_vocab, vocab_path)  # ... and renamed right after

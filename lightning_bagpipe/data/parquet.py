@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import secrets
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -39,6 +38,7 @@ from lightning_bagpipe.data.batch import Batch, SparseFeatures
 from lightning_bagpipe.data.criteo_shape import DENSE_NAMES
 from lightning_bagpipe.data.criteo_tsv import Records, list_input_files
 from lightning_bagpipe.tables import Tables
+from lightning_bagpipe.temporaries import remove_stale_temporaries, temporary_path
 
 METADATA_KEY = b"lightning_bagpipe"
 FORMAT_VERSION = 1
@@ -93,38 +93,6 @@ def read_layout(schema: pa.Schema, where: str) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------- writing
-def staging_path(final: Path) -> Path:
-    """A hidden name, unique to this writer, next to ``final`` to write it under until it is complete.
-
-    The name starts with ``.`` and ends in ``.tmp``, so no reader takes the half-written file for data
-    (folders are read as their non-hidden ``*.parquet`` files); renaming it to ``final`` publishes it.
-    """
-    return final.with_name(f".{final.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
-
-
-def remove_stale_staging(folder: Path) -> list[Path]:
-    """Remove the files :func:`staging_path` names in ``folder`` whose writing process is gone (a
-    conversion killed before it could clean up); returns them. Another live writer's files are kept."""
-    removed = []
-    for f in folder.glob(".*.tmp"):
-        pid = f.name.rsplit(".", 2)[-2].split("-", 1)[0]
-        if not pid.isdigit() or int(pid) == os.getpid() or _alive(int(pid)):
-            continue
-        f.unlink(missing_ok=True)
-        removed.append(f)
-    return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # (another user's process)
-        return True
-    return True
-
-
 def check_output_dir(
     out_dir: str | os.PathLike[str], *, overwrite: bool, other_files: Sequence[str] = ()
 ) -> None:
@@ -147,9 +115,10 @@ class ParquetSink:
     context manager or call :meth:`close`; :attr:`files` lists the files' names.
 
     The output appears only when it is complete: files are written under hidden temporary names
-    (:func:`staging_path`) and renamed to ``part-NNNNN.parquet`` by :meth:`close`, which is also when
-    ``overwrite`` removes the folder's old ``.parquet`` files. :meth:`abort` (called by the context
-    manager on an exception, e.g. a malformed input line or Ctrl-C) removes what this sink wrote and
+    (:func:`~lightning_bagpipe.temporaries.temporary_path`) and renamed to ``part-NNNNN.parquet`` by
+    :meth:`close`, which is also when ``overwrite`` removes the folder's old ``.parquet`` files.
+    :meth:`abort` (called by the context manager on an exception, e.g. a malformed input line or Ctrl-C)
+    removes what this sink wrote and
     leaves the folder as it was, so a failed conversion never leaves a partial dataset that reads as
     valid, nor destroys the one it was to replace.
 
@@ -183,7 +152,8 @@ class ParquetSink:
         check_output_dir(self.out_dir, overwrite=overwrite)
         self._made_dir = not self.out_dir.exists()  # abort() removes it again
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        remove_stale_staging(self.out_dir)  # (left by a conversion that was killed)
+        for name in {p.name[1:].split(".parquet.")[0] for p in self.out_dir.glob(".part-*.parquet.*.tmp")}:
+            remove_stale_temporaries(self.out_dir / f"{name}.parquet")  # (left by a killed conversion)
         self.overwrite = bool(overwrite)
         self.tables = tables
         self.dense = list(dense)
@@ -298,7 +268,7 @@ class ParquetSink:
             self._pending, self._pending_rows = ([rest] if rest.num_rows else []), rest.num_rows
             if self._writer is None:
                 path = self.out_dir / f"part-{len(self.files):05d}.parquet"
-                staged = staging_path(path)
+                staged = temporary_path(path)
                 self._staged.append(staged)  # before the writer creates it: abort() removes it
                 self.files.append(path)
                 self._writer = pq.ParquetWriter(staged, self.schema, compression=self.compression)

@@ -33,9 +33,7 @@ import errno
 import os
 import pickle
 import random
-import secrets
 import shutil
-import socket
 import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -55,6 +53,7 @@ from lightning_bagpipe.__about__ import __version__
 from lightning_bagpipe.embedding.cached import WRITTEN_IDS, CachedEmbedding
 from lightning_bagpipe.embedding.init import INIT_RECIPE
 from lightning_bagpipe.embedding.store import fsync_dir
+from lightning_bagpipe.temporaries import TMP_SUFFIX, remove_stale_temporaries, temporary_path
 
 __all__ = [
     "FILE_VERSION",
@@ -92,7 +91,6 @@ WRITTEN_ROWS_VERSION = 3
 #: per-rank shard files listed in the directory's manifest).
 SHARDED_VERSION = 2
 
-_TMP_SUFFIX = ".tmp"
 _OLD_SUFFIX = ".old"
 _ZIP_MAGIC = b"PK\x03\x04"
 
@@ -158,9 +156,8 @@ def atomic_torch_save(obj: Any, path: _PATH) -> None:
     check_replaceable(target)
     directory = target.parent
     directory.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temporaries(target)
-    unique = f"{socket.gethostname()}.{os.getpid()}.{secrets.token_hex(4)}"
-    tmp = directory / f".{target.name}.{unique}{_TMP_SUFFIX}"
+    remove_stale_temporaries(target)
+    tmp = temporary_path(target)
     try:
         with open(tmp, "xb") as f:
             torch.save(obj, f)
@@ -203,7 +200,7 @@ def _install(tmp: Path, target: Path) -> None:
         if _exchange(tmp, target):
             _remove(tmp)  # it now holds the previous checkpoint
         else:
-            old = tmp.with_name(tmp.name.removesuffix(_TMP_SUFFIX) + _OLD_SUFFIX)
+            old = tmp.with_name(tmp.name.removesuffix(TMP_SUFFIX) + _OLD_SUFFIX)
             os.rename(target, old)  # a crash between these two renames leaves the previous one at ``old``
             os.rename(tmp, target)
             _remove(old)
@@ -282,32 +279,6 @@ def _space_left(directory: Path) -> str:
         else f"{free:,} bytes"
     )
     return f"; {text} free on its filesystem"
-
-
-def _remove_stale_temporaries(target: Path) -> None:
-    """Delete temporaries (files or directories) of ``target`` written by dead processes of this host."""
-    prefix, host = f".{target.name}.", socket.gethostname()
-    for p in target.parent.glob(f".{target.name}.*{_TMP_SUFFIX}"):
-        middle = p.name[len(prefix) : -len(_TMP_SUFFIX)]
-        parts = middle.rsplit(".", 2)
-        if len(parts) != 3 or parts[0] != host or not parts[1].isdigit():
-            continue
-        if not _pid_alive(int(parts[1])):
-            if p.is_dir() and not p.is_symlink():
-                shutil.rmtree(p, ignore_errors=True)
-            else:
-                with contextlib.suppress(OSError):
-                    p.unlink()
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # exists but belongs to someone else
-        return True
-    return True
 
 
 # ---------------------------------------------------------------------------------------------- section

@@ -37,7 +37,6 @@ import contextlib
 import io
 import json
 import os
-import secrets
 import shutil
 import socket
 import types
@@ -71,9 +70,7 @@ from lightning_bagpipe.strategies.checkpointing import (
     _install,
     _io_failure,
     _local_path,
-    _pid_alive,
     _remove,
-    _remove_stale_temporaries,
     _rows_key,
     add_bagpipe_section,
     capture_rng_states,
@@ -81,6 +78,7 @@ from lightning_bagpipe.strategies.checkpointing import (
     read_checkpoint,
     verify_bagpipe_section,
 )
+from lightning_bagpipe.temporaries import pid_alive, remove_stale_temporaries, temporary_path
 
 __all__ = [
     "MANIFEST",
@@ -109,7 +107,6 @@ MANIFEST_FORMAT = "lightning-bagpipe-sharded-checkpoint"
 #: in the written-rows layout (``ids_file``, ``init_seed``, ``init_state``); manifests without them stay 1.
 MANIFEST_VERSION = 2
 
-_TMP_SUFFIX = ".tmp"
 _CHUNK = 16 << 20
 
 M = TypeVar("M", bound=pl.LightningModule)
@@ -399,10 +396,9 @@ def _make_temporary_dir(target: str) -> Path:
     dest = Path(local)
     check_replaceable(dest)  # (before anything is written)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temporaries(dest)
+    remove_stale_temporaries(dest)
     _remove_stale_old_copies(dest)
-    unique = f"{socket.gethostname()}.{os.getpid()}.{secrets.token_hex(4)}"
-    tmp = dest.parent / f".{dest.name}.{unique}{_TMP_SUFFIX}"
+    tmp = temporary_path(dest)
     tmp.mkdir()
     return tmp
 
@@ -470,7 +466,7 @@ def _remove_stale_old_copies(target: Path) -> None:
     host = socket.gethostname()
     for p in _old_copies(target):
         parts = p.name[len(target.name) + 2 : -len(_OLD_SUFFIX)].rsplit(".", 2)
-        if len(parts) == 3 and parts[0] == host and parts[1].isdigit() and not _pid_alive(int(parts[1])):
+        if len(parts) == 3 and parts[0] == host and parts[1].isdigit() and not pid_alive(int(parts[1])):
             _remove(p)
 
 
