@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from lightning_bagpipe.arguments import require_counts, require_positive
+from lightning_bagpipe.arguments import non_negative, require_counts, require_positive
 from lightning_bagpipe.bench.common import parse_int_list, require_matplotlib, save_figure
 from lightning_bagpipe.data.criteo_tsv import add_line_arguments
 from lightning_bagpipe.id_sets import unique_ids
@@ -143,8 +143,7 @@ def stream_from_args(args: argparse.Namespace) -> Stream:
     require_counts(args, "batch_size", "multi_hot")
     require_counts(args, "batches", "seed", minimum=0)  # (--batches 0: all of a file)
     require_positive(args, "scale")
-    if not (math.isfinite(args.zipf) and args.zipf >= 0):
-        raise ValueError(f"--zipf must be a finite number >= 0, got {args.zipf}")
+    non_negative("--zipf", args.zipf)
     return load_stream(
         str(args.data),
         batch_size=args.batch_size,

@@ -21,6 +21,20 @@ from lightning_bagpipe.data.synthetic import SyntheticCriteo, write_criteo_tsv
 from lightning_bagpipe.models import train as train_module
 from tests.helpers import has_matplotlib
 
+#: A trace of two tiny synthetic batches (seconds to run).
+TINY_TRACE = [
+    "trace",
+    "synthetic",
+    "--scale",
+    "0.001",
+    "--batches",
+    "2",
+    "--batch-size",
+    "64",
+    "--lookahead",
+    "1",
+]
+
 
 def _one_error_line(err: str, command: str) -> str:
     """The single ``error:`` line of ``err``, which must start a line and come without a traceback."""
@@ -118,18 +132,7 @@ def test_trace_labeled_flags(
 def test_trace_refuses_tsv_flags_for_synthetic_data(
     flags: list[str], message: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    args = [
-        "trace",
-        "synthetic",
-        "--scale",
-        "0.001",
-        "--batches",
-        "2",
-        "--batch-size",
-        "64",
-        "--lookahead",
-        "1",
-    ]
+    args = TINY_TRACE
     assert main([*args, *flags]) == 2
     assert message in _one_error_line(capsys.readouterr().err, "trace")
 
@@ -215,18 +218,7 @@ def test_train_refuses_a_vocab_threshold_that_builds_no_vocabulary(tsv: tuple[Pa
 def test_closed_output_ends_the_command_quietly(tmp_path: Path) -> None:
     # `lightning-bagpipe trace DATA | head`: the reader has gone before the report is written. That is no
     # error: no message, and status 141 (128 + SIGPIPE) as for a tool that SIGPIPE ended.
-    argv = [
-        "trace",
-        "synthetic",
-        "--scale",
-        "0.001",
-        "--batches",
-        "2",
-        "--batch-size",
-        "64",
-        "--lookahead",
-        "1",
-    ]
+    argv = TINY_TRACE
     proc = subprocess.Popen(
         [sys.executable, "-m", "lightning_bagpipe.cli", *argv, "--json", str(tmp_path / "t.json")],
         stdout=subprocess.PIPE,

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -139,7 +139,7 @@ class _WriteJob:
     """A queued job that writes ``rows`` to the store (its ``ticket`` is set once it is queued)."""
 
     rows: list[IdSlots]
-    ticket: _Ticket | None = field(default=None)
+    ticket: _Ticket | None = None
 
     @property
     def wrote(self) -> bool:

@@ -235,10 +235,14 @@ class BagpipeStrategy(DDPStrategy):
         self._failed = True
         super().on_exception(exception)
 
+    @property
+    def _trainer(self) -> pl.Trainer | None:
+        return self.lightning_module.trainer if self.lightning_module is not None else None
+
     def _failing(self) -> bool:
         """Whether the run is ending on an exception (Lightning marks it interrupted before it calls the
         callbacks' ``on_exception``, and this strategy's last)."""
-        trainer = self.lightning_module.trainer if self.lightning_module is not None else None
+        trainer = self._trainer
         interrupted = trainer is not None and trainer.state.status == TrainerStatus.INTERRUPTED
         return self._failed or interrupted
 
@@ -248,7 +252,7 @@ class BagpipeStrategy(DDPStrategy):
         driver, self._driver = self._driver, None
         if driver is not None:
             driver.close(flush=False)
-        trainer = self.lightning_module.trainer if self.lightning_module is not None else None
+        trainer = self._trainer
         if trainer is not None:
             for loader in _library_loaders(trainer.train_dataloader):
                 if isinstance(loader, BagpipeLoader):
@@ -423,7 +427,7 @@ class BagpipeStrategy(DDPStrategy):
         """The RNG states a checkpoint saves: those at the start of the training step under way, if any
         (the resumed run trains that step's batch again, so it must draw the same numbers), else None
         (the current ones)."""
-        trainer = self.lightning_module.trainer if self.lightning_module is not None else None
+        trainer = self._trainer
         if self._step_rng is None or trainer is None or trainer.state.fn != TrainerFn.FITTING:
             return None
         progress: Any = trainer.fit_loop.epoch_loop.batch_progress.current  # (a _ProcessedTracker)
@@ -432,7 +436,7 @@ class BagpipeStrategy(DDPStrategy):
     @override
     def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> dict[str, Any]:
         # a file or a directory, from any number of processes (the rows are re-sharded on load)
-        trainer = self.lightning_module.trainer if self.lightning_module is not None else None
+        trainer = self._trainer
         fitting = trainer is not None and trainer.state.fn == TrainerFn.FITTING
         checkpoint, section = load_bagpipe_checkpoint(
             self.checkpoint_io,
@@ -491,8 +495,9 @@ class BagpipeStrategy(DDPStrategy):
                 # on one process the store was brought up to date without it, so the checkpoint holds the
                 # last completed step; otherwise Lightning will not tear down after this error, so the
                 # pipeline's threads are stopped here
-                if not (self._failing() and self._driver.recovered):
-                    if self._failing():
+                failing = self._failing()
+                if not (failing and self._driver.recovered):
+                    if failing:
                         self._abandon_pipeline()
                     raise
         self._save_as_directory = self._directory_checkpoints()  # (save_checkpoint follows with the same)
