@@ -658,7 +658,7 @@ class MmapStore(EmbeddingStore):
             "metadata": self.metadata,
         }
         # the checksum of the values as they read back (a tuple reads as a list, an int key as a string)
-        header = json.loads(json.dumps(header))
+        header = _as_json(header)
         header[CHECKSUM_KEY] = sidecar_checksum(header)
         text = json.dumps(header, indent=1, sort_keys=True)
         write_atomically(self.sidecar, lambda f: f.write(text.encode()), "writing the sidecar")
