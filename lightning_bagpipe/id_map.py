@@ -7,7 +7,11 @@ the whole array for every batch of inserts or removals; this table pays per id o
 
 Open addressing with linear probing, on a power-of-two table kept at most half full (live entries plus
 removed ones' tombstones). Every operation takes a whole array of ids and probes them together, one
-numpy pass per probe round, so the rounds (a handful at half load) cost, not the ids.
+numpy pass per probe round; most ids resolve in the first round, which therefore gets its own pass
+without an index of the ids still probing. A growing table is sized for a quarter load: between the
+oracle's inserts and removals, tombstones then take tens of batches to fill it to half, so it is
+rebuilt rarely and probes stay short (in ``bench scale``'s stream, 41K lookups, 17K inserts and 17K
+removals per batch, this halved the oracle's hash table time for twice its memory).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ _FIB = np.uint64(0x9E3779B97F4A7C15)  # Fibonacci hashing: the top bits of id * 
 
 class IdMap:
     """Map distinct non-negative ``int64`` ids to values in ``[0, 2**31)`` (handles, slots), 12 bytes per
-    table entry, 2 to 6 entries per live id.
+    table entry, 2 entries per live id or more (4 to 8 once grown past ``capacity``).
 
     Args:
         capacity: live entries to make room for up front; the table grows (rehashing) beyond it.
@@ -56,57 +60,66 @@ class IdMap:
         return int(self._keys.nbytes + self._vals.nbytes)
 
     def _home(self, ids: np.ndarray) -> np.ndarray:
-        return ((ids.astype(np.uint64) * _FIB) >> self._shift).astype(np.int64)
+        """Every id's home position (ids are non-negative, so their bits read the same as uint64)."""
+        home = ids.view(np.uint64) * _FIB
+        home >>= self._shift
+        return home.view(np.int64)
 
     def _positions(self, ids: np.ndarray) -> np.ndarray:
         """The table position of every id, ``-1`` where absent."""
-        out = np.full(ids.size, -1, dtype=np.int64)
-        idx = np.arange(ids.size)
         pos = self._home(ids)
+        k = self._keys[pos]
+        hit = k == ids
+        out = np.where(hit, pos, -1)
+        go = k != _EMPTY
+        go &= ~hit
+        idx = np.flatnonzero(go)  # the ids still probing
+        pos = pos[idx]
         while idx.size:
+            pos += 1
+            pos &= self._mask
             k = self._keys[pos]
             hit = k == ids[idx]
             out[idx[hit]] = pos[hit]
-            go = ~hit & (k != _EMPTY)
-            idx, pos = idx[go], (pos[go] + 1) & self._mask
+            go = k != _EMPTY
+            go &= ~hit
+            sel = np.flatnonzero(go)
+            idx, pos = idx[sel], pos[sel]
         return out
 
     def find(self, ids: np.ndarray) -> np.ndarray:
         """The value of every id (any order, repeats allowed), ``-1`` where absent."""
-        ids = np.asarray(ids, dtype=np.int64)
-        pos = self._positions(ids)
-        found = pos >= 0
-        out = np.full(ids.size, -1, dtype=np.int64)
-        out[found] = self._vals[pos[found]]
-        return out
+        pos = self._positions(np.asarray(ids, dtype=np.int64))
+        return np.where(pos >= 0, self._vals[pos], np.int64(-1))
 
     def add(self, ids: np.ndarray, values: np.ndarray) -> None:
         """Insert distinct ``ids`` that are not present, mapped to ``values``."""
         ids = np.asarray(ids, dtype=np.int64)
         values = np.asarray(values, dtype=np.int64)
-        if not ids.size:
+        n = ids.size
+        if not n:
             return
         if int(values.min()) < 0 or int(values.max()) >= 2**31:
             raise ValueError(
                 f"IdMap.add: values must lie in [0, 2**31), got {int(values.min())}..{int(values.max())}"
             )
-        if 2 * (self._filled + ids.size) > self._keys.size:  # over half full: grow (or drop tombstones)
-            self._rehash(self._size_for(3 * (self._live + ids.size) // 2))
-        idx = np.arange(ids.size)
+        if 2 * (self._filled + n) > self._keys.size:  # over half full: grow (or drop tombstones)
+            self._rehash(self._size_for(2 * (self._live + n)))
         pos = self._home(ids)
-        while idx.size:
+        while ids.size:  # (ids, values, pos: of the ids still probing)
             k = self._keys[pos]
             free = np.flatnonzero(k < 0)  # empty or a tombstone (the id is absent, so either will do)
-            claim, want = pos[free], ids[idx[free]]
-            was_empty = k[free] == _EMPTY
+            claim, want = pos[free], ids[free]
             self._keys[claim] = want  # ids claiming the same position: exactly one of them lands
-            won = self._keys[claim] == want
-            self._vals[claim[won]] = values[idx[free[won]]]
-            self._filled += int(was_empty[won].sum())
-            rest = np.ones(idx.size, dtype=bool)
-            rest[free[won]] = False
-            idx, pos = idx[rest], (pos[rest] + 1) & self._mask
-        self._live += ids.size
+            won = free[self._keys[claim] == want]
+            self._vals[pos[won]] = values[won]
+            self._filled += int(np.count_nonzero(k[won] == _EMPTY))
+            rest = np.ones(ids.size, dtype=bool)
+            rest[won] = False
+            ids, values, pos = ids[rest], values[rest], pos[rest]
+            pos += 1
+            pos &= self._mask
+        self._live += n
 
     def remove(self, ids: np.ndarray) -> None:
         """Remove distinct ``ids`` that are present."""

@@ -32,7 +32,9 @@ def test_id_map_agrees_with_a_dict_through_adds_removes_growth_and_clears(capaci
         sizes.add(m.nbytes)
         known = np.fromiter(ref, dtype=np.int64, count=len(ref))
         probe = np.concatenate([known, known[:5], rng.integers(0, 2**40, 20)])  # repeats allowed
-        assert m.find(probe).tolist() == [ref.get(int(i), -1) for i in probe], step
+        found = m.find(probe)
+        assert found.dtype == np.int64
+        assert found.tolist() == [ref.get(int(i), -1) for i in probe], step
         assert len(m) == len(ref)
         ids, vals = m.items()
         assert dict(zip(ids.tolist(), vals.tolist())) == ref

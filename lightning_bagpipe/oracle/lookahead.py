@@ -27,7 +27,7 @@ sort). The plans are a pure function of the stream and the arguments, so every r
 copy of the oracle on the global batches and get the same plans.
 
 Memory: the per-row state (:mod:`~lightning_bagpipe.oracle.row_index`): 12 bytes per fused row with the
-dense index, 32 to 48 bytes per live row (resident or in the window) with the compact one; 21 bytes
+dense index, about 110 bytes per live row (resident or in the window) with the compact one; 21 bytes
 per cache slot; and the window: 4 bytes per distinct id of each of the ``L + 1`` batches held, plus
 the batches' distinct ids and inverses (8 bytes each; 8 more per distinct id if compact).
 """
