@@ -238,7 +238,7 @@ class SparseFeatures:
     @classmethod
     def from_dense(cls, keys: Sequence[str], ids: Tensor | np.ndarray) -> SparseFeatures:
         """One-hot features from a ``[B, F]`` id matrix (column ``f`` is feature ``keys[f]``)."""
-        m = _as_long(ids, "ids")
+        m = _as_long(ids, "ids", columns=list(keys))
         if m.dim() != 2 or m.shape[1] != len(keys):
             raise ValueError(f"expected ids of shape [batch, {len(keys)}], got {tuple(m.shape)}")
         values = m.t().contiguous().view(-1)
@@ -297,7 +297,8 @@ class SparseFeatures:
         return values + np.repeat(tables.offsets, per_key)
 
     def validate(self, tables: Tables) -> np.ndarray:
-        """Raise a ValueError naming the feature and value for ids that do not fit ``tables``.
+        """Raise a ValueError naming the feature and value for ids that do not fit ``tables``, or for
+        ``values`` and ``lengths`` that do not fit together (as :meth:`from_lengths` checks them).
 
         Returns the number of occurrences of each feature (int64 numpy).
         """
@@ -309,12 +310,10 @@ class SparseFeatures:
             if missing:
                 raise ValueError(f"batch lacks features {missing}; every batch carries all tables")
             raise ValueError(f"feature keys {self.keys} must be in table order {tables.names}")
-        if self.values.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"sparse ids must be integers, got dtype {self.values.dtype}")
-        f, b = len(self.keys), self.batch_size
-        if b == 0 or self.values.numel() == 0:
+        per_key = self._check_layout()
+        f = len(self.keys)
+        if self.batch_size == 0 or self.values.numel() == 0:
             return np.zeros(f, dtype=np.int64)
-        per_key = self.lengths.view(f, b).sum(1).numpy().astype(np.int64, copy=False)
         # each feature's ids are one contiguous run of ``values``: check its min and max
         present = np.flatnonzero(per_key)
         starts = np.concatenate([[0], np.cumsum(per_key)[:-1]])[present]
@@ -333,8 +332,69 @@ class SparseFeatures:
             )
         return per_key
 
+    def _check_layout(self) -> np.ndarray:
+        """Check that ``values`` and ``lengths`` fit together as :meth:`from_lengths` does (the dataclass
+        constructor, which the library's own sources use, checks nothing); return each feature's number
+        of occurrences (int64 numpy)."""
+        for name in ("values", "lengths"):
+            t = getattr(self, name)
+            if not isinstance(t, Tensor):
+                raise TypeError(
+                    f"sparse {name} must be a torch.Tensor, got {type(t).__module__}.{type(t).__name__}: "
+                    "build the features with SparseFeatures.from_lengths (which converts), or convert with "
+                    "torch.from_numpy / torch.as_tensor"
+                )
+        if self.values.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"sparse ids must be integers (int64 or int32), got dtype {self.values.dtype}")
+        if self.lengths.dtype not in (torch.int64, torch.int32):
+            raise ValueError(
+                f"sparse lengths must be integers (int64 or int32), got dtype {self.lengths.dtype}"
+            )
+        if self.values.dim() != 1:
+            raise ValueError(
+                "sparse values must be 1-D (key-major: every bag's ids), got shape "
+                f"{tuple(self.values.shape)}"
+            )
+        if self.lengths.dim() != 1:
+            raise ValueError(
+                f"sparse lengths must be 1-D (key-major, F*B entries), got shape {tuple(self.lengths.shape)}"
+            )
+        f = len(self.keys)
+        n = self.lengths.numel()
+        if n % f:
+            raise ValueError(
+                f"{n} sparse lengths are not a multiple of the {f} features {self.keys}: every feature needs "
+                "one bag length per sample"
+            )
+        lengths = self.lengths.numpy().reshape(f, n // f)
+        if lengths.size and int(lengths.min()) < 0:
+            k, sample = (int(i[0]) for i in np.nonzero(lengths < 0))
+            raise ValueError(
+                f"feature {self.keys[k]!r}: negative bag length {int(lengths[k, sample])} for sample "
+                f"{sample} (negative lengths in the batch: {int((lengths < 0).sum())})"
+            )
+        per_key = lengths.sum(1, dtype=np.int64)
+        total = int(per_key.sum())
+        if total != self.values.numel():
+            raise ValueError(
+                f"sparse lengths add up to {total} ids but values holds {self.values.numel()} "
+                f"(ids per feature by the lengths: {dict(zip(self.keys, per_key.tolist()))})"
+            )
+        if self.weights is not None and (
+            not isinstance(self.weights, Tensor) or self.weights.shape != self.values.shape
+        ):
+            shape = getattr(self.weights, "shape", None)
+            raise ValueError(
+                f"sparse weights must be a tensor of the values' shape {tuple(self.values.shape)}, got "
+                f"{type(self.weights).__name__} of shape {None if shape is None else tuple(shape)}"
+            )
+        return per_key
+
     def slice_samples(self, start: int, stop: int) -> SparseFeatures:
-        """The features of samples ``[start, stop)`` (every feature), keeping the layout."""
+        """The features of samples ``[start, stop)`` (every feature), keeping the layout.
+
+        A training batch's cache lookup is sliced with them: micro-batches of the batch (several forward
+        passes in one ``training_step``) read, and train, the same cache rows as the whole batch."""
         b, f = self.batch_size, len(self.keys)
         ln = self.lengths.view(f, b)
         off = self.offsets.view(-1)
@@ -342,7 +402,12 @@ class SparseFeatures:
         ends = starts + ln[:, start:stop].sum(1)
         idx = torch.cat([torch.arange(int(s), int(e)) for s, e in zip(starts, ends)])
         w = self.weights[idx] if self.weights is not None else None
-        return SparseFeatures(list(self.keys), self.values[idx], ln[:, start:stop].reshape(-1).clone(), w)
+        lookup = None
+        if self.lookup is not None:  # the same slots (rows the slice does not use get no gradient)
+            lookup = CacheLookup(self.lookup.slots, self.lookup.inverse[idx.to(self.lookup.inverse.device)])
+        return SparseFeatures(
+            list(self.keys), self.values[idx], ln[:, start:stop].reshape(-1).clone(), w, lookup
+        )
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> SparseFeatures:
         return SparseFeatures(
@@ -429,7 +494,8 @@ class Batch:
         return self.sparse.batch_size
 
     def slice_samples(self, start: int, stop: int) -> Batch:
-        """Samples ``[start, stop)`` without plan or lookup (the loader attaches this rank's own)."""
+        """Samples ``[start, stop)`` without the plan (the loader attaches this rank's own); a training
+        batch's cache lookup is sliced with the features (:meth:`SparseFeatures.slice_samples`)."""
         return Batch(
             self.sparse.slice_samples(start, stop),
             None if self.dense is None else self.dense[start:stop],
@@ -448,10 +514,24 @@ class Batch:
         return self.batch_size
 
 
-def _as_long(x: Any, what: str) -> Tensor:
+def _as_long(x: Any, what: str, columns: Sequence[str] | None = None) -> Tensor:
+    """``x`` as an int64 tensor; a ValueError naming ``what`` for values that are not integers or do not
+    fit int64. ``columns`` names the features of a ``[B, F]`` matrix's columns, for the message."""
     t = torch.as_tensor(x)
     if t.dtype.is_floating_point or t.dtype == torch.bool or t.dtype.is_complex:
         bad = t[(t != t.round())] if t.dtype.is_floating_point else t[:1]
         example = f" (e.g. {bad[0].item()!r})" if bad.numel() else ""
         raise ValueError(f"{what} must be integers, got dtype {t.dtype}{example}")
+    if t.dtype == torch.uint64:  # (.long() wraps values from 2**63 on round to negative ones)
+        a = t.cpu().numpy()
+        big = a >= np.uint64(2**63)
+        if big.any():
+            at = np.unravel_index(int(np.flatnonzero(big)[0]), a.shape)
+            where = f" of feature {columns[int(at[1])]!r}" if columns is not None and a.ndim == 2 else ""
+            position = f"sample {at[0]}" if where else f"position {', '.join(str(int(i)) for i in at)}"
+            raise ValueError(
+                f"{what}{where} hold {int(a[at])} (uint64, at {position}; {int(big.sum())} such values), "
+                "which does not fit int64 (at most 2**63 - 1): ids are rows of each feature's own table, "
+                "e.g. a hash taken modulo the table size"
+            )
     return t.long()

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from lightning_bagpipe.arguments import integer
-from lightning_bagpipe.data.batch import Batch, CacheLookup, StepPlan
+from lightning_bagpipe.data.batch import Batch, CacheLookup, SparseFeatures, StepPlan
 from lightning_bagpipe.id_sets import member_of, unique_below, unique_inverse_below
 from lightning_bagpipe.oracle.lookahead import LookaheadOracle
 from lightning_bagpipe.oracle.partition import SYNC_MODES, RankPartitioner, RankView, occurrence_ranks
@@ -45,6 +45,10 @@ from lightning_bagpipe.tables import Tables
 
 SourceFn = Callable[[], Iterable[Batch]]
 _EMPTY = np.zeros(0, dtype=np.int64)
+#: One-shot iterators (generator objects) a pass over a source has read, so that one returned again, used
+#: up, is refused (:meth:`_LoaderBase._open_source`); weak, so that a source's old generators can go.
+_READ_ONE_SHOT: weakref.WeakSet[Any] = weakref.WeakSet()
+_READ_LOCK = threading.Lock()
 
 
 def rank_bounds(batch_size: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -63,21 +67,59 @@ def occurrence_mask(batch: Batch, start: int, stop: int) -> np.ndarray:
 
 
 def check_batch(batch: Batch, tables: Tables, where: str) -> np.ndarray:
-    """Validate a global batch against ``tables``; return its fused ids (key-major)."""
+    """Validate a global batch against ``tables``; return its fused ids (key-major).
+
+    ``where`` (``"train batch 7"``) starts every message. The sparse features are checked first: the
+    number of samples, which dense features and labels must match, is theirs.
+    """
     if not isinstance(batch, Batch):
         raise TypeError(
             f"{where}: a source must yield lightning_bagpipe.Batch objects, got {type(batch).__name__}"
         )
+    if not isinstance(batch.sparse, SparseFeatures):
+        raise TypeError(
+            f"{where}: sparse must be lightning_bagpipe.SparseFeatures, got {_type_name(batch.sparse)}"
+        )
+    try:
+        ids = batch.sparse.fused_ids(tables)
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None
+    except TypeError as err:
+        raise TypeError(f"{where}: {err}") from None
     b = batch.batch_size
+    if b == 0:
+        raise ValueError(
+            f"{where} has 0 samples: every batch needs at least one (a mean loss over none is NaN). Leave "
+            "empty batches out of the source"
+        )
     for name, t in (("dense", batch.dense), ("labels", batch.labels)):
-        if t is not None and t.shape[0] != b:
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(
+                f"{where}: {name} must be a torch.Tensor, got {_type_name(t)}: convert it in the source "
+                "with torch.from_numpy(...) or torch.as_tensor(..., dtype=torch.float32)"
+            )
+        if not t.dtype.is_floating_point:
+            raise ValueError(
+                f"{where}: {name} must be floating point (float32), got dtype {t.dtype}: convert it in the "
+                f"source with {name}.float()"
+            )
+        want = 2 if name == "dense" else None
+        if (want is not None and t.dim() != want) or t.dim() == 0:
+            shape = "[batch, features]" if name == "dense" else "[batch]"
+            raise ValueError(f"{where}: {name} must be {shape}, got shape {tuple(t.shape)}")
+        if t.shape[0] != b:
             raise ValueError(
                 f"{where}: {name} has {t.shape[0]} rows but the sparse features have {b} samples"
             )
-    try:
-        return batch.sparse.fused_ids(tables)
-    except ValueError as err:
-        raise ValueError(f"{where}: {err}") from None
+    return ids
+
+
+def _type_name(x: object) -> str:
+    """``numpy.ndarray`` for an array: the module tells what it is, and what converts it."""
+    t = type(x)
+    return t.__name__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__name__}"
 
 
 class _LoaderBase:
@@ -90,6 +132,43 @@ class _LoaderBase:
         self.world_size = world_size
         self.name = name
         self._length: int | None = None
+        self._read_one_shot: object = None  # the last one-shot iterator a pass read that no weak set holds
+
+    def _open_source(self) -> Iterator[Batch]:
+        """A new pass over the source: an iterator over what ``source_fn()`` returns.
+
+        A one-shot iterator (``iter(src) is src``: a generator object, ``iter(list)``, a file) can be read
+        only once: returned again, it yields nothing more (or only what the earlier pass left), and the
+        pass would silently train or evaluate on that. Such an iterator that an earlier pass read is
+        refused.
+        """
+        src = self._source_fn()
+        try:
+            it = iter(src)
+        except TypeError:
+            raise TypeError(
+                f"the {self.name} source must be an iterable of lightning_bagpipe.Batch objects, got "
+                f"{_type_name(src)}"
+            ) from None
+        if it is not src:  # (a list, or an object whose __iter__ starts a new pass: read again each time)
+            return it
+        with _READ_LOCK:
+            again = it in _READ_ONE_SHOT or it is self._read_one_shot
+            if not again:
+                try:
+                    _READ_ONE_SHOT.add(it)
+                except TypeError:  # (not weakly referenceable, e.g. iter(list): this loader remembers it)
+                    self._read_one_shot = it
+        if again:
+            raise ValueError(
+                f"the {self.name} source returned the same one-shot iterator ({_type_name(it)}) that an "
+                "earlier pass has read: it yields nothing more (or only what that pass left), so this pass "
+                f"would silently {'train' if self.name == 'train' else 'evaluate'} on that. Make "
+                f"{self.name}_source() (or the source function given to the loader) return a new generator "
+                "on each call (call the generator function there, or make it a generator function itself), "
+                "or return a re-iterable such as a list"
+            )
+        return it
 
     def bind(self, rank: int, world_size: int) -> None:
         """Read ``rank``'s slice of every batch of ``world_size``: the strategy calls this before a pass.
@@ -129,7 +208,7 @@ class _LoaderBase:
             shell = Batch(replace(batch.sparse, lookup=None), batch.dense, batch.labels)
             return shell, (0, batch.batch_size)
         b = batch.batch_size
-        if b < self.world_size:
+        if b < self.world_size:  # (check_batch refused empty batches first, at any world size)
             problem = (
                 f"{self.name} batch {index} has {b} sample(s) and cannot be split over {self.world_size} "
                 "ranks: every rank needs at least one sample of every batch."
@@ -142,10 +221,9 @@ class _LoaderBase:
                 )
             # Evaluation keeps every sample: dropping the batch would leave its samples out of the metrics,
             # and CriteoDataModule's evaluation sources take no drop_last.
-            fewer = f", or use at most {b} process(es)" if b else ""
             raise ValueError(
                 f"{problem} Evaluation keeps every sample: choose a batch size that leaves the last, partial "
-                f"batch at least {self.world_size} samples (or none){fewer}"
+                f"batch at least {self.world_size} samples (or none), or use at most {b} process(es)"
             )
         start, stop = rank_bounds(b, self.rank, self.world_size)
         return batch.slice_samples(start, stop), (start, stop)
@@ -155,7 +233,7 @@ class EvalLoader(_LoaderBase):
     """Validation/test/predict batches for this rank (validated, sliced, no plan)."""
 
     def __iter__(self) -> Iterator[Batch]:
-        for i, batch in enumerate(self._source_fn()):
+        for i, batch in enumerate(self._open_source()):
             check_batch(batch, self.tables, f"{self.name} batch {i}")
             yield self._local(batch, i)[0]
 
@@ -431,7 +509,7 @@ class _OracleThread(threading.Thread):
                 ready.append(planned(plan))
             return emit_ready(final=False)
 
-        for i, batch in enumerate(ld._source_fn()):
+        for i, batch in enumerate(ld._open_source()):
             if self._stop_event.is_set():
                 return
             if i < self.skip:

@@ -12,9 +12,10 @@ from the store, without the cache and without gradients, so a trained model is u
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import torch
@@ -51,8 +52,9 @@ class CachedEmbedding(nn.Module):
 
     Args:
         tables: one table per feature, in the order of the batch's feature keys.
-        dim: embedding dimension shared by the tables of this module. Tables that need another dimension
-            go in a second ``CachedEmbedding``; modules over the same features share one oracle plan.
+        dim: embedding dimension shared by the tables of this module. Every module of a model serves
+            all its tables and shares one oracle plan; for another dimension add a second module over
+            the same tables (it costs no oracle work) and use the features you need from it.
         optimizer: the row-wise sparse optimizer that trains this module's rows
             (:mod:`lightning_bagpipe.optim`).
         store: where the full tables live: ``None`` (host RAM), a path (a memory-mapped file, created or
@@ -109,6 +111,7 @@ class CachedEmbedding(nn.Module):
         self._active = False
         self._pending: list[tuple[Tensor, Tensor]] = []
         self._warned_inactive = False
+        self._owner: weakref.ref[_Owner] | None = None  # the driver of an active cache
         self._save_written_rows = False  # set while a checkpoint is taken (checkpointing.written_rows_only)
 
     # ------------------------------------------------------------------ store
@@ -209,13 +212,15 @@ class CachedEmbedding(nn.Module):
             self._cache = new
         return self._cache
 
-    def _activate(self, capacity: int | None) -> None:
+    def _activate(self, capacity: int | None, owner: _Owner | None = None) -> None:
         self._ensure_cache(max(1, capacity or 1))
         self._active = True
+        self._owner = None if owner is None else weakref.ref(owner)
         self._pending.clear()
 
     def _deactivate(self) -> None:
         self._active = False
+        self._owner = None
         self._pending.clear()
         self._cache = None
         self._pinned = None
@@ -262,10 +267,11 @@ class CachedEmbedding(nn.Module):
         rows = self._cache.index_select(0, torch.from_numpy(slots).to(self._cache.device))
         self.store.write(ids, rows.cpu(), check_unique=False)
 
-    def _take_grads(self) -> tuple[Tensor, Tensor] | None:
-        """The summed gradient of every cache slot this step's forward passes read, and forget them."""
+    def _take_grads(self, scale: float = 1.0) -> tuple[Tensor, Tensor] | None:
+        """The summed gradient of every cache slot this step's forward passes read (divided by a loss
+        ``scale``), and forget them."""
         pending, self._pending = self._pending, []
-        grads = [(s, r.grad) for s, r in pending if r.grad is not None]
+        grads = [(s, r.grad if scale == 1.0 else r.grad / scale) for s, r in pending if r.grad is not None]
         if not grads:
             return None
         if len(grads) == 1:  # the usual case: one call in the step (no copies)
@@ -308,7 +314,9 @@ class CachedEmbedding(nn.Module):
                     lookup.inverse, features.lengths, features.num_features, rows.shape[0]
                 )
         else:
-            if self.training and torch.is_grad_enabled() and not self._warned_inactive:
+            if self._active:
+                self._current_store(features)
+            elif self.training and torch.is_grad_enabled() and not self._warned_inactive:
                 self._warned_inactive = True
                 rank_zero_warn(
                     "CachedEmbedding is training outside strategy='bagpipe': rows are read from the store "
@@ -330,6 +338,23 @@ class CachedEmbedding(nn.Module):
         # "16-true" or "64-true" precision the dense layers expect the default dtype it sets
         wanted = torch.get_default_dtype()
         return out if out.dtype == wanted else out.to(wanted)
+
+    def _current_store(self, features: SparseFeatures) -> None:
+        """Before features without a cache plan read the store during fit: refuse them if they would need
+        training, else bring the store up to date (the cache holds the newest copies of its rows)."""
+        owner = None if self._owner is None else self._owner()
+        if owner is None:
+            return
+        if self.training and torch.is_grad_enabled() and owner.step_open:
+            raise RuntimeError(
+                "CachedEmbedding got features without a cache plan inside a training step (the loader plans "
+                "the batch's own features; SparseFeatures.slice_samples keeps the plan). Only planned rows "
+                "are in the cache and can be trained: ids that are not in the batch (sampled negatives, "
+                f"candidates) must be part of the batches the data source yields. Got keys {features.keys} "
+                f"for {features.batch_size} samples. To read rows without training them, look them up under "
+                "torch.no_grad()."
+            )
+        owner.make_store_current()
 
     def _fused_ids(self, features: SparseFeatures) -> Tensor:
         if features.keys != self.tables.names:
@@ -438,3 +463,16 @@ class CachedEmbedding(nn.Module):
             f"tables={len(self.tables)}, rows={self.tables.total_rows}, dim={self.dim}, "
             f"optimizer={self.optimizer.name}, pooling={self.pooling}, store={type(self.store).__name__}"
         )
+
+
+class _Owner(Protocol):
+    """What a module asks of the driver of its active cache (:class:`~.driver.CacheDriver`)."""
+
+    @property
+    def step_open(self) -> bool:
+        """Whether a training step has begun and not yet applied its sparse update."""
+        ...
+
+    def make_store_current(self) -> None:
+        """Bring the store up to date with the cache (or refuse, naming why)."""
+        ...

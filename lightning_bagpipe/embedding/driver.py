@@ -191,6 +191,8 @@ class CacheDriver:
         self._writeback: IdSlots | None = None
         self._writes: deque[_WriteJob] = deque()  # write jobs not known to have written their rows
         self._recovered = False  # the store was brought up to date after the executor failed
+        self._store_current = True  # no sparse update since the store last matched the cache
+        self._grad_scale = 1.0  # the loss scale of the step being updated
         self.last = StepStats()
         self.total = TotalStats()
 
@@ -221,6 +223,7 @@ class CacheDriver:
                 f"step {cur.key} of the cache plan ended without an optimizer step: the loader's gradient "
                 "accumulation groups and Lightning's optimizer steps disagree (its gradients would be lost)"
             )
+        self._check_gradients_applied()
         self._end_step()
         if self.executor is None:
             self._start(plan.capacity)
@@ -282,15 +285,18 @@ class CacheDriver:
         t.wait_s += waited
         t.early_rows += early_rows
 
-    def after_update(self, step: int) -> None:
-        """Apply the sparse optimizer to the rows this step touched (once per step)."""
+    def after_update(self, step: int, grad_scale: float = 1.0) -> None:
+        """Apply the sparse optimizer to the rows this step touched (once per step); their gradients are
+        divided by ``grad_scale`` first (the loss scale of a ``"16-mixed"`` run)."""
         plan = self._current
         if plan is None or self._updated:
             return
         self._updated = True
+        self._store_current = False
+        self._grad_scale = grad_scale
         if self.groups is None:
             for m in self.modules:
-                taken = m._take_grads()
+                taken = m._take_grads(grad_scale)
                 if taken is not None:
                     m._update_rows(*taken, step)
             self.dirty[plan.slots] = True
@@ -327,7 +333,7 @@ class CacheDriver:
         for m in self.modules:
             buf = torch.zeros(sync_slots.numel(), m.dim, device=device)
             own = (torch.zeros(0, dtype=torch.long, device=device), torch.zeros(0, m.dim, device=device))
-            taken = m._take_grads()
+            taken = m._take_grads(self._grad_scale)
             if taken is not None:
                 slots, grad = taken
                 p = pos[slots]
@@ -476,6 +482,55 @@ class CacheDriver:
         if durable:
             for m in self.modules:
                 m.store.flush()
+        self._store_current = True
+
+    def pending_grads(self) -> list[Tensor]:
+        """The gradients this step's lookups have received so far."""
+        return [r.grad for m in self.modules for _, r in m._pending if r.grad is not None]
+
+    def skip_update(self) -> None:
+        """End the step's update without applying it (the loss scaler skipped the step): its gradients
+        are dropped, its rows unchanged."""
+        if self._current is None or self._updated:
+            return
+        self._updated = True
+        for m in self.modules:
+            m._pending.clear()
+
+    @property
+    def step_open(self) -> bool:
+        """Whether a training step has begun and not yet applied its sparse update."""
+        return self._current is not None and not self._updated
+
+    def make_store_current(self) -> None:
+        """Bring the store up to date for a lookup of rows no plan put in the cache (a callback, a loader
+        without plans): nothing to do if no sparse update ran since the store last matched the cache."""
+        if self._store_current or self.executor is None:
+            return
+        if self.groups is not None:  # writing the store is collective: one rank alone would hang
+            raise RuntimeError(
+                "CachedEmbedding got features without a cache plan during fit, on several processes, after "
+                "a training step: the store is behind the cache, and bringing it up to date takes every "
+                "rank. Look up such rows in validation (the data module's val_source), in "
+                "training_step under torch.no_grad() from the batch's own features, or after fit."
+            )
+        self.sync_store()
+
+    def _check_gradients_applied(self) -> None:
+        """Refuse to drop embedding gradients that no optimizer step applied (the step is ending)."""
+        if self._current is None:
+            return
+        if any(r.grad is not None for m in self.modules for _, r in m._pending):
+            when = "after the step's optimizer step" if self._updated else "and no optimizer step followed"
+            for m in self.modules:
+                m._pending.clear()  # (said once: a teardown that flushes the cache does not repeat it)
+            raise RuntimeError(
+                f"step {self._current.key} of the cache plan: embedding gradients were computed {when}, so "
+                "they would be lost. The cached rows are updated once per training step, at its first "
+                "optimizer step: with manual optimization, run every backward through a CachedEmbedding "
+                "before the step's first optimizer.step(), and step in every batch (for gradient "
+                "accumulation use Trainer(accumulate_grad_batches=k))."
+            )
 
     @property
     def recovered(self) -> bool:
@@ -490,6 +545,12 @@ class CacheDriver:
         """
         if self.executor is None:
             return
+        lost: RuntimeError | None = None
+        if flush:  # (the store is still brought up to date and the executor stopped; then it is raised)
+            try:
+                self._check_gradients_applied()
+            except RuntimeError as e:
+                lost = e
         self._end_step()  # (a step that did not reach its update writes nothing)
         try:
             if flush:
@@ -503,6 +564,8 @@ class CacheDriver:
             self.executor = None
             for m in self.modules:
                 m._deactivate()
+        if lost is not None:
+            raise lost
 
     # ------------------------------------------------------------------ internals
     def _new_stream(self) -> None:
@@ -523,7 +586,7 @@ class CacheDriver:
     def _start(self, capacity: int) -> None:
         self.rows = capacity if capacity > 0 else 1024
         for m in self.modules:
-            m._activate(self.rows)
+            m._activate(self.rows, self)
         self.slot_ids = np.full(self.rows, -1, dtype=np.int64)
         self.dirty = np.zeros(self.rows, dtype=bool)
         self.executor = RowExecutor(self.modules, self.groups, self.io_delay_s)

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 import lightning.pytorch as pl
+import torch
 import torch.distributed as dist
 from lightning.fabric.plugins import CheckpointIO
 from lightning.fabric.strategies.registry import _StrategyRegistry
@@ -315,10 +316,52 @@ class BagpipeStrategy(DDPStrategy):
         model: pl.LightningModule | Module | None = None,
         **kwargs: Any,
     ) -> Any:
-        out = super().optimizer_step(optimizer, closure, model, **kwargs)
-        if self._driver is not None:
-            assert self.lightning_module is not None
-            self._driver.after_update(self.lightning_module.trainer.global_step)
+        scaler = getattr(self.precision_plugin, "scaler", None)
+        if self._driver is None or scaler is None or not scaler.is_enabled():
+            out = super().optimizer_step(optimizer, closure, model, **kwargs)
+            if self._driver is not None:
+                assert self.lightning_module is not None
+                self._driver.after_update(self.lightning_module.trainer.global_step)
+            return out
+        return self._scaled_optimizer_step(scaler, optimizer, closure, model, **kwargs)
+
+    def _scaled_optimizer_step(
+        self,
+        scaler: torch.amp.GradScaler,
+        optimizer: Optimizer,
+        closure: Callable[[], Any],
+        model: pl.LightningModule | Module | None,
+        **kwargs: Any,
+    ) -> Any:
+        """An optimizer step under a loss-scaling precision (``"16-mixed"``): the rows' gradients are
+        unscaled like the dense ones, and a step the scaler skips (non-finite gradients) skips the rows
+        too. Non-finite row gradients skip the dense step as well, as they would with the rows among the
+        optimizer's parameters (the check is one all-reduce on several processes)."""
+        assert self._driver is not None and self.lightning_module is not None
+        driver = self._driver
+        scale = float(scaler.get_scale())  # (the backward ran with it; update() changes it afterwards)
+        finite = True
+
+        def checked_closure() -> Any:
+            nonlocal finite
+            result = closure()
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            dense = [p.grad for p in params if p.grad is not None]
+            bad = torch.zeros((), device=self.root_device)
+            for g in driver.pending_grads() + dense:
+                bad += (~torch.isfinite(g)).any().to(bad.device, torch.float32)
+            if self.world_size > 1:
+                bad = self.reduce(bad, reduce_op="sum")
+            finite = bool(bad.item() == 0)
+            if not finite and dense:  # the scaler then skips the dense step too (and backs off its scale)
+                dense[0].view(-1)[0] = float("nan")
+            return result
+
+        out = super().optimizer_step(optimizer, checked_closure, model, **kwargs)
+        if finite:
+            driver.after_update(self.lightning_module.trainer.global_step, grad_scale=scale)
+        else:
+            driver.skip_update()
         return out
 
     # ------------------------------------------------------------------ keeping the store current
@@ -332,22 +375,34 @@ class BagpipeStrategy(DDPStrategy):
         for loader in _library_loaders(loaders):
             loader.bind(self.global_rank, self.world_size)
 
+    def _bind_evaluation(self, loaders: Any, stage: str) -> None:
+        """:meth:`_bind`, refusing a training loader: its batches' cache lookups point into the plans of
+        the training steps, which an evaluation does not run."""
+        for loader in _library_loaders(loaders):
+            if isinstance(loader, BagpipeLoader):
+                raise ValueError(
+                    f"a training loader (BagpipeLoader, from train_dataloader()) was given as a {stage} "
+                    "loader: its batches carry cache plans for training steps. Give the data module a "
+                    f"{stage}_source (its {stage}_dataloader() returns an EvalLoader), or pass an EvalLoader"
+                )
+        self._bind(loaders)
+
     @override
     def on_validation_start(self) -> None:
         self._sync_store()
-        self._bind(self.lightning_module.trainer.val_dataloaders)  # type: ignore[union-attr]
+        self._bind_evaluation(self.lightning_module.trainer.val_dataloaders, "val")  # type: ignore[union-attr]
         super().on_validation_start()
 
     @override
     def on_test_start(self) -> None:
         self._sync_store()
-        self._bind(self.lightning_module.trainer.test_dataloaders)  # type: ignore[union-attr]
+        self._bind_evaluation(self.lightning_module.trainer.test_dataloaders, "test")  # type: ignore[union-attr]
         super().on_test_start()
 
     @override
     def on_predict_start(self) -> None:
         self._sync_store()
-        self._bind(self.lightning_module.trainer.predict_dataloaders)  # type: ignore[union-attr]
+        self._bind_evaluation(self.lightning_module.trainer.predict_dataloaders, "predict")  # type: ignore[union-attr]
         super().on_predict_start()
 
     @override

@@ -1,0 +1,227 @@
+"""What a lookup means at each point of a fit, beyond the batch's own features in a training step:
+micro-batches of the batch, rows read from callbacks or under ``torch.no_grad()``, gradients no optimizer
+step applies (manual optimization), a training loader given for evaluation, and loss scaling
+("16-mixed"). Each either equals plain reference math on full tables, or is refused with an error
+that says what to do instead."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.plugins.precision import MixedPrecision
+
+import lightning_bagpipe as lb
+from tests.helpers import ListDataModule, TinyModel, quiet_trainer, random_batches, small_tables
+from tests.test_exactness import BATCH, DENSE_LR, DIM, OPTIMIZERS, train_reference
+
+TABLES = (60, 45, 35)
+
+
+def _setup(steps: int, seed: int = 3) -> tuple[lb.Tables, list[lb.Batch]]:
+    tables = small_tables(TABLES)
+    return tables, random_batches(tables, steps, BATCH, multi_hot=3, seed=seed)
+
+
+def _fit(model: TinyModel, tables: lb.Tables, batches: list[lb.Batch], **trainer: object) -> None:
+    quiet_trainer(**trainer).fit(
+        model, datamodule=ListDataModule(tables, batches, lookahead=4, cache_rows=110)
+    )
+
+
+def _pooled(table: torch.Tensor, tables: lb.Tables, sp: lb.SparseFeatures) -> torch.Tensor:
+    """Sum-pooled bags of ``sp`` over a full fused ``table`` (samples x features x dim)."""
+    key_of = torch.repeat_interleave(torch.arange(len(tables)), sp.lengths.view(len(tables), -1).sum(1))
+    ids = sp.values + torch.as_tensor(tables.offsets)[key_of]
+    bags = F.embedding_bag(ids, table, sp.offsets[:-1], mode="sum")
+    return bags.view(len(tables), sp.batch_size, -1).transpose(0, 1)
+
+
+class MicroBatched(TinyModel):
+    """The batch in two halves, each with its own forward pass: the mean loss over the batch, as one pass."""
+
+    def training_step(self, batch: lb.Batch, batch_idx: int) -> torch.Tensor:
+        h = batch.batch_size // 3
+        total = sum(
+            F.binary_cross_entropy_with_logits(self(part), part.labels, reduction="sum")
+            for part in (batch.slice_samples(0, h), batch.slice_samples(h, batch.batch_size))
+        )
+        return total / batch.batch_size
+
+
+def test_micro_batches_sliced_from_the_batch_train_like_the_whole_batch() -> None:
+    tables, batches = _setup(20)
+    torch.manual_seed(0)
+    model = MicroBatched(tables, OPTIMIZERS["adagrad"][0](), dense_lr=DENSE_LR)
+    hp = OPTIMIZERS["adagrad"][1]
+    ref_table, ref_state, _ = train_reference(model, batches, "adagrad", hp, dtype=torch.float64)
+    _fit(model, tables, batches)
+    trained = model.emb.store.tensor().double()
+    assert torch.allclose(trained[:, :DIM], ref_table, atol=1e-6, rtol=0)
+    assert torch.allclose(trained[:, DIM:], ref_state, atol=1e-6, rtol=0)
+
+
+class Probing(TinyModel):
+    """Reads a probe set of rows under no_grad in step 5, and trains through unplanned ids if asked."""
+
+    def __init__(self, tables: lb.Tables, probe: lb.SparseFeatures, train_probe: bool = False) -> None:
+        super().__init__(tables, lb.optim.SGD(lr=0.1), dense_lr=DENSE_LR)
+        self.probe, self.train_probe = probe, train_probe
+        self.seen: torch.Tensor | None = None
+
+    def training_step(self, batch: lb.Batch, batch_idx: int) -> torch.Tensor:
+        loss = super().training_step(batch, batch_idx)
+        if self.train_probe:
+            loss = loss + self.emb(self.probe).sum()
+        if batch_idx == 5:
+            with torch.no_grad():
+                self.seen = self.emb(self.probe)
+        return loss
+
+
+def test_rows_read_under_no_grad_inside_a_step_are_the_current_ones() -> None:
+    tables, batches = _setup(12)
+    probe = random_batches(tables, 1, 8, multi_hot=2, seed=99, zipf=1.05)[0].sparse  # ids beyond the batch's
+    torch.manual_seed(0)
+    model = Probing(tables, probe)
+    ref_table, _, _ = train_reference(
+        copy.deepcopy(model), batches[:5], "sgd", {"lr": 0.1}, dtype=torch.float64
+    )
+    _fit(model, tables, batches)
+    assert model.seen is not None
+    assert torch.allclose(model.seen.double(), _pooled(ref_table, tables, probe), atol=1e-6, rtol=0)
+
+
+def test_training_through_ids_no_plan_put_in_the_cache_is_refused() -> None:
+    tables, batches = _setup(6)
+    probe = random_batches(tables, 1, 8, seed=99)[0].sparse
+    model = Probing(tables, probe, train_probe=True)
+    with pytest.raises(RuntimeError, match=r"without a cache plan inside a training step.*sampled negatives"):
+        _fit(model, tables, batches)
+
+
+class ProbeAtEnd(Callback):
+    """Looks the probe set up where Lightning runs callbacks: at every epoch's end and the fit's."""
+
+    def __init__(self, probe: lb.SparseFeatures) -> None:
+        self.probe, self.seen = probe, {}
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:  # type: ignore[no-untyped-def]
+        self.seen[f"epoch{trainer.current_epoch}"] = pl_module.emb(self.probe).detach()
+
+    def on_train_end(self, trainer, pl_module) -> None:  # type: ignore[no-untyped-def]
+        self.seen["end"] = pl_module.emb(self.probe).detach()
+
+
+def test_callbacks_read_the_rows_as_trained_so_far() -> None:
+    tables, batches = _setup(10)
+    probe = random_batches(tables, 1, 8, multi_hot=2, seed=98)[0].sparse
+    torch.manual_seed(0)
+    model = TinyModel(tables, lb.optim.SGD(lr=0.1), dense_lr=DENSE_LR)
+    ref_table, _, _ = train_reference(
+        copy.deepcopy(model), batches, "sgd", {"lr": 0.1}, dtype=torch.float64
+    )  # (one epoch)
+    spy = ProbeAtEnd(probe)
+    _fit(model, tables, batches, max_epochs=2, callbacks=[spy])
+    assert torch.allclose(spy.seen["epoch0"].double(), _pooled(ref_table, tables, probe), atol=1e-6, rtol=0)
+    with torch.no_grad():
+        after = model.emb(probe)  # (fit is over: the store is the model)
+    assert torch.equal(spy.seen["end"], after) and torch.equal(spy.seen["epoch1"], after)
+
+
+class ManualSteps(TinyModel):
+    """Manual optimization: ``every`` batches per optimizer step, or a lookup after the step."""
+
+    def __init__(self, tables: lb.Tables, every: int = 1, late_lookup: bool = False) -> None:
+        super().__init__(tables, lb.optim.SGD(lr=0.1), dense_lr=DENSE_LR)
+        self.automatic_optimization = False
+        self.every, self.late_lookup = every, late_lookup
+
+    def training_step(self, batch: lb.Batch, batch_idx: int) -> None:
+        opt = self.optimizers()
+        self.manual_backward(F.binary_cross_entropy_with_logits(self(batch), batch.labels))
+        if (batch_idx + 1) % self.every == 0:
+            opt.step()  # type: ignore[union-attr]
+            opt.zero_grad()  # type: ignore[union-attr]
+        if self.late_lookup:
+            self.manual_backward(self(batch).sum())
+
+
+def test_manual_optimization_stepping_every_batch_trains_like_the_uncached_loop() -> None:
+    tables, batches = _setup(15)
+    torch.manual_seed(0)
+    model = ManualSteps(tables)
+    ref_table, _, ref_head = train_reference(model, batches, "sgd", {"lr": 0.1}, dtype=torch.float64)
+    _fit(model, tables, batches)
+    assert torch.allclose(model.emb.store.tensor().double()[:, :DIM], ref_table, atol=1e-6, rtol=0)
+    for p, q in zip(model.head.parameters(), ref_head.parameters()):
+        assert torch.allclose(p.double(), q, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "every, late, lost",
+    [(2, False, "and no optimizer step followed"), (1, True, "after the step's optimizer step")],
+    ids=["accumulating_by_hand", "backward_after_step"],
+)
+def test_manual_optimization_that_would_lose_embedding_gradients_is_refused(
+    every: int, late: bool, lost: str
+) -> None:
+    tables, batches = _setup(6)
+    with pytest.raises(
+        RuntimeError, match=f"embedding gradients were computed {lost}.*accumulate_grad_batches"
+    ):
+        _fit(ManualSteps(tables, every, late), tables, batches)
+
+
+def test_a_training_loader_given_as_validation_loader_is_refused() -> None:
+    tables, batches = _setup(6)
+    model = TinyModel(tables)
+    train = ListDataModule(tables, batches, lookahead=4, cache_rows=110)
+    other = ListDataModule(tables, batches, lookahead=4, cache_rows=110)
+    with pytest.raises(ValueError, match=r"training loader .* was given as a val loader.*val_source"):
+        quiet_trainer().fit(
+            model, train_dataloaders=train.train_dataloader(), val_dataloaders=other.train_dataloader()
+        )
+
+
+def _scaled_reference(
+    model: TinyModel, batches: list[lb.Batch], init_scale: float
+) -> tuple[torch.Tensor, torch.nn.Module, float]:
+    """The plain AMP loop: the full table is a parameter of the same GradScaler-driven SGD as the head
+    (SGD leaves rows with a zero gradient as they are), the forward under fp16 autocast."""
+    table = model.emb.store.tensor()[:, :DIM].clone().requires_grad_()
+    head = copy.deepcopy(model.head)
+    opt = torch.optim.SGD([{"params": head.parameters(), "lr": DENSE_LR}, {"params": [table], "lr": 0.1}])
+    scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
+    tables = model.emb.tables
+    for batch in batches:
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.float16):
+            e = _pooled(table, tables, batch.sparse)
+            logits = head(torch.cat([e.flatten(1), batch.dense], 1)).squeeze(1)
+            loss = F.binary_cross_entropy_with_logits(logits, batch.labels)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+    return table.detach(), head, scaler.get_scale()
+
+
+def test_16_mixed_loss_scaling_trains_rows_on_unscaled_gradients_and_skips_overflowing_steps() -> None:
+    # Lightning's "16-mixed" on a GPU: a GradScaler scales the loss; emulated on CPU with the same plugin.
+    # The large initial scale overflows fp16 in the first steps: the scaler skips them (rows too) and
+    # backs off, then trains on gradients it unscales.
+    tables, batches = _setup(14)
+    torch.manual_seed(0)
+    model = TinyModel(tables, lb.optim.SGD(lr=0.1), dense_lr=DENSE_LR)
+    init_scale = 2.0**22
+    ref_table, ref_head, ref_scale = _scaled_reference(model, batches, init_scale)
+    assert ref_scale < init_scale / 4  # (steps were skipped in the reference too)
+    plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=init_scale))
+    _fit(model, tables, batches, plugins=[plugin])
+    assert plugin.scaler is not None and plugin.scaler.get_scale() == ref_scale
+    assert torch.allclose(model.emb.store.tensor()[:, :DIM], ref_table, atol=1e-6, rtol=0)
+    for p, q in zip(model.head.parameters(), ref_head.parameters()):
+        assert torch.allclose(p, q, atol=1e-6, rtol=0)
