@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -164,6 +165,39 @@ def test_sources_of_different_length_fail_fast() -> None:
     done = _launch(["--short-rank1"], None)
     assert done.returncode != 0
     assert "different numbers of batches" in done.stdout
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--rank1-lr", "0.3"], r"module 0 optimizer: \{.*'lr': 0\.\d+.*\} vs"),
+        (
+            ["--rank1-capacity", "57"],
+            r"training loader settings .* \(lookahead, cache_rows, prefetch_depth, sync\)",
+        ),
+        (
+            ["--rank1-seed", "12", "--capacity", "80"],
+            r"rank\(s\) \[1\] read other global batches than rank 0 at step 0",
+        ),
+    ],
+    ids=["sparse_lr", "cache_rows", "other_batches"],
+)
+def test_ranks_configured_differently_fail_fast_naming_the_setting(flags: list[str], message: str) -> None:
+    # (before: another lr trained a wrong model silently, another capacity one 1e-3 off, other batches
+    # (per-rank data, as a plain DDP dataset shards it) aborted gloo or trained a wrong model)
+    done = _launch(flags, None)
+    assert done.returncode != 0
+    assert re.search(message, done.stdout), done.stdout[-3000:]
+
+
+def test_a_file_store_per_rank_is_sharded_not_shared(tmp_path: Path) -> None:
+    # Each rank its own MmapStore file (as a TieredStore per rank is documented): "auto" shards the rows
+    # over the files and trains what one process trains; "shared" (one file for all) is refused. Before,
+    # both ran "shared" on different files: a wrong model, and the ranks' tables differed.
+    _two_ranks_train_like_one(tmp_path / "auto", ["--store", "auto"], 30, rank_args=("--file-per-rank",))
+    done = _launch(["--store", "shared", "--file-per-rank"], tmp_path / "shared")
+    assert done.returncode != 0
+    assert "store='shared' needs one store for every rank" in done.stdout, done.stdout[-3000:]
 
 
 def test_an_exception_on_one_rank_ends_the_run_on_all_ranks() -> None:

@@ -111,6 +111,8 @@ class ProbeAtEnd(Callback):
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:  # type: ignore[no-untyped-def]
         self.seen[f"epoch{trainer.current_epoch}"] = pl_module.emb(self.probe).detach()
+        if trainer.current_epoch == 0:
+            self.seen["export0"] = torch.cat(list(pl_module.emb.export().values()))
 
     def on_train_end(self, trainer, pl_module) -> None:  # type: ignore[no-untyped-def]
         self.seen["end"] = pl_module.emb(self.probe).detach()
@@ -127,6 +129,7 @@ def test_callbacks_read_the_rows_as_trained_so_far() -> None:
     spy = ProbeAtEnd(probe)
     _fit(model, tables, batches, max_epochs=2, callbacks=[spy])
     assert torch.allclose(spy.seen["epoch0"].double(), _pooled(ref_table, tables, probe), atol=1e-6, rtol=0)
+    assert torch.allclose(spy.seen["export0"].double(), ref_table, atol=1e-6, rtol=0)
     with torch.no_grad():
         after = model.emb(probe)  # (fit is over: the store is the model)
     assert torch.equal(spy.seen["end"], after) and torch.equal(spy.seen["epoch1"], after)

@@ -11,6 +11,9 @@ import json
 import mmap
 import os
 import re
+import socket
+import subprocess
+import sys
 import zlib
 from pathlib import Path
 from typing import Any
@@ -361,6 +364,29 @@ def test_a_table_that_does_not_fit_in_dev_shm_is_a_clear_error_on_every_rank(
         RuntimeError, match=r"^rank 0 could not share the tables: BagpipeStrategy\(store='shared'\)"
     ):
         distributed.share_store(store, OneRank(1, rank0.sent), "emb")  # type: ignore[arg-type]
+
+
+def test_a_shared_table_is_named_for_its_process_and_a_killed_runs_copy_is_removed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A rank 0 killed by SIGKILL (the OOM killer) never ends the sharing: its copy of the table stayed in
+    # /dev/shm until reboot. The copy is now named for its process, and the next run removes dead ones'.
+    monkeypatch.setattr(distributed, "_shm_root", lambda: str(tmp_path))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = socket.gethostname()
+    stale = tmp_path / f".lightning-bagpipe.{host}.{dead.pid}.0badcafe.tmp"
+    live = tmp_path / f".lightning-bagpipe.{host}.{os.getppid()}.0badcafe.tmp"  # (a live process's)
+    for folder in (stale, live):
+        folder.mkdir()
+        (folder / "emb.rows").write_bytes(b"x" * 64)
+    store = emb(None).store
+    shared, end = distributed.share_store(store, OneRank(0), "emb")  # type: ignore[arg-type]
+    assert not stale.exists() and live.exists()
+    mine = Path(shared.path).parent  # type: ignore[attr-defined]
+    assert mine.name.startswith(f".lightning-bagpipe.{host}.{os.getpid()}.") and mine.parent == tmp_path
+    end(False)
+    assert not mine.exists() and live.exists()
 
 
 def test_the_dev_shm_hint_names_dockers_shm_size(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -475,6 +475,9 @@ class StepPlan:
     """The loader's gradient accumulation (``accumulate_grad_batches``): with ``k > 1`` a step is ``k``
     consecutive batches of the epoch (``[g k, (g + 1) k)``, the last group possibly shorter), which all
     carry this plan; ``ids``/``slots`` are then this rank's rows over all of them."""
+    digest: int = 0
+    """A checksum of the step's global batches (their ids and bag lengths) on several ranks, which the
+    strategy compares across ranks: every rank must read the same global stream (0 on one rank)."""
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> StepPlan:
         return self  # host-side instructions stay on the host

@@ -25,6 +25,7 @@ import queue
 import threading
 import time
 import weakref
+import zlib
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -586,6 +587,7 @@ class _OracleThread(threading.Thread):
             clean_hits=int(plan.clean_hits),
             tables_fingerprint=ld.tables.fingerprint(),
             accumulate=self.accumulate,
+            digest=0 if world == 1 else stream_digest(m.batch for m in cur.group),
         )
         for (local, _), (lookup_slots, inverse) in zip(shells, lookups):
             local.sparse.lookup = CacheLookup.from_inverse(
@@ -645,3 +647,12 @@ class _Planned:
     plan: CachePlan
     view: RankView
     early: np.ndarray | None
+
+
+def stream_digest(batches: Iterable[Batch]) -> int:
+    """CRC-32 of global batches' sparse ids and bag lengths: equal on every rank reading the same stream."""
+    crc = 0
+    for b in batches:
+        crc = zlib.crc32(b.sparse.values.numpy().tobytes(), crc)
+        crc = zlib.crc32(b.sparse.lengths.numpy().tobytes(), crc)
+    return crc

@@ -187,8 +187,10 @@ class CachedEmbedding(nn.Module):
     def export(self) -> dict[str, Tensor]:
         """The trained tables as plain ``[num_embeddings, dim]`` tensors, keyed by feature name.
 
-        Call after training (the strategy flushes the cache at the end of fit and before checkpoints).
+        During fit it first brings the store up to date with the cache (on several processes it must
+        then be current already, as after validation; on a sharded store every rank must call it).
         """
+        self._store_up_to_date()
         full = self.store.tensor()
         return {
             t.name: full[int(o) : int(o) + t.num_embeddings, : self.dim].clone()
@@ -196,7 +198,9 @@ class CachedEmbedding(nn.Module):
         }
 
     def export_state(self) -> Tensor:
-        """Every row's optimizer state, ``[total_rows, state_width]`` in fused-id order."""
+        """Every row's optimizer state, ``[total_rows, state_width]`` in fused-id order (read like
+        :meth:`export`)."""
+        self._store_up_to_date()
         return self.store.tensor()[:, self.dim :].clone()
 
     # ------------------------------------------------------------------ cache (driven by the strategy)
@@ -356,6 +360,12 @@ class CachedEmbedding(nn.Module):
             )
         owner.make_store_current()
 
+    def _store_up_to_date(self) -> None:
+        """Before the store is read during fit: bring it up to date with the cache's newer rows."""
+        owner = None if self._owner is None else self._owner()
+        if owner is not None:
+            owner.make_store_current()
+
     def _fused_ids(self, features: SparseFeatures) -> Tensor:
         if features.keys != self.tables.names:
             features.to("cpu").validate(self.tables)  # raises, naming the unknown or missing keys
@@ -370,6 +380,7 @@ class CachedEmbedding(nn.Module):
     # ------------------------------------------------------------------ checkpoints
     def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)
+        self._store_up_to_date()  # (a checkpoint's save has done it already)
         ids = self.store.written_ids() if self._save_written_rows else None
         if ids is None:
             destination[prefix + "rows"] = self.store.tensor()

@@ -15,10 +15,11 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import socket
 import tempfile
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,6 +29,7 @@ from torch import Tensor
 
 from lightning_bagpipe.embedding.store import EmbeddingStore, MmapStore
 from lightning_bagpipe.embedding.tiered_store import TieredStore
+from lightning_bagpipe.temporaries import remove_stale_temporaries, temporary_path
 
 
 @dataclass
@@ -57,6 +59,11 @@ class RankGroups:
         out: list[Any] = [None] * self.world_size
         dist.all_gather_object(out, obj, group=self.store)
         return out
+
+
+_SHM_NAME = "lightning-bagpipe"
+"""The shared copies of in-RAM tables are folders ``.lightning-bagpipe.<host>.<pid>.<random>.tmp`` of the
+shared-memory file system."""
 
 
 def _shm_root() -> str:
@@ -125,6 +132,15 @@ def _reserve(path: str, nbytes: int) -> bool:
     return True
 
 
+def store_place(store: EmbeddingStore) -> tuple[str, int, int] | None:
+    """Where a store's rows are, to tell whether ranks share one: a file's ``(host, device, inode)``;
+    ``None`` for an in-RAM store (rank 0 shares it; a file store's ranks must already share the file)."""
+    if not isinstance(store, MmapStore):
+        return None
+    st = os.stat(store.path)
+    return (socket.gethostname(), st.st_dev, st.st_ino)
+
+
 def share_store(
     store: EmbeddingStore, groups: RankGroups, name: str
 ) -> tuple[EmbeddingStore, Callable[[bool], None]]:
@@ -150,7 +166,9 @@ def share_store(
         root = _shm_root()
         short = _shm_shortfall(root, store, name)
         if short is None:
-            folder = os.path.join(root, f"lightning-bagpipe-{uuid.uuid4().hex[:12]}")
+            # named for this process (temporaries), so that a later run removes what a killed one left
+            remove_stale_temporaries(Path(root) / _SHM_NAME)
+            folder = str(temporary_path(Path(root) / _SHM_NAME))
             os.makedirs(folder)
             path = os.path.join(folder, f"{name or 'embedding'}.rows")
             shared = MmapStore(path, num_rows=store.num_rows, width=store.width, mode="create")

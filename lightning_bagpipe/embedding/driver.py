@@ -509,10 +509,11 @@ class CacheDriver:
             return
         if self.groups is not None:  # writing the store is collective: one rank alone would hang
             raise RuntimeError(
-                "CachedEmbedding got features without a cache plan during fit, on several processes, after "
-                "a training step: the store is behind the cache, and bringing it up to date takes every "
-                "rank. Look up such rows in validation (the data module's val_source), in "
-                "training_step under torch.no_grad() from the batch's own features, or after fit."
+                "CachedEmbedding read its store during fit on several processes after a training step "
+                "(features without a cache plan, export() or state_dict()): the store is behind the cache, "
+                "and bringing it up to date takes every rank. Read such rows in validation (the data "
+                "module's val_source), from the batch's own features in training_step, after fit, or "
+                "through a checkpoint."
             )
         self.sync_store()
 
@@ -538,15 +539,16 @@ class CacheDriver:
         the store then matches the last completed step, and the cache takes no more steps."""
         return self._recovered
 
-    def close(self, flush: bool = True) -> None:
+    def close(self, flush: bool = True, check: bool = True) -> None:
         """Stop the executor; with ``flush``, first bring the store up to date.
 
-        Without ``flush`` on several ranks nothing waits for the other ranks (they may be gone).
+        Without ``flush`` on several ranks nothing waits for the other ranks (they may be gone). With
+        ``check`` (a fit that did not fail), gradients its last step never applied are an error.
         """
         if self.executor is None:
             return
         lost: RuntimeError | None = None
-        if flush:  # (the store is still brought up to date and the executor stopped; then it is raised)
+        if flush and check:  # (the store is still brought up to date and the executor stopped; then raised)
             try:
                 self._check_gradients_applied()
             except RuntimeError as e:

@@ -28,7 +28,7 @@ from lightning_bagpipe.data.batch import Batch, StepPlan
 from lightning_bagpipe.data.datamodule import accumulated_batches, epoch_batches, trained_batches
 from lightning_bagpipe.data.loader import BagpipeLoader, EvalLoader
 from lightning_bagpipe.embedding.cached import CachedEmbedding
-from lightning_bagpipe.embedding.distributed import RankGroups, shard_store, share_store
+from lightning_bagpipe.embedding.distributed import RankGroups, shard_store, share_store, store_place
 from lightning_bagpipe.embedding.driver import CacheDriver, TotalStats
 from lightning_bagpipe.embedding.store import EmbeddingStore
 from lightning_bagpipe.embedding.tiered_store import TieredStore
@@ -119,6 +119,7 @@ class BagpipeStrategy(DDPStrategy):
         self._failed = False
         self.cache_stats: TotalStats | None = None
         self._resume_section: dict[str, Any] | None = None
+        self._stream_checked: tuple[int, int] | None = None  # the last step whose batches ranks compared
         self._step_rng: RngSnapshot | None = None
 
     # ------------------------------------------------------------------ registration
@@ -184,17 +185,32 @@ class BagpipeStrategy(DDPStrategy):
         if mode == "auto":  # (a TieredStore keeps rows in its process's RAM: it cannot be shared)
             tiered = any(isinstance(m.store, TieredStore) for m in modules)
             mode = "sharded" if self.num_nodes > 1 or tiered else "shared"
-        mine = [
-            (m.tables.fingerprint(), m.dim, m.optimizer.name, m.store.num_rows, m.store.width)
-            for m in modules
-        ]
-        every = groups.all_gather_object(mine)
-        for r, theirs in enumerate(every):
+        mine = [_module_config(m) for m in modules]
+        places = [store_place(m.store) for m in modules]
+        every = groups.all_gather_object((mine, places))
+        for r, (theirs, _) in enumerate(every):
             if theirs != mine:
-                raise ValueError(
-                    f"rank {r} has CachedEmbedding configs {theirs} but rank {self.global_rank} has {mine} "
-                    "(tables fingerprint, dim, optimizer, rows, width): every rank must build the same model"
+                diff = (
+                    "; ".join(
+                        f"module {i} {field}: {a!r} vs {b!r}"
+                        for i, (ours, other) in enumerate(zip(mine, theirs))
+                        for field, a, b in zip(_CONFIG_FIELDS, ours, other)
+                        if a != b
+                    )
+                    or f"{len(theirs)} modules vs {len(mine)}"
                 )
+                raise ValueError(
+                    f"rank {r}'s CachedEmbedding modules differ from rank {self.global_rank}'s ({diff}): "
+                    "every rank must build the same model"
+                )
+        if mode == "shared" and len({str(p) for _, p in every}) > 1:  # not one store for every rank
+            if self.store_mode == "shared":
+                raise ValueError(
+                    "store='shared' needs one store for every rank: the same file on one machine (or an "
+                    f"in-RAM store, which rank 0 shares), but the ranks have {[p for _, p in every]}. Use "
+                    "store='sharded' (each rank its own file) or give every rank the same path"
+                )
+            mode = "sharded"  # (auto: each rank's own file holds its shard)
         named = {id(m): n for n, m in self.lightning_module.named_modules()}  # type: ignore[union-attr]
         self._store_restore = []
         for m in modules:
@@ -270,7 +286,7 @@ class BagpipeStrategy(DDPStrategy):
             try:
                 # with several ranks, a failure elsewhere may have left peers gone: no collectives then
                 alone = driver.groups is None
-                driver.close(flush=alone or not self._failed)
+                driver.close(flush=alone or not self._failed, check=not self._failing())
                 self._undistribute(collective=alone or not self._failed)
                 if not alone and not self._failed:
                     assert driver.groups is not None
@@ -306,7 +322,34 @@ class BagpipeStrategy(DDPStrategy):
                 "GradientAccumulationScheduler when an epoch starts), or change accumulate_grad_batches only "
                 "between epochs"
             )
+        self._check_same_stream(plan)
         self._driver.before_step(plan)
+
+    #: On several ranks, every this many steps (and a stream's first) the ranks compare the checksums of
+    #: the step's global batches (one all-gather of an int64 on the default process group).
+    STREAM_CHECK_EVERY = 16
+
+    def _check_same_stream(self, plan: StepPlan) -> None:
+        """Refuse ranks that read different global batches: each rank trains its slice of the global batch,
+        and every rank's oracle plans the global stream, so per-rank data (sharded like a plain DDP
+        dataset, or shuffled with another seed) would train a wrong model silently or abort gloo."""
+        groups = None if self._driver is None else self._driver.groups
+        if groups is None or plan.key == self._stream_checked or plan.key[1] % self.STREAM_CHECK_EVERY:
+            return
+        self._stream_checked = plan.key
+        # (on the default group, as DDP's own: the cache's store group carries the executor thread's
+        # collectives, which a call from this thread would interleave with differently on each rank)
+        mine = torch.tensor(plan.digest, dtype=torch.int64, device=self.root_device)
+        digests = [int(d) for d in self.all_gather(mine).view(-1).tolist()]
+        if len(set(digests)) > 1:
+            differ = [r for r, d in enumerate(digests) if d != digests[0]]
+            raise ValueError(
+                f"rank(s) {differ} read other global batches than rank 0 at step {plan.key[1]} of this "
+                "epoch: with strategy='bagpipe' every rank reads the whole global stream (the loader takes "
+                "each rank's slice of every batch, and every rank's oracle plans all of it). Do not shard "
+                "the data per rank; return the same batches, in the same order, from train_source on every "
+                "rank"
+            )
 
     @override
     def optimizer_step(
@@ -524,6 +567,19 @@ class BagpipeStrategy(DDPStrategy):
                     f"the ranks' training sources yield different numbers of batches {counts}; every rank "
                     "must read the same global stream"
                 )
+            mine = [
+                (ld.lookahead, ld.cache_rows, ld.prefetch_depth, ld.sync)
+                for ld in _library_loaders(trainer.train_dataloader)
+                if isinstance(ld, BagpipeLoader)
+            ]
+            for r, theirs in enumerate(self._driver.groups.all_gather_object(mine)):
+                if theirs != mine:
+                    raise ValueError(
+                        f"rank {r}'s training loader settings {theirs} differ from rank {self.global_rank}'s "
+                        f"{mine} (lookahead, cache_rows, prefetch_depth, sync): every rank plans "
+                        "the same global stream with the same oracle, so the data module must be configured "
+                        "alike on every rank"
+                    )
         if self.lightning_module is not None:
             trainer = self.lightning_module.trainer
             self._bind(trainer.train_dataloader)
@@ -620,6 +676,14 @@ def _complete_a_finished_epoch(checkpoint: dict[str, Any]) -> None:
     for position in positions:
         if isinstance(position, dict):
             position.pop("counted", None)
+
+
+_CONFIG_FIELDS = ("tables fingerprint", "dim", "optimizer", "seed", "rows", "width")
+
+
+def _module_config(m: CachedEmbedding) -> tuple[Any, ...]:
+    """What every rank's copy of a module must agree on (in the order of ``_CONFIG_FIELDS``)."""
+    return (m.tables.fingerprint(), m.dim, m.optimizer.hparams(), m.seed, m.store.num_rows, m.store.width)
 
 
 def _library_loaders(loaders: Any) -> list[BagpipeLoader | EvalLoader]:

@@ -53,6 +53,14 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-defer-sync", action="store_true", help="sync every replicated row within its step")
     p.add_argument("--mismatch-rank1", action="store_true", help="rank 1 builds other tables (error test)")
     p.add_argument("--short-rank1", action="store_true", help="rank 1's source has fewer batches")
+    p.add_argument("--rank1-lr", type=float, default=None, help="rank 1's sparse optimizer's lr (error test)")
+    p.add_argument("--rank1-capacity", type=int, default=None, help="rank 1's cache_rows (error test)")
+    p.add_argument("--rank1-seed", type=int, default=None, help="rank 1 reads other batches (error test)")
+    p.add_argument(
+        "--file-per-rank",
+        action="store_true",
+        help="each rank's tables in its own MmapStore file (needs --out)",
+    )
     p.add_argument("--fail-rank1-at", type=int, default=-1, help="rank 1 raises in this training step")
     p.add_argument(
         "--direct-loader", action="store_true", help="give fit() the loader, built before the Trainer's ranks"
@@ -85,8 +93,9 @@ def run(args: argparse.Namespace) -> dict:
     rank = int(os.environ.get("LOCAL_RANK", "0"))
     sizes = (60, 45, 35) if not (args.mismatch_rank1 and rank == 1) else (60, 45, 36)
     tables = small_tables(sizes)
+    seed = args.rank1_seed if args.rank1_seed is not None and rank == 1 else 11
     batches = random_batches(
-        tables, args.steps, args.batch, multi_hot=args.multi_hot, min_bag=args.min_bag, seed=11
+        tables, args.steps, args.batch, multi_hot=args.multi_hot, min_bag=args.min_bag, seed=seed
     )
     if args.short_rank1 and rank == 1:
         batches = batches[:-2]
@@ -108,7 +117,16 @@ def run(args: argparse.Namespace) -> dict:
         store = functools.partial(
             lb.TieredStore, folder / "rows.f32", buffer_bytes=args.tiered_buffer_rows * row_bytes
         )
-    model = _FailOnRank1(tables, OPTIMIZERS[args.optimizer](), store=store)
+    if args.file_per_rank:
+        if args.out is None:
+            raise SystemExit("--file-per-rank needs --out (the stores' files go there)")
+        folder = args.out / f"files-{args.devices}"
+        folder.mkdir(parents=True, exist_ok=True)
+        store = folder / f"rank{rank}.f32"
+    optimizer = OPTIMIZERS[args.optimizer]()
+    if args.rank1_lr is not None and rank == 1:
+        optimizer.lr = args.rank1_lr
+    model = _FailOnRank1(tables, optimizer, store=store)
     model.fail_at = args.fail_rank1_at
     strategy = lb.BagpipeStrategy(
         store=args.store, defer_sync=not args.no_defer_sync, timeout=timedelta(seconds=60)
@@ -125,6 +143,8 @@ def run(args: argparse.Namespace) -> dict:
         enable_progress_bar=False,
         enable_model_summary=False,
     )
+    if args.rank1_capacity is not None and rank == 1:
+        capacity = args.rank1_capacity
     dm = ListDataModule(tables, batches, lookahead=args.lookahead, cache_rows=capacity, sync=args.sync)
     if args.direct_loader:  # (built with no Trainer: rank 0 of 1 until the strategy binds it)
         trainer.fit(model, train_dataloaders=dm.train_dataloader())
