@@ -200,6 +200,31 @@ def test_a_file_store_per_rank_is_sharded_not_shared(tmp_path: Path) -> None:
     assert "store='shared' needs one store for every rank" in done.stdout, done.stdout[-3000:]
 
 
+@pytest.mark.parametrize("store", ["shared", "sharded"])
+def test_two_processes_under_16_mixed_loss_scaling(tmp_path: Path, store: str) -> None:
+    """ "16-mixed" (a GradScaler) on two processes. Each rank's fp16 forward covers half the batch, so the
+    model equals one process's only to fp16 rounding (1e-3; rows trained on scaled gradients would be
+    hundreds of times off), and with scales that overflow, each rank's mean loss overflows at other
+    scales than one process's: then the ranks must agree with each other on every skipped step."""
+    args = ["--store", store, "--optimizer", "sgd", "--fp16-scale", "256"]
+    done = _launch(args, tmp_path / "small")
+    assert done.returncode == 0, done.stdout[-4000:]
+    ref = mp_train.run(mp_train.parse([*args, "--devices", "1"]))
+    for r in range(2):
+        got = torch.load(tmp_path / "small" / f"rank{r}.pt", weights_only=True)
+        assert got["grad_scale"] == ref["grad_scale"] == 256.0 * 2**0  # (no overflow, no growth yet)
+        assert (got["rows"] - ref["rows"]).abs().max() <= 1e-3
+        assert (got["rows"] - ref["rows"]).abs().max() > 0  # (the rounding is real: this is not one process)
+    done = _launch(["--store", store, "--fp16-scale", str(2.0**22)], tmp_path / "big")
+    assert done.returncode == 0, done.stdout[-4000:]
+    ranks = [torch.load(tmp_path / "big" / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    assert ranks[0]["grad_scale"] == ranks[1]["grad_scale"] < 2.0**22 / 4  # (steps were skipped)
+    assert torch.equal(ranks[0]["rows"], ranks[1]["rows"])
+    for k, v in ranks[0]["head"].items():
+        assert torch.equal(ranks[1]["head"][k], v), k
+    assert torch.isfinite(ranks[0]["rows"]).all()
+
+
 def test_an_exception_on_one_rank_ends_the_run_on_all_ranks() -> None:
     done = _launch(["--fail-rank1-at", "5"], None)
     assert done.returncode != 0

@@ -19,6 +19,7 @@ sys.path.insert(0, str(ROOT))
 
 import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
+from lightning.pytorch.plugins.precision import MixedPrecision  # noqa: E402
 
 import lightning_bagpipe as lb  # noqa: E402
 from tests.helpers import ListDataModule, TinyModel, random_batches, small_tables  # noqa: E402
@@ -53,6 +54,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-defer-sync", action="store_true", help="sync every replicated row within its step")
     p.add_argument("--mismatch-rank1", action="store_true", help="rank 1 builds other tables (error test)")
     p.add_argument("--short-rank1", action="store_true", help="rank 1's source has fewer batches")
+    p.add_argument(
+        "--fp16-scale", type=float, default=0.0, help='"16-mixed" with a GradScaler of this initial scale'
+    )
     p.add_argument("--rank1-lr", type=float, default=None, help="rank 1's sparse optimizer's lr (error test)")
     p.add_argument("--rank1-capacity", type=int, default=None, help="rank 1's cache_rows (error test)")
     p.add_argument("--rank1-seed", type=int, default=None, help="rank 1 reads other batches (error test)")
@@ -86,6 +90,11 @@ class _FailOnRank1(TinyModel):
         if self.trainer.global_rank == 1 and batch_idx == self.fail_at:
             raise RuntimeError(f"rank 1 fails on purpose at step {batch_idx}")
         return super().training_step(batch, batch_idx)
+
+
+def _fp16(init_scale: float) -> MixedPrecision:
+    """Lightning's "16-mixed" as on a GPU (a GradScaler), emulated on CPU."""
+    return MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=init_scale))
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -142,6 +151,7 @@ def run(args: argparse.Namespace) -> dict:
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
+        plugins=[_fp16(args.fp16_scale)] if args.fp16_scale else None,
     )
     if args.rank1_capacity is not None and rank == 1:
         capacity = args.rank1_capacity
@@ -155,6 +165,7 @@ def run(args: argparse.Namespace) -> dict:
         "rows": model.emb.store.tensor().clone(),
         "head": {k: v.clone() for k, v in model.head.state_dict().items()},
         "steps": trainer.global_step,
+        "grad_scale": trainer.precision_plugin.scaler.get_scale() if args.fp16_scale else None,
         "stats": stats.as_dict() if stats is not None else {},
     }
     if model.ddp_buffers is not None:
