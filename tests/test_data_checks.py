@@ -69,6 +69,34 @@ def test_a_one_shot_iterator_that_cannot_be_weakly_referenced_or_was_read_part_w
         list(ev)
 
 
+class _Rewinding:
+    """An iterator whose ``__iter__`` starts it over and returns itself (a reader class, say)."""
+
+    def __init__(self, batches: list[lb.Batch]) -> None:
+        self.batches, self.at = batches, 0
+
+    def __iter__(self) -> _Rewinding:
+        self.at = 0
+        return self
+
+    def __next__(self) -> lb.Batch:
+        if self.at == len(self.batches):
+            raise StopIteration
+        self.at += 1
+        return self.batches[self.at - 1]
+
+
+def test_an_iterator_that_rewinds_itself_is_read_again_every_pass() -> None:
+    tables = small_tables()
+    batches = random_batches(tables, 3, 8)
+    source = _Rewinding(batches)
+    loader = _loader(lambda: source, tables)
+    for _ in range(3):
+        assert len(list(loader)) == 3
+    val = EvalLoader(lambda: source, tables, 0, 1, "val")
+    assert [len(list(val)) for _ in range(2)] == [3, 3]
+
+
 def test_a_source_returning_a_new_generator_each_call_trains_every_epoch() -> None:
     tables = small_tables()
     batches = random_batches(tables, 3, 8)
@@ -170,7 +198,6 @@ def test_raw_sparse_features_that_are_not_tensors_are_refused_naming_the_field()
             TypeError,
             r"labels must be a torch.Tensor, got numpy.ndarray",
         ),
-        ("labels", lambda b: b.labels.long(), ValueError, r"labels must be floating point.*torch.int64"),
         ("dense", lambda b: b.dense.int(), ValueError, r"dense must be floating point.*torch.int32"),
         (
             "dense",
@@ -182,7 +209,7 @@ def test_raw_sparse_features_that_are_not_tensors_are_refused_naming_the_field()
         ("labels", lambda b: b.labels[:5], ValueError, r"labels has 5 rows but the sparse features have 8"),
     ],
 )
-def test_dense_and_labels_must_be_float_tensors_of_the_batch(
+def test_dense_and_labels_must_be_tensors_of_the_batch_and_dense_float(
     field: str, value: Callable[[lb.Batch], object], error: type[Exception], message: str
 ) -> None:
     tables = small_tables()
@@ -193,6 +220,15 @@ def test_dense_and_labels_must_be_float_tensors_of_the_batch(
             list(loader)
         assert str(info.value).startswith(f"{loader.name} batch 2: {field} ")
     _oracle_threads_end()
+
+
+def test_integer_class_labels_pass_for_a_cross_entropy_loss() -> None:
+    tables = small_tables()
+    batches = random_batches(tables, 2, 8)
+    for b in batches:
+        b.labels = torch.arange(8) % 3  # (int64 class targets)
+    got = list(_loader(lambda: batches, tables))
+    assert [b.labels.dtype for b in got] == [torch.int64, torch.int64]
 
 
 def test_a_numpy_array_is_refused_with_the_conversion_to_use() -> None:

@@ -190,41 +190,73 @@ def test_a_training_loader_given_as_validation_loader_is_refused() -> None:
         )
 
 
+class Scaled(TinyModel):
+    """TinyModel with its head split out (``logits``), so that the AMP reference reuses it."""
+
+    def logits(self, e: torch.Tensor, batch: lb.Batch) -> torch.Tensor:
+        return self.head(torch.cat([e.flatten(1), batch.dense], 1)).squeeze(1)
+
+    def forward(self, batch: lb.Batch) -> torch.Tensor:
+        return self.logits(self.emb(batch.sparse), batch)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=DENSE_LR)
+
+
+class WithSideTables(Scaled):
+    """Also a dense parameter with sparse gradients (a small ``nn.Embedding(sparse=True)`` of the first
+    feature) and one whose gradient is not contiguous (stored transposed)."""
+
+    def __init__(self, tables: lb.Tables) -> None:
+        super().__init__(tables, lb.optim.SGD(lr=0.1), dense_lr=DENSE_LR)
+        self.side = torch.nn.Embedding(TABLES[0], 1, sparse=True)
+        self.side.weight.data.normal_(0, 0.1)
+        self.w = torch.nn.Parameter((torch.randn(3, 2) * 0.1).t())  # [2, 3] with strides (1, 2)
+        assert not self.w.is_contiguous()
+
+    def logits(self, e: torch.Tensor, batch: lb.Batch) -> torch.Tensor:
+        first = batch.sparse.values[: batch.batch_size]  # (one id per bag: feature 0 of every sample)
+        side = self.side(first).squeeze(1) + (batch.dense[:, :2] @ self.w).sum(1)
+        return super().logits(e, batch) + side
+
+
 def _scaled_reference(
-    model: TinyModel, batches: list[lb.Batch], init_scale: float
-) -> tuple[torch.Tensor, torch.nn.Module, float]:
-    """The plain AMP loop: the full table is a parameter of the same GradScaler-driven SGD as the head
-    (SGD leaves rows with a zero gradient as they are), the forward under fp16 autocast."""
+    model: Scaled, batches: list[lb.Batch], init_scale: float
+) -> tuple[torch.Tensor, Scaled, float]:
+    """The plain AMP loop: the full table is a parameter of the same GradScaler-driven SGD as the dense
+    parameters (SGD leaves rows with a zero gradient as they are), the forward under fp16 autocast."""
+    ref = copy.deepcopy(model)
     table = model.emb.store.tensor()[:, :DIM].clone().requires_grad_()
-    head = copy.deepcopy(model.head)
-    opt = torch.optim.SGD([{"params": head.parameters(), "lr": DENSE_LR}, {"params": [table], "lr": 0.1}])
+    opt = torch.optim.SGD([{"params": ref.parameters(), "lr": DENSE_LR}, {"params": [table], "lr": 0.1}])
     scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
-    tables = model.emb.tables
     for batch in batches:
         opt.zero_grad()
         with torch.autocast("cpu", dtype=torch.float16):
-            e = _pooled(table, tables, batch.sparse)
-            logits = head(torch.cat([e.flatten(1), batch.dense], 1)).squeeze(1)
+            logits = ref.logits(_pooled(table, model.emb.tables, batch.sparse), batch)
             loss = F.binary_cross_entropy_with_logits(logits, batch.labels)
         scaler.scale(loss).backward()
         scaler.step(opt)
         scaler.update()
-    return table.detach(), head, scaler.get_scale()
+    return table.detach(), ref, scaler.get_scale()
 
 
-def test_16_mixed_loss_scaling_trains_rows_on_unscaled_gradients_and_skips_overflowing_steps() -> None:
+@pytest.mark.parametrize("side_tables", [False, True], ids=["tiny", "sparse_and_strided_dense_grads"])
+def test_16_mixed_loss_scaling_trains_rows_on_unscaled_gradients_and_skips_overflowing_steps(
+    side_tables: bool,
+) -> None:
     # Lightning's "16-mixed" on a GPU: a GradScaler scales the loss; emulated on CPU with the same plugin.
     # The large initial scale overflows fp16 in the first steps: the scaler skips them (rows too) and
     # backs off, then trains on gradients it unscales.
-    tables, batches = _setup(14)
+    tables = small_tables(TABLES)
+    batches = random_batches(tables, 14, BATCH, multi_hot=1, seed=3)
     torch.manual_seed(0)
-    model = TinyModel(tables, lb.optim.SGD(lr=0.1), dense_lr=DENSE_LR)
+    model = WithSideTables(tables) if side_tables else Scaled(tables, lb.optim.SGD(lr=0.1), dense_lr=DENSE_LR)
     init_scale = 2.0**22
-    ref_table, ref_head, ref_scale = _scaled_reference(model, batches, init_scale)
+    ref_table, ref, ref_scale = _scaled_reference(model, batches, init_scale)
     assert ref_scale < init_scale / 4  # (steps were skipped in the reference too)
     plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=init_scale))
     _fit(model, tables, batches, plugins=[plugin])
     assert plugin.scaler is not None and plugin.scaler.get_scale() == ref_scale
     assert torch.allclose(model.emb.store.tensor()[:, :DIM], ref_table, atol=1e-6, rtol=0)
-    for p, q in zip(model.head.parameters(), ref_head.parameters()):
-        assert torch.allclose(p, q, atol=1e-6, rtol=0)
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        assert torch.allclose(p, q, atol=1e-6, rtol=0), name

@@ -366,16 +366,43 @@ def test_a_table_that_does_not_fit_in_dev_shm_is_a_clear_error_on_every_rank(
         distributed.share_store(store, OneRank(1, rank0.sent), "emb")  # type: ignore[arg-type]
 
 
+def _dead_pid() -> int:
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    return dead.pid
+
+
+def test_atomic_store_writes_leave_no_temporary_and_remove_killed_writers_ones(tmp_path: Path) -> None:
+    # A store's sidecar and a TieredStore's bitmap are written to a temporary and renamed. One killed
+    # mid-write (a kill during the end-of-fit flush) stayed beside the store for good; so did one of an
+    # interrupted write. Now they are named for their process, and the next write removes dead ones'.
+    target = tmp_path / "rows.f32.json"
+    host = socket.gethostname()
+    stale = tmp_path / f".rows.f32.json.{host}.{_dead_pid()}.0badcafe.tmp"
+    live = tmp_path / f".rows.f32.json.{host}.{os.getppid()}.0badcafe.tmp"
+    stale.write_bytes(b"half")
+    live.write_bytes(b"half")
+    store_module.write_atomically(target, lambda f: f.write(b"{}"), "writing the sidecar")
+    assert target.read_bytes() == b"{}" and not stale.exists() and live.exists()
+
+    def interrupted(f: io.BufferedWriter) -> None:
+        f.write(b"{")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        store_module.write_atomically(target, interrupted, "writing the sidecar")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([target.name, live.name])
+    assert target.read_bytes() == b"{}"
+
+
 def test_a_shared_table_is_named_for_its_process_and_a_killed_runs_copy_is_removed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A rank 0 killed by SIGKILL (the OOM killer) never ends the sharing: its copy of the table stayed in
     # /dev/shm until reboot. The copy is now named for its process, and the next run removes dead ones'.
     monkeypatch.setattr(distributed, "_shm_root", lambda: str(tmp_path))
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
     host = socket.gethostname()
-    stale = tmp_path / f".lightning-bagpipe.{host}.{dead.pid}.0badcafe.tmp"
+    stale = tmp_path / f".lightning-bagpipe.{host}.{_dead_pid()}.0badcafe.tmp"
     live = tmp_path / f".lightning-bagpipe.{host}.{os.getppid()}.0badcafe.tmp"  # (a live process's)
     for folder in (stale, live):
         folder.mkdir()

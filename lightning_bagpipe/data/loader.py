@@ -24,6 +24,7 @@ import itertools
 import queue
 import threading
 import time
+import types
 import weakref
 import zlib
 from collections import deque
@@ -50,6 +51,16 @@ _EMPTY = np.zeros(0, dtype=np.int64)
 #: up, is refused (:meth:`_LoaderBase._open_source`); weak, so that a source's old generators can go.
 _READ_ONE_SHOT: weakref.WeakSet[Any] = weakref.WeakSet()
 _READ_LOCK = threading.Lock()
+
+
+def _not_empty(it: Iterator[Batch], refusal: Exception) -> Iterator[Batch]:
+    """The items of ``it``; ``refusal`` is raised if there are none."""
+    empty = True
+    for item in it:
+        empty = False
+        yield item
+    if empty:
+        raise refusal
 
 
 def rank_bounds(batch_size: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -101,7 +112,7 @@ def check_batch(batch: Batch, tables: Tables, where: str) -> np.ndarray:
                 f"{where}: {name} must be a torch.Tensor, got {_type_name(t)}: convert it in the source "
                 "with torch.from_numpy(...) or torch.as_tensor(..., dtype=torch.float32)"
             )
-        if not t.dtype.is_floating_point:
+        if name == "dense" and not t.dtype.is_floating_point:  # (labels may be classes: cross_entropy)
             raise ValueError(
                 f"{where}: {name} must be floating point (float32), got dtype {t.dtype}: convert it in the "
                 f"source with {name}.float()"
@@ -140,8 +151,9 @@ class _LoaderBase:
 
         A one-shot iterator (``iter(src) is src``: a generator object, ``iter(list)``, a file) can be read
         only once: returned again, it yields nothing more (or only what the earlier pass left), and the
-        pass would silently train or evaluate on that. Such an iterator that an earlier pass read is
-        refused.
+        pass would silently train or evaluate on that. A generator object an earlier pass read is
+        refused; another such iterator (it may be a class whose ``__iter__`` restarts it and returns
+        itself) is refused when its new pass yields nothing.
         """
         src = self._source_fn()
         try:
@@ -160,16 +172,19 @@ class _LoaderBase:
                     _READ_ONE_SHOT.add(it)
                 except TypeError:  # (not weakly referenceable, e.g. iter(list): this loader remembers it)
                     self._read_one_shot = it
-        if again:
-            raise ValueError(
-                f"the {self.name} source returned the same one-shot iterator ({_type_name(it)}) that an "
-                "earlier pass has read: it yields nothing more (or only what that pass left), so this pass "
-                f"would silently {'train' if self.name == 'train' else 'evaluate'} on that. Make "
-                f"{self.name}_source() (or the source function given to the loader) return a new generator "
-                "on each call (call the generator function there, or make it a generator function itself), "
-                "or return a re-iterable such as a list"
-            )
-        return it
+        if not again:
+            return it
+        refusal = ValueError(
+            f"the {self.name} source returned the same one-shot iterator ({_type_name(it)}) that an "
+            "earlier pass has read: it yields nothing more (or only what that pass left), so this pass "
+            f"would silently {'train' if self.name == 'train' else 'evaluate'} on that. Make "
+            f"{self.name}_source() (or the source function given to the loader) return a new generator "
+            "on each call (call the generator function there, or make it a generator function itself), "
+            "or return a re-iterable such as a list"
+        )
+        if isinstance(it, types.GeneratorType):  # (it cannot restart)
+            raise refusal
+        return _not_empty(it, refusal)
 
     def bind(self, rank: int, world_size: int) -> None:
         """Read ``rank``'s slice of every batch of ``world_size``: the strategy calls this before a pass.

@@ -164,10 +164,11 @@ def share_store(
     short: str | None = None  # why the tables do not fit where they would be shared
     if groups.rank == 0:
         root = _shm_root()
+        # named for this process (temporaries), so that a later run removes what a killed one left (first:
+        # the space it holds may be what this table needs)
+        remove_stale_temporaries(Path(root) / _SHM_NAME)
         short = _shm_shortfall(root, store, name)
         if short is None:
-            # named for this process (temporaries), so that a later run removes what a killed one left
-            remove_stale_temporaries(Path(root) / _SHM_NAME)
             folder = str(temporary_path(Path(root) / _SHM_NAME))
             os.makedirs(folder)
             path = os.path.join(folder, f"{name or 'embedding'}.rows")

@@ -50,6 +50,7 @@ from lightning_bagpipe.embedding.store_lock import (
     store_lock,
 )
 from lightning_bagpipe.id_sets import union_ids
+from lightning_bagpipe.temporaries import remove_stale_temporaries, temporary_path
 
 __all__ = [
     "CHECKSUM_KEY",
@@ -715,18 +716,22 @@ def allocate(path: Path, ranges: Iterable[tuple[int, int]], what: str) -> None:
 
 def write_atomically(path: Path, write: Callable[[BinaryIO], object], what: str) -> None:
     """Replace file ``path`` with what ``write`` writes, all or nothing: a temporary file, fsynced, renamed
-    over it. An ``OSError`` names ``what`` was being done and ``path``, and leaves no temporary."""
-    tmp = Path(f"{path}.tmp{os.getpid()}")
+    over it. An ``OSError`` names ``what`` was being done and ``path``; no failure leaves a temporary, and
+    those of killed writers (:mod:`~lightning_bagpipe.temporaries`) are removed first."""
+    remove_stale_temporaries(path)
+    tmp = temporary_path(path)
     try:
         with open(tmp, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as err:
+    except BaseException as err:  # (an interrupt too: the temporary goes)
         with contextlib.suppress(OSError):
             tmp.unlink()
-        raise OSError(err.errno, f"{err.strerror} while {what} {path}", str(path)) from err
+        if isinstance(err, OSError):
+            raise OSError(err.errno, f"{err.strerror} while {what} {path}", str(path)) from err
+        raise
     fsync_dir(path.parent)
 
 

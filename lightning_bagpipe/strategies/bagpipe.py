@@ -392,12 +392,17 @@ class BagpipeStrategy(DDPStrategy):
             dense = [p.grad for p in params if p.grad is not None]
             bad = torch.zeros((), device=self.root_device)
             for g in driver.pending_grads() + dense:
-                bad += (~torch.isfinite(g)).any().to(bad.device, torch.float32)
+                values = g.coalesce().values() if g.is_sparse else g  # (an nn.Embedding(sparse=True)'s)
+                bad += (~torch.isfinite(values)).any().to(bad.device, torch.float32)
             if self.world_size > 1:
                 bad = self.reduce(bad, reduce_op="sum")
             finite = bool(bad.item() == 0)
-            if not finite and dense:  # the scaler then skips the dense step too (and backs off its scale)
-                dense[0].view(-1)[0] = float("nan")
+            if not finite:  # the scaler then skips the dense step too (and backs off its scale)
+                strided = [g for g in dense if not g.is_sparse]
+                if strided:
+                    strided[0].fill_(float("nan"))
+                elif dense:
+                    dense[0]._values().fill_(float("nan"))
             return result
 
         out = super().optimizer_step(optimizer, checked_closure, model, **kwargs)
