@@ -198,6 +198,27 @@ def test_train_refuses_synthetic_options_for_file_data(
         assert dm.tables.total_rows > plain.tables.total_rows
 
 
+def test_train_hashing_flags_that_disagree_are_refused_naming_the_flags(tsv: tuple[Path, Path]) -> None:
+    # (they fell through to the data module, whose errors named keyword arguments: "vocab_path needs
+    # hashing='vocab'")
+    good, _ = tsv
+    parser = argparse.ArgumentParser()
+    train_module.add_arguments(parser)
+    for flags, message in (
+        (["--hashing", "modulo", "--vocab-path", "v.npz"], r"--vocab-path needs --hashing vocab"),
+        (["--hashing", "vocab", "--table-size", "10"], r"--table-size applies to --hashing modulo only"),
+    ):
+        args = parser.parse_args(["--data", str(good), "--batch-size", "4", *flags])
+        with pytest.raises(ValueError, match=message):
+            train_module.build_datamodule(args)
+    # a saved vocabulary alone implies its hashing, as convert's --vocab does
+    assert main(["convert", str(good), str(good.parent / "pq_vocab"), "--hashing", "vocab"]) == 0
+    vocab = good.parent / "pq_vocab" / "vocabulary.npz"
+    args = parser.parse_args(["--data", str(good), "--batch-size", "4", "--vocab-path", str(vocab)])
+    dm = train_module.build_datamodule(args)
+    assert args.hashing == "vocab" and type(dm.train_data.hashing).__name__ == "Vocabulary"  # type: ignore[union-attr]
+
+
 def test_train_refuses_a_vocab_threshold_that_builds_no_vocabulary(tsv: tuple[Path, Path]) -> None:
     good, _ = tsv
     parser = argparse.ArgumentParser()

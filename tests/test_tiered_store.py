@@ -480,3 +480,11 @@ def test_a_tiered_store_another_run_has_open_is_refused_before_its_log_or_bitmap
     assert again.file.locked and locked_elsewhere(path)
     again.close()
     assert not locked_elsewhere(path)
+
+
+def test_a_tiered_store_says_whether_it_holds_its_files_lock(tmp_path: Path) -> None:
+    # (docs/stores-and-optimizers.md: `store.locked`; a TieredStore had no such attribute)
+    s = lazy_store(tmp_path / "t.f32", 8)
+    assert s.locked and s.file.locked
+    s.close()
+    assert not s.locked

@@ -747,6 +747,11 @@ class TieredStore(EmbeddingStore):
         assert self.log is not None
         self.set_metadata(log_runs=self.log.runs, log_capacity=self.log.capacity, log_pair=self.log.pair)
 
+    @property
+    def locked(self) -> bool:
+        """Whether this store holds the lock on its row file (through its :class:`MmapStore`)."""
+        return self.file.locked
+
     def close(self) -> None:
         with self._lock:
             if self._table is None:

@@ -154,9 +154,9 @@ def add_arguments(parser: argparse.ArgumentParser, model: str | None = None) -> 
     add(
         "--hashing",
         choices=("modulo", "vocab"),
-        default="modulo",
+        default=None,
         help="TSV: map hashed categoricals to rows by modulo table sizes, or by a vocabulary built in one "
-        "pass over the training files (default: %(default)s)",
+        "pass over the training files (default: modulo; vocab with --vocab-path)",
     )
     add(
         "--table-size",
@@ -301,7 +301,7 @@ def build_datamodule(args: argparse.Namespace) -> CriteoDataModule:
     if synthetic and args.val_data is not None:
         raise ValueError("--val-data is for file sources; synthetic data validates on its own 'val' split")
     tsv_flags = {
-        "--hashing vocab": args.hashing != "modulo",
+        f"--hashing {args.hashing}": args.hashing is not None,
         "--table-size": args.table_size is not None,
         "--vocab-threshold": args.vocab_threshold is not None,
         "--vocab-path": args.vocab_path is not None,
@@ -317,6 +317,12 @@ def build_datamodule(args: argparse.Namespace) -> CriteoDataModule:
             f"{', '.join(given)}: TSV options, but the data is Parquet: its files record their tables "
             "(no hashing or table sizes to choose) and have no lines to skip or to detect labels in"
         )
+    if args.hashing is None:  # (a saved vocabulary implies its hashing, as convert's --vocab does)
+        args.hashing = "vocab" if args.vocab_path is not None else "modulo"
+    if args.vocab_path is not None and args.hashing != "vocab":
+        raise ValueError("--vocab-path needs --hashing vocab (or no --hashing: the vocabulary implies it)")
+    if args.table_size is not None and args.hashing != "modulo":
+        raise ValueError("--table-size applies to --hashing modulo only (a vocabulary sizes the tables)")
     if args.vocab_threshold is not None and (args.hashing != "vocab" or args.vocab_path is not None):
         raise ValueError("--vocab-threshold applies to --hashing vocab when building a vocabulary")
     synthetic_flags = {
