@@ -167,6 +167,20 @@ def test_sources_of_different_length_fail_fast() -> None:
     assert "different numbers of batches" in done.stdout
 
 
+def test_unsized_sources_that_end_at_different_steps_fail_there_naming_it() -> None:
+    # (generators: no length to compare before training; the streams agree until rank 1's ends. Before,
+    # gloo aborted: "Received data size doesn't match expected size")
+    done = _launch(["--unsized", "--short-rank1", "--capacity", "80"], None)
+    assert done.returncode != 0
+    found = re.search(r"rank\(s\) \[1\] read other global batches than rank 0 at step (\d+) ", done.stdout)
+    assert found and "or their stream ends at another step" in done.stdout, done.stdout[-3000:]
+    assert int(found[1]) < 28  # (before rank 1's last step: where the ranks' plans would first differ)
+
+
+def test_unsized_sources_that_agree_train_like_one_process(tmp_path: Path) -> None:
+    _two_ranks_train_like_one(tmp_path, ["--unsized", "--store", "sharded"], 30)
+
+
 @pytest.mark.parametrize(
     "flags, message",
     [

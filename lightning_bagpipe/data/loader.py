@@ -540,7 +540,7 @@ class _OracleThread(threading.Thread):
         with _accumulation_explained(k):
             plans = oracle.finish()
         for plan in plans:
-            ready.append(planned(plan))
+            ready.append(replace(planned(plan), at_end=True))
         emit_ready(final=True)
 
     def _emit(self, cur: _Planned, nxt: _Planned | None, ahead: _Planned | None, step: int) -> bool:
@@ -576,6 +576,9 @@ class _OracleThread(threading.Thread):
                 used = unique_below(np.concatenate(runs), plan.ids.size)
                 ids, slots = plan.ids[used], plan.slots[used]
         capacity = ld.cache_rows if ld.cache_rows is not None else -1
+        # whether this step's instructions come from plans made knowing where the stream ends: ranks whose
+        # streams end at different steps differ here first, before their instructions do
+        end_seen = any(p is None or p.at_end for p in (cur, nxt)) or (ahead is not None and ahead.at_end)
         step_plan = StepPlan(
             key=(self.stream, step),
             capacity=capacity,
@@ -602,7 +605,7 @@ class _OracleThread(threading.Thread):
             clean_hits=int(plan.clean_hits),
             tables_fingerprint=ld.tables.fingerprint(),
             accumulate=self.accumulate,
-            digest=0 if world == 1 else stream_digest(m.batch for m in cur.group),
+            digest=0 if world == 1 else stream_digest((m.batch for m in cur.group), end_seen),
         )
         for (local, _), (lookup_slots, inverse) in zip(shells, lookups):
             local.sparse.lookup = CacheLookup.from_inverse(
@@ -662,11 +665,13 @@ class _Planned:
     plan: CachePlan
     view: RankView
     early: np.ndarray | None
+    at_end: bool = False  # planned by the oracle's finish(): knowing where the stream ends
 
 
-def stream_digest(batches: Iterable[Batch]) -> int:
-    """CRC-32 of global batches' sparse ids and bag lengths: equal on every rank reading the same stream."""
-    crc = 0
+def stream_digest(batches: Iterable[Batch], end_seen: bool = False) -> int:
+    """CRC-32 of global batches' sparse ids and bag lengths, and of whether their step's plans were made
+    knowing where the stream ends (``end_seen``): equal on every rank reading the same stream."""
+    crc = zlib.crc32(b"\x01" if end_seen else b"\x00")
     for b in batches:
         crc = zlib.crc32(b.sparse.values.numpy().tobytes(), crc)
         crc = zlib.crc32(b.sparse.lengths.numpy().tobytes(), crc)

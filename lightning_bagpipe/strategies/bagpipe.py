@@ -120,6 +120,7 @@ class BagpipeStrategy(DDPStrategy):
         self.cache_stats: TotalStats | None = None
         self._resume_section: dict[str, Any] | None = None
         self._stream_checked: tuple[int, int] | None = None  # the last step whose batches ranks compared
+        self._stream_sized = True  # the training source has a length (else: compared at every step)
         self._step_rng: RngSnapshot | None = None
 
     # ------------------------------------------------------------------ registration
@@ -326,7 +327,10 @@ class BagpipeStrategy(DDPStrategy):
         self._driver.before_step(plan)
 
     #: On several ranks, every this many steps (and a stream's first) the ranks compare the checksums of
-    #: the step's global batches (one all-gather of an int64 on the default process group).
+    #: the step's global batches (one all-gather of an int64 on the default process group). Sources of
+    #: unknown length are compared at every step: the checksum says whether a step ends the stream, so
+    #: ranks whose streams end at different steps are caught there (a sized source's length is compared
+    #: when training starts).
     STREAM_CHECK_EVERY = 16
 
     def _check_same_stream(self, plan: StepPlan) -> None:
@@ -334,7 +338,9 @@ class BagpipeStrategy(DDPStrategy):
         and every rank's oracle plans the global stream, so per-rank data (sharded like a plain DDP
         dataset, or shuffled with another seed) would train a wrong model silently or abort gloo."""
         groups = None if self._driver is None else self._driver.groups
-        if groups is None or plan.key == self._stream_checked or plan.key[1] % self.STREAM_CHECK_EVERY:
+        if groups is None or plan.key == self._stream_checked:
+            return
+        if self._stream_sized and plan.key[1] % self.STREAM_CHECK_EVERY:
             return
         self._stream_checked = plan.key
         # (on the default group, as DDP's own: the cache's store group carries the executor thread's
@@ -345,7 +351,8 @@ class BagpipeStrategy(DDPStrategy):
             differ = [r for r, d in enumerate(digests) if d != digests[0]]
             raise ValueError(
                 f"rank(s) {differ} read other global batches than rank 0 at step {plan.key[1]} of this "
-                "epoch: with strategy='bagpipe' every rank reads the whole global stream (the loader takes "
+                "epoch (or their stream ends at another step): with strategy='bagpipe' every rank reads the "
+                "whole global stream (the loader takes "
                 "each rank's slice of every batch, and every rank's oracle plans all of it). Do not shard "
                 "the data per rank; return the same batches, in the same order, from train_source on every "
                 "rank"
@@ -567,6 +574,7 @@ class BagpipeStrategy(DDPStrategy):
             trainer = self.lightning_module.trainer  # type: ignore[union-attr]
             n = trainer.num_training_batches
             counts = self._driver.groups.all_gather_object(None if n == float("inf") else int(n))
+            self._stream_sized = n != float("inf")
             if len(set(counts)) > 1:
                 raise ValueError(
                     f"the ranks' training sources yield different numbers of batches {counts}; every rank "

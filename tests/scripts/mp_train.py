@@ -11,6 +11,7 @@ import functools
 import itertools
 import os
 import sys
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -54,6 +55,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-defer-sync", action="store_true", help="sync every replicated row within its step")
     p.add_argument("--mismatch-rank1", action="store_true", help="rank 1 builds other tables (error test)")
     p.add_argument("--short-rank1", action="store_true", help="rank 1's source has fewer batches")
+    p.add_argument("--unsized", action="store_true", help="the source is a generator (no length)")
     p.add_argument(
         "--fp16-scale", type=float, default=0.0, help='"16-mixed" with a GradScaler of this initial scale'
     )
@@ -70,6 +72,13 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         "--direct-loader", action="store_true", help="give fit() the loader, built before the Trainer's ranks"
     )
     return p.parse_args(argv)
+
+
+class _Unsized(ListDataModule):
+    """The same batches from a generator: a source of unknown length."""
+
+    def train_source(self) -> Iterator[lb.Batch]:  # type: ignore[override]
+        yield from self.batches
 
 
 class _FailOnRank1(TinyModel):
@@ -155,7 +164,8 @@ def run(args: argparse.Namespace) -> dict:
     )
     if args.rank1_capacity is not None and rank == 1:
         capacity = args.rank1_capacity
-    dm = ListDataModule(tables, batches, lookahead=args.lookahead, cache_rows=capacity, sync=args.sync)
+    module = _Unsized if args.unsized else ListDataModule
+    dm = module(tables, batches, lookahead=args.lookahead, cache_rows=capacity, sync=args.sync)
     if args.direct_loader:  # (built with no Trainer: rank 0 of 1 until the strategy binds it)
         trainer.fit(model, train_dataloaders=dm.train_dataloader())
     else:
