@@ -172,7 +172,7 @@ def test_unsized_sources_that_end_at_different_steps_fail_there_naming_it() -> N
     # gloo aborted: "Received data size doesn't match expected size")
     done = _launch(["--unsized", "--short-rank1", "--capacity", "80"], None)
     assert done.returncode != 0
-    found = re.search(r"rank\(s\) \[1\] read other global batches than rank 0 at step (\d+) ", done.stdout)
+    found = re.search(r"rank\(s\) \[1\] read other global batches than rank 0 at batch (\d+) ", done.stdout)
     assert found and "or their stream ends at another step" in done.stdout, done.stdout[-3000:]
     assert int(found[1]) < 28  # (before rank 1's last step: where the ranks' plans would first differ)
 
@@ -191,7 +191,7 @@ def test_unsized_sources_that_agree_train_like_one_process(tmp_path: Path) -> No
         ),
         (
             ["--rank1-seed", "12", "--capacity", "80"],
-            r"rank\(s\) \[1\] read other global batches than rank 0 at step 0",
+            r"rank\(s\) \[1\] read other global batches than rank 0 at batch 0 of this epoch",
         ),
     ],
     ids=["sparse_lr", "cache_rows", "other_batches"],

@@ -16,6 +16,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.strategies import StrategyRegistry
 
 import lightning_bagpipe as lb
+from lightning_bagpipe.data.batch import StepPlan
 from tests.helpers import ListDataModule, TinyModel, quiet_trainer, random_batches, small_tables
 
 
@@ -544,3 +545,30 @@ def test_a_checkpoint_replaces_a_checkpoint_never_a_directory_that_is_not_one(da
     fitted("file").save_checkpoint(last)  # (how a run resumed on one process saves over it)
     assert last.is_file() and "state_dict" in torch.load(last, weights_only=True)
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporaries left
+
+
+def test_the_ranks_compare_a_resumed_streams_first_step_and_then_every_16th() -> None:
+    # A resumed stream's steps start past 0 (the loader numbers them from its skip position): its first
+    # step must be compared too, or ranks reading other data after a resume trained silently.
+    strategy = lb.BagpipeStrategy(parallel_devices=[torch.device("cpu")])
+    calls: list[tuple[int, int]] = []
+
+    class Driver:
+        groups = object()  # (several ranks)
+
+    def all_gather(t: torch.Tensor) -> torch.Tensor:
+        calls.append(plan.key)
+        return torch.stack([t, t + 1])  # rank 1 read other batches
+
+    strategy._driver = Driver()  # type: ignore[assignment]
+    strategy.all_gather = all_gather  # type: ignore[method-assign]
+    none = (np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64))
+    for key, compared in (((3, 5), True), ((4, 5), True), ((4, 6), False), ((4, 16), True)):
+        plan = StepPlan(key=key, capacity=8, fetch=none, evict=none, writeback=none, digest=7)
+        if compared:
+            message = r"rank\(s\) \[1\] read other global batches than rank 0 at batch 9"
+            with pytest.raises(ValueError, match=message):
+                strategy._check_same_stream(plan, 9)
+        else:
+            strategy._check_same_stream(plan, 9)
+    assert calls == [(3, 5), (4, 5), (4, 16)]

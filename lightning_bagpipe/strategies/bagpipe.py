@@ -323,7 +323,7 @@ class BagpipeStrategy(DDPStrategy):
                 "GradientAccumulationScheduler when an epoch starts), or change accumulate_grad_batches only "
                 "between epochs"
             )
-        self._check_same_stream(plan)
+        self._check_same_stream(plan, batch_idx)
         self._driver.before_step(plan)
 
     #: On several ranks, every this many steps (and a stream's first) the ranks compare the checksums of
@@ -333,14 +333,16 @@ class BagpipeStrategy(DDPStrategy):
     #: when training starts).
     STREAM_CHECK_EVERY = 16
 
-    def _check_same_stream(self, plan: StepPlan) -> None:
+    def _check_same_stream(self, plan: StepPlan, batch_idx: int) -> None:
         """Refuse ranks that read different global batches: each rank trains its slice of the global batch,
         and every rank's oracle plans the global stream, so per-rank data (sharded like a plain DDP
         dataset, or shuffled with another seed) would train a wrong model silently or abort gloo."""
         groups = None if self._driver is None else self._driver.groups
-        if groups is None or plan.key == self._stream_checked:
+        checked = self._stream_checked
+        if groups is None or plan.key == checked:
             return
-        if self._stream_sized and plan.key[1] % self.STREAM_CHECK_EVERY:
+        first = checked is None or checked[0] != plan.key[0]  # (a resumed stream starts past step 0)
+        if self._stream_sized and not first and plan.key[1] % self.STREAM_CHECK_EVERY:
             return
         self._stream_checked = plan.key
         # (on the default group, as DDP's own: the cache's store group carries the executor thread's
@@ -350,12 +352,11 @@ class BagpipeStrategy(DDPStrategy):
         if len(set(digests)) > 1:
             differ = [r for r, d in enumerate(digests) if d != digests[0]]
             raise ValueError(
-                f"rank(s) {differ} read other global batches than rank 0 at step {plan.key[1]} of this "
-                "epoch (or their stream ends at another step): with strategy='bagpipe' every rank reads the "
-                "whole global stream (the loader takes "
-                "each rank's slice of every batch, and every rank's oracle plans all of it). Do not shard "
-                "the data per rank; return the same batches, in the same order, from train_source on every "
-                "rank"
+                f"rank(s) {differ} read other global batches than rank 0 at batch {batch_idx} of this epoch "
+                "(or their stream ends at another step): with strategy='bagpipe' every rank reads the whole "
+                "global stream (the loader takes each rank's slice of every batch, and every rank's oracle "
+                "plans all of it). Do not shard the data per rank; return the same batches, in the same "
+                "order, from train_source on every rank"
             )
 
     @override
