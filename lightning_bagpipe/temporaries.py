@@ -1,9 +1,11 @@
 """Hidden temporary files beside their target, named for the process that writes them.
 
 Every all-or-nothing write of the library (checkpoint files and directories, converted Parquet files, a
-vocabulary) writes ``.<name>.<host>.<pid>.<random>.tmp`` next to its target and renames it into place
-once complete. The leading dot keeps readers of a folder from taking a half-written file for data; the
-host and pid let a later writer remove what a killed one left, and never what a live one is writing.
+vocabulary, a store's sidecar and bitmap, the shared copy of an in-RAM table) writes
+``.<name>.<host>.<pid>.<random>.tmp`` next to its target (``<host>``: :func:`host_id`) and renames it
+into place once complete. The leading dot keeps readers of a folder from taking a half-written file for
+data; the host and pid let a later writer remove what a killed one left, and never what a live one is
+writing.
 """
 
 from __future__ import annotations
@@ -15,14 +17,24 @@ import shutil
 import socket
 from pathlib import Path
 
-__all__ = ["TMP_SUFFIX", "pid_alive", "remove_stale_temporaries", "temporary_path"]
+__all__ = ["TMP_SUFFIX", "host_id", "pid_alive", "remove_stale_temporaries", "temporary_path"]
 
 TMP_SUFFIX = ".tmp"
 
 
+def host_id() -> str:
+    """This host's name, and its PID namespace where the system has one: a pid names a process only in its
+    namespace, and containers that share a host name (``--network=host``) may share a folder too
+    (``/dev/shm`` under ``--ipc=host``), so one must not take another's live writer for a dead one."""
+    try:
+        return f"{socket.gethostname()}-ns{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:
+        return socket.gethostname()
+
+
 def temporary_path(target: Path) -> Path:
     """A hidden name beside ``target``, unique to this process and call, to write ``target`` under."""
-    unique = f"{socket.gethostname()}.{os.getpid()}.{secrets.token_hex(4)}"
+    unique = f"{host_id()}.{os.getpid()}.{secrets.token_hex(4)}"
     return target.with_name(f".{target.name}.{unique}{TMP_SUFFIX}")
 
 
@@ -40,7 +52,7 @@ def pid_alive(pid: int) -> bool:
 def remove_stale_temporaries(target: Path) -> list[Path]:
     """Delete the temporaries (files or directories) of ``target`` that dead processes of this host
     wrote; returns them."""
-    prefix, host = f".{target.name}.", socket.gethostname()
+    prefix, host = f".{target.name}.", host_id()
     removed = []
     for p in target.parent.glob(f".{target.name}.*{TMP_SUFFIX}"):
         parts = p.name[len(prefix) : -len(TMP_SUFFIX)].rsplit(".", 2)

@@ -216,7 +216,11 @@ def test_train_hashing_flags_that_disagree_are_refused_naming_the_flags(tsv: tup
     vocab = good.parent / "pq_vocab" / "vocabulary.npz"
     args = parser.parse_args(["--data", str(good), "--batch-size", "4", "--vocab-path", str(vocab)])
     dm = train_module.build_datamodule(args)
-    assert args.hashing == "vocab" and type(dm.train_data.hashing).__name__ == "Vocabulary"  # type: ignore[union-attr]
+    assert type(dm.train_data.hashing).__name__ == "Vocabulary"  # type: ignore[union-attr]
+    assert args.hashing is None  # (resolved, not written back: a second build sees the same flags)
+    synthetic = parser.parse_args(["--data", "synthetic", "--batch-size", "4"])
+    train_module.build_datamodule(synthetic)
+    train_module.build_datamodule(synthetic)
 
 
 def test_train_refuses_a_vocab_threshold_that_builds_no_vocabulary(tsv: tuple[Path, Path]) -> None:

@@ -15,7 +15,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 import lightning_bagpipe as lb
 from lightning_bagpipe.data import convert
 from lightning_bagpipe.data.criteo import CriteoDataModule
-from lightning_bagpipe.data.criteo_tsv import ModuloHashing
+from lightning_bagpipe.data.criteo_tsv import ModuloHashing, Vocabulary
 from lightning_bagpipe.data.loader import EvalLoader
 from tests.helpers import TinyModel, quiet_trainer
 from tests.test_criteo_tsv import SIZES, random_lines, write
@@ -83,6 +83,22 @@ def test_evaluation_data_must_share_tables(files, tmp_path):
     convert.convert_tsv(files["predict"], out, hashing=ModuloHashing(50), progress=False)
     with pytest.raises(ValueError, match=r"prediction data '.*other_pq' has .* they must share tables"):
         CriteoDataModule(files["train"], predict_path=out, batch_size=16, table_sizes=SIZES)
+
+
+def test_tsv_evaluation_of_parquet_training_data_needs_the_conversions_vocabulary(files, tmp_path):
+    # (it built a vocabulary from the validation file, then refused the tables the two did not share)
+    out = tmp_path / "train_pq"
+    convert.convert_tsv(files["train"], out, hashing=Vocabulary.build(files["train"]), progress=False)
+    with pytest.raises(ValueError, match=r"the training data is Parquet .* give vocab_path \(--vocab-path\)"):
+        CriteoDataModule(out, val_path=files["test"], batch_size=16, hashing="vocab", labeled=True)
+    with pytest.raises(
+        ValueError, match=r"they must share tables \(a TSV file read with Parquet training data"
+    ):
+        CriteoDataModule(out, val_path=files["test"], batch_size=16, labeled=True)  # (modulo hashing)
+    vocab = tmp_path / "vocabulary.npz"
+    Vocabulary.build(files["train"]).save(vocab)
+    dm = CriteoDataModule(out, val_path=files["test"], batch_size=16, hashing="vocab", vocab_path=vocab)
+    assert dm.val_data.tables == dm.tables  # type: ignore[union-attr]
 
 
 def test_no_validation_data_means_no_validation_loader(files):

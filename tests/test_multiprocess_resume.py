@@ -37,6 +37,7 @@ import lightning_bagpipe as lb
 from lightning_bagpipe.strategies import checkpointing
 from lightning_bagpipe.strategies import sharded_checkpoint as sc
 from lightning_bagpipe.strategies.checkpointing import rows_checksum
+from lightning_bagpipe.temporaries import host_id
 from tests.helpers import ListDataModule, TinyModel, quiet_trainer, random_batches, small_tables
 
 SCRIPT = Path(__file__).resolve().parent / "scripts" / "mp_resume.py"
@@ -553,7 +554,7 @@ def test_replacing_without_rename_exchange_keeps_a_complete_checkpoint(
         assert torch.equal(_rows_of(target), torch.full_like(_rows_of(target), value))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
     # an interrupted replace (the old one parked, the new one not yet renamed in) is named on load
-    parked = tmp_path / f".last.ckpt.{sc.socket.gethostname()}.1.00000000.old"
+    parked = tmp_path / f".last.ckpt.{host_id()}.1.00000000.old"
     target.rename(parked)
     with pytest.raises(FileNotFoundError, match=r"the previous checkpoint at .*\.old"):
         sc.load_bagpipe_checkpoint(None, target, True, _tiny_module()[1], sc.LocalComm())  # type: ignore[arg-type]

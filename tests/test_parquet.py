@@ -6,7 +6,6 @@ import argparse
 import functools
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -28,6 +27,7 @@ from lightning_bagpipe.data.parquet import (
 )
 from lightning_bagpipe.data.synthetic import SyntheticCriteo
 from lightning_bagpipe.tables import Tables
+from lightning_bagpipe.temporaries import host_id
 from tests.test_criteo_tsv import SIZES, random_lines, write
 
 
@@ -448,7 +448,7 @@ def test_datamodule_rejects_validation_with_other_tables(tsv_dir, good_pq):
 
 def test_files_a_killed_conversion_left_are_removed_by_the_next_one(tsv_dir, tmp_path):
     out = tmp_path / "pq"
-    host = socket.gethostname()  # (temporaries are named .<name>.<host>.<pid>.<random>.tmp)
+    host = host_id()  # (temporaries are named .<name>.<host>.<pid>.<random>.tmp)
     out.mkdir()
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()  # a pid that has ended (a writer killed with -9 leaves its files behind)

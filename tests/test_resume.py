@@ -17,7 +17,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -50,6 +49,7 @@ from lightning_bagpipe.strategies.checkpointing import (
     restore_rng_states,
     verify_bagpipe_section,
 )
+from lightning_bagpipe.temporaries import host_id
 from tests.helpers import (
     ListDataModule,
     SaveInsideStep,
@@ -968,7 +968,7 @@ def test_atomic_save_replaces_the_file_and_leaves_no_temporary(tmp_path: Path) -
 def test_stale_temporaries_of_dead_processes_are_removed(tmp_path: Path) -> None:
     code = "import os; print(os.getpid())"
     dead = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    host = socket.gethostname()
+    host = host_id()
     stale = tmp_path / f".a.ckpt.{host}.{int(dead.stdout)}.0badc0de.tmp"
     live = tmp_path / f".a.ckpt.{host}.{os.getpid()}.00000000.tmp"
     stale.write_bytes(b"partial")

@@ -38,6 +38,7 @@ from lightning_bagpipe.embedding.store import (
 from lightning_bagpipe.embedding.tiered_store import TieredStore
 from lightning_bagpipe.strategies import sharded_checkpoint as sc
 from lightning_bagpipe.strategies.checkpointing import atomic_torch_save
+from lightning_bagpipe.temporaries import host_id
 
 TABLES = lb.Tables([("a", 100), ("b", 300)])
 DIM = 4
@@ -377,13 +378,17 @@ def test_atomic_store_writes_leave_no_temporary_and_remove_killed_writers_ones(t
     # mid-write (a kill during the end-of-fit flush) stayed beside the store for good; so did one of an
     # interrupted write. Now they are named for their process, and the next write removes dead ones'.
     target = tmp_path / "rows.f32.json"
-    host = socket.gethostname()
+    host = host_id()
     stale = tmp_path / f".rows.f32.json.{host}.{_dead_pid()}.0badcafe.tmp"
     live = tmp_path / f".rows.f32.json.{host}.{os.getppid()}.0badcafe.tmp"
-    stale.write_bytes(b"half")
-    live.write_bytes(b"half")
+    # a process of another PID namespace on a host of the same name (containers sharing a folder): its
+    # pid means nothing here, so its file stays
+    elsewhere = tmp_path / f".rows.f32.json.{socket.gethostname()}-ns1.{_dead_pid()}.0badcafe.tmp"
+    for f in (stale, live, elsewhere):
+        f.write_bytes(b"half")
     store_module.write_atomically(target, lambda f: f.write(b"{}"), "writing the sidecar")
-    assert target.read_bytes() == b"{}" and not stale.exists() and live.exists()
+    assert target.read_bytes() == b"{}" and not stale.exists() and live.exists() and elsewhere.exists()
+    elsewhere.unlink()
 
     def interrupted(f: io.BufferedWriter) -> None:
         f.write(b"{")
@@ -401,7 +406,7 @@ def test_a_shared_table_is_named_for_its_process_and_a_killed_runs_copy_is_remov
     # A rank 0 killed by SIGKILL (the OOM killer) never ends the sharing: its copy of the table stayed in
     # /dev/shm until reboot. The copy is now named for its process, and the next run removes dead ones'.
     monkeypatch.setattr(distributed, "_shm_root", lambda: str(tmp_path))
-    host = socket.gethostname()
+    host = host_id()
     stale = tmp_path / f".lightning-bagpipe.{host}.{_dead_pid()}.0badcafe.tmp"
     live = tmp_path / f".lightning-bagpipe.{host}.{os.getppid()}.0badcafe.tmp"  # (a live process's)
     for folder in (stale, live):

@@ -147,6 +147,13 @@ class CriteoDataModule(BagpipeDataModule):
                 )
 
             self._train = files(source, drop_last=drop_last)
+            tsv_evaluated = [p for p in (val_path, test_path, predict_path) if p and detect_kind(p) == "tsv"]
+            if self.kind == "parquet" and tsv_evaluated and hashing == "vocab" and vocab_path is None:
+                raise ValueError(
+                    f"hashing='vocab' builds a vocabulary from the training TSV, but the training data is "
+                    f"Parquet ({str(source)!r}) and {str(tsv_evaluated[0])!r} is TSV: give vocab_path "
+                    "(--vocab-path), the vocabulary.npz that convert saved beside the Parquet files"
+                )
             self._val = None if val_path is None else files(val_path)
             self._test = None if test_path is None else files(test_path)
             # Prediction files may lack labels whatever the training files have: always detect.
@@ -157,9 +164,16 @@ class CriteoDataModule(BagpipeDataModule):
                 ("prediction", predict_path, self._predict),
             ):
                 if data is not None and data.tables != self._train.tables:
+                    hint = (
+                        " (a TSV file read with Parquet training data needs the hashing the Parquet files "
+                        "were converted with: their vocabulary.npz as vocab_path / --vocab-path, or the same "
+                        "table_sizes / --table-size)"
+                        if self.kind == "parquet" and isinstance(data, CriteoTSV)
+                        else ""
+                    )
                     raise ValueError(
                         f"{what} data {str(path)!r} has {data.tables}, training data has "
-                        f"{self._train.tables}; they must share tables"
+                        f"{self._train.tables}; they must share tables{hint}"
                     )
         super().__init__(
             self._train.tables,

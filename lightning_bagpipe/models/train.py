@@ -23,7 +23,7 @@ import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -294,6 +294,13 @@ def _model_name(args: argparse.Namespace) -> str:
     return str(getattr(args, "model", None) or args._fixed_model)
 
 
+def _hashing(args: argparse.Namespace) -> Literal["modulo", "vocab"]:
+    """``--hashing``, or its default: a saved vocabulary implies its hashing (as convert's --vocab does)."""
+    if args.hashing is not None:
+        return "vocab" if args.hashing == "vocab" else "modulo"  # (argparse's choices)
+    return "vocab" if args.vocab_path is not None else "modulo"
+
+
 def build_datamodule(args: argparse.Namespace) -> CriteoDataModule:
     """The CriteoDataModule the flags describe. Flags that do not apply to the data are refused, naming
     them, rather than ignored (a user who passes ``--table-size`` expects it to size the tables)."""
@@ -317,13 +324,12 @@ def build_datamodule(args: argparse.Namespace) -> CriteoDataModule:
             f"{', '.join(given)}: TSV options, but the data is Parquet: its files record their tables "
             "(no hashing or table sizes to choose) and have no lines to skip or to detect labels in"
         )
-    if args.hashing is None:  # (a saved vocabulary implies its hashing, as convert's --vocab does)
-        args.hashing = "vocab" if args.vocab_path is not None else "modulo"
-    if args.vocab_path is not None and args.hashing != "vocab":
+    hashing = _hashing(args)
+    if args.vocab_path is not None and hashing != "vocab":
         raise ValueError("--vocab-path needs --hashing vocab (or no --hashing: the vocabulary implies it)")
-    if args.table_size is not None and args.hashing != "modulo":
+    if args.table_size is not None and hashing != "modulo":
         raise ValueError("--table-size applies to --hashing modulo only (a vocabulary sizes the tables)")
-    if args.vocab_threshold is not None and (args.hashing != "vocab" or args.vocab_path is not None):
+    if args.vocab_threshold is not None and (hashing != "vocab" or args.vocab_path is not None):
         raise ValueError("--vocab-threshold applies to --hashing vocab when building a vocabulary")
     synthetic_flags = {
         "--scale": args.scale,
@@ -353,7 +359,7 @@ def build_datamodule(args: argparse.Namespace) -> CriteoDataModule:
         zipf=DEFAULT_ZIPF if args.zipf is None else args.zipf,
         multi_hot=1 if args.multi_hot is None else args.multi_hot,
         seed=args.seed,
-        hashing=args.hashing,
+        hashing=hashing,
         table_sizes=args.table_size,
         vocab_threshold=1 if args.vocab_threshold is None else args.vocab_threshold,
         vocab_path=args.vocab_path,
@@ -556,7 +562,7 @@ def _tables_hint(args: argparse.Namespace, kind: str, r: dict[str, Any]) -> str 
     touched, rows = r["rows_fetched"], r["table_rows"]
     if touched is None or r["world_size"] != 1 or touched >= TOUCHED_HINT_SHARE * rows:
         return None
-    if kind == "tsv" and args.hashing == "modulo":
+    if kind == "tsv" and _hashing(args) == "modulo":
         sizes = (
             "Criteo Kaggle's sizes, the default"
             if args.table_size is None

@@ -574,12 +574,20 @@ class BagpipeStrategy(DDPStrategy):
         if self._driver is not None and self._driver.groups is not None:
             trainer = self.lightning_module.trainer  # type: ignore[union-attr]
             n = trainer.num_training_batches
-            counts = self._driver.groups.all_gather_object(None if n == float("inf") else int(n))
-            self._stream_sized = n != float("inf")
-            if len(set(counts)) > 1:
+            # the sources' own lengths too: the oracle reads past limit_train_batches for its lookahead
+            sources = [
+                ld._known_length()
+                for ld in _library_loaders(trainer.train_dataloader)
+                if isinstance(ld, BagpipeLoader)
+            ]
+            lengths = [None if x == float("inf") else int(x) for x in [n, *sources]]
+            counts = self._driver.groups.all_gather_object(lengths)
+            self._stream_sized = None not in lengths  # (else compared at every step: _check_same_stream)
+            if any(c != lengths for c in counts):
                 raise ValueError(
-                    f"the ranks' training sources yield different numbers of batches {counts}; every rank "
-                    "must read the same global stream"
+                    f"the ranks' training sources yield different numbers of batches {counts} (per rank: "
+                    "batches of the epoch, then the sources' own lengths); every rank must read the same "
+                    "global stream"
                 )
             mine = [
                 (ld.lookahead, ld.cache_rows, ld.prefetch_depth, ld.sync)

@@ -38,7 +38,6 @@ import io
 import json
 import os
 import shutil
-import socket
 import types
 import warnings
 import zlib
@@ -78,7 +77,7 @@ from lightning_bagpipe.strategies.checkpointing import (
     read_checkpoint,
     verify_bagpipe_section,
 )
-from lightning_bagpipe.temporaries import pid_alive, remove_stale_temporaries, temporary_path
+from lightning_bagpipe.temporaries import host_id, pid_alive, remove_stale_temporaries, temporary_path
 
 __all__ = [
     "MANIFEST",
@@ -463,7 +462,7 @@ def _remove_stale_old_copies(target: Path) -> None:
     """Previous checkpoints parked by an interrupted fallback replace, once ``target`` exists again."""
     if not os.path.lexists(target):
         return  # then the parked copy may be the only checkpoint: keep it
-    host = socket.gethostname()
+    host = host_id()
     for p in _old_copies(target):
         parts = p.name[len(target.name) + 2 : -len(_OLD_SUFFIX)].rsplit(".", 2)
         if len(parts) == 3 and parts[0] == host and parts[1].isdigit() and not pid_alive(int(parts[1])):
