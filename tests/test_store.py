@@ -834,3 +834,29 @@ def test_store_lock_holds_the_file_for_its_block(tmp_path: Path, lone_run: None)
     with store_lock(path):
         assert locked_elsewhere(path)
     assert not locked_elsewhere(path)
+
+
+def test_under_torchrun_each_rank_sees_to_its_own_store_file(
+    tmp_path: Path, lone_run: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # torchrun starts every rank at once: rank 0 cannot make or replace a shared mmap file before the
+    # others open it (they trained another file, or failed), and replacing every rank's tiered file from
+    # rank 0 removed files the other ranks had just made ("in use by process" of the same job)
+    from lightning_bagpipe.embedding.tiered_store import TieredStore
+    from lightning_bagpipe.models.train import _store_arg
+
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    with pytest.raises(ValueError, match=r"--store mmap under torchrun: every rank starts at once"):
+        _store_arg(_cli_args(tmp_path / "x.f32", devices=2), tmp_path)
+    rank1 = tmp_path / "t.rank1.f32"
+    TieredStore(rank1, ROWS, WIDTH).close()
+    with holding(rank1, "tiered"):  # (rank 1, running: rank 0 leaves its file alone)
+        factory = _store_arg(_cli_args(tmp_path / "t.f32", "tiered", devices=2), tmp_path)
+        assert rank1.exists()
+    assert factory.args == (tmp_path / "t.rank0.f32",)  # type: ignore[union-attr]
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    missing = tmp_path / "new" / "t.f32"  # (every rank makes the folder)
+    factory = _store_arg(_cli_args(missing, "tiered", devices=2), tmp_path)
+    assert factory.args == (missing.with_name("t.rank1.f32"),)  # type: ignore[union-attr]
+    assert missing.parent.is_dir()

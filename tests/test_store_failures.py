@@ -1017,3 +1017,20 @@ def test_a_tiered_store_created_with_a_bad_argument_leaves_no_file_behind(tmp_pa
         TieredStore(path, buffer_bytes=2**16, log_bytes=-1)
     assert sorted(tmp_path.iterdir()) == files
     TieredStore(path, buffer_bytes=2**16).close()
+
+
+def test_a_store_reports_the_file_it_mapped_not_what_its_path_names_now(tmp_path: Path) -> None:
+    # Under torchrun a rank can open a store file that rank 0 then replaces (--overwrite-store): the ranks'
+    # "one file?" check compared what the path named then, found one file, and the ranks trained
+    # different files. Each store now reports the file it mapped, and the strategy refuses such ranks.
+    path = tmp_path / "t.f32"
+    old = MmapStore(path, num_rows=10, width=4, mode="create", lock=False)
+    path.unlink()
+    Path(f"{path}.json").unlink()
+    new = MmapStore(path, num_rows=10, width=4, mode="create", lock=False)
+    a, b = distributed.store_place(old), distributed.store_place(new)
+    assert a is not None and b is not None
+    assert a[:2] == b[:2] and a[2:] != b[2:]  # (same host and path, another file)
+    assert distributed.store_place(MmapStore(path, lock=False)) == b
+    old.close()
+    new.close()

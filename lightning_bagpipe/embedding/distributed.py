@@ -132,13 +132,13 @@ def _reserve(path: str, nbytes: int) -> bool:
     return True
 
 
-def store_place(store: EmbeddingStore) -> tuple[str, int, int] | None:
-    """Where a store's rows are, to tell whether ranks share one: a file's ``(host, device, inode)``;
-    ``None`` for an in-RAM store (rank 0 shares it; a file store's ranks must already share the file)."""
+def store_place(store: EmbeddingStore) -> tuple[str, str, int, int] | None:
+    """Where a store's rows are, to tell whether ranks share one: a file's host, real path, and the
+    device and inode of the file it mapped when it opened; ``None`` for an in-RAM store (rank 0 shares
+    it; a file store's ranks must already share the file)."""
     if not isinstance(store, MmapStore):
         return None
-    st = os.stat(store.path)
-    return (socket.gethostname(), st.st_dev, st.st_ino)
+    return (socket.gethostname(), os.path.realpath(store.path), *store.file_id)
 
 
 def share_store(

@@ -444,6 +444,8 @@ class MmapStore(EmbeddingStore):
             self._array: np.memmap | None = np.memmap(
                 self.path, dtype=np.float32, mode="r+", shape=(self.num_rows, self.width)
             )
+            st = os.stat(self.path)
+            self.file_id = (st.st_dev, st.st_ino)  # the mapped file's (the path may name another later)
         except BaseException:
             if self.created:  # a creation that failed leaves nothing behind (the lock still keeps others out)
                 self.path.unlink(missing_ok=True)

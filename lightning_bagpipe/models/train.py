@@ -378,6 +378,9 @@ def _store_arg(args: argparse.Namespace, root: Path) -> StoreLike:
         return None
     path = Path(args.store_path) if args.store_path is not None else root / "tables.f32"
     rank = int(os.environ.get("LOCAL_RANK", "0"))
+    # torchrun (torchelastic) starts every rank at once; Lightning's launcher starts the others once rank 0
+    # has run this far
+    all_at_once = args.devices > 1 and "TORCHELASTIC_RUN_ID" in os.environ
     replace = [path]
     if args.store == "tiered" and args.devices > 1:
         # a TieredStore is one process's: each rank has its own file
@@ -385,8 +388,14 @@ def _store_arg(args: argparse.Namespace, root: Path) -> StoreLike:
         path = ranks[rank]
         # rank 0 (it runs before the launcher starts the others) checks and replaces every rank's file at
         # once: a rank finding its file held by another run must not stop the run after rank 0 removed its
-        # own. The other ranks then find no file.
-        replace = ranks if rank == 0 else [path]
+        # own. The other ranks then find no file. (All at once, each rank sees to its own.)
+        replace = ranks if rank == 0 and not all_at_once else [path]
+    elif all_at_once:
+        raise ValueError(
+            "--store mmap under torchrun: every rank starts at once, so rank 0 cannot make or replace the "
+            "shared file before the others open it. Launch without torchrun (--devices N: Lightning starts "
+            "the other ranks once rank 0 has made it), or use --store tiered (a file per rank) or memory"
+        )
     elif rank > 0:
         # a rank Lightning's launcher started (it re-runs this script): rank 0 created the file already
         return str(path)

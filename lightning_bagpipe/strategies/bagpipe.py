@@ -204,6 +204,15 @@ class BagpipeStrategy(DDPStrategy):
                     f"rank {r}'s CachedEmbedding modules differ from rank {self.global_rank}'s ({diff}): "
                     "every rank must build the same model"
                 )
+        for r, (_, theirs) in enumerate(every):
+            for ours, other in zip(places, theirs):
+                if ours and other and ours[:2] == other[:2] and ours[2:] != other[2:]:
+                    raise ValueError(
+                        f"rank {r} and rank {self.global_rank} opened different files at {ours[1]}: it was "
+                        "replaced while a rank had the old one open, so one rank would train other rows. "
+                        "Under torchrun every rank starts at once: create or replace the store before the "
+                        "ranks open it (Lightning's own launcher starts the other ranks once rank 0 has)"
+                    )
         if mode == "shared" and len({str(p) for _, p in every}) > 1:  # not one store for every rank
             if self.store_mode == "shared":
                 raise ValueError(
