@@ -847,8 +847,6 @@ def test_under_torchrun_each_rank_sees_to_its_own_store_file(
 
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")
     monkeypatch.setenv("LOCAL_RANK", "0")
-    with pytest.raises(ValueError, match=r"--store mmap under torchrun: every rank starts at once"):
-        _store_arg(_cli_args(tmp_path / "x.f32", devices=2), tmp_path)
     rank1 = tmp_path / "t.rank1.f32"
     TieredStore(rank1, ROWS, WIDTH).close()
     with holding(rank1, "tiered"):  # (rank 1, running: rank 0 leaves its file alone)
@@ -860,3 +858,36 @@ def test_under_torchrun_each_rank_sees_to_its_own_store_file(
     factory = _store_arg(_cli_args(missing, "tiered", devices=2), tmp_path)
     assert factory.args == (missing.with_name("t.rank1.f32"),)  # type: ignore[union-attr]
     assert missing.parent.is_dir()
+
+
+def test_under_torchrun_the_other_ranks_open_a_shared_file_once_rank_0_made_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # (before, a rank could open the old file that rank 0 then replaced: the ranks trained different files)
+    from lightning_bagpipe.models import train as train_module
+
+    args = _cli_args(tmp_path / "x.f32", devices=2)
+    path = str(tmp_path / "x.f32")
+    marker = tmp_path / ".x.f32.made.job7"
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job7")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(train_module, "SHARED_FILE_WAIT_S", 0.3)
+    made = train_module._shared_file_made(args, path)
+    with pytest.raises(TimeoutError, match=r"for rank 0 to make the store file .*x\.f32"), made:
+        raise AssertionError("rank 1 went on before rank 0 made the file")
+    timer = threading.Timer(0.1, marker.touch)  # rank 0, a moment later
+    timer.start()
+    monkeypatch.setattr(train_module, "SHARED_FILE_WAIT_S", 30.0)
+    with train_module._shared_file_made(args, path):
+        assert marker.exists()
+    timer.join()
+    marker.unlink()
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    with train_module._shared_file_made(args, path):
+        assert not marker.exists()  # (rank 0 makes the file in the block, then says so)
+    assert marker.exists()
+    marker.unlink()
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID")  # Lightning's own launcher: nobody waits
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with train_module._shared_file_made(args, path):
+        pass

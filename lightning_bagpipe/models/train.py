@@ -13,6 +13,7 @@ planted model's AUC on synthetic data, training throughput and the cache figures
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import functools
 import json
@@ -21,7 +22,7 @@ import os
 import sys
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -390,14 +391,10 @@ def _store_arg(args: argparse.Namespace, root: Path) -> StoreLike:
         # once: a rank finding its file held by another run must not stop the run after rank 0 removed its
         # own. The other ranks then find no file. (All at once, each rank sees to its own.)
         replace = ranks if rank == 0 and not all_at_once else [path]
-    elif all_at_once:
-        raise ValueError(
-            "--store mmap under torchrun: every rank starts at once, so rank 0 cannot make or replace the "
-            "shared file before the others open it. Launch without torchrun (--devices N: Lightning starts "
-            "the other ranks once rank 0 has made it), or use --store tiered (a file per rank) or memory"
-        )
     elif rank > 0:
-        # a rank Lightning's launcher started (it re-runs this script): rank 0 created the file already
+        # a rank Lightning's launcher started (it re-runs this script): rank 0 created the file already;
+        # under torchrun rank 0 makes it meanwhile (_shared_file_made waits for it)
+        path.parent.mkdir(parents=True, exist_ok=True)
         return str(path)
     existing = [p for p in replace if p.exists()]
     for p in existing:
@@ -424,6 +421,39 @@ def _store_arg(args: argparse.Namespace, root: Path) -> StoreLike:
         mib = args.buffer_mib if args.buffer_mib is not None else DEFAULT_BUFFER_BYTES // 2**20
         return functools.partial(TieredStore, path, buffer_bytes=mib * 2**20)
     return str(path)
+
+
+#: Seconds a rank other than 0 waits, under torchrun, for rank 0 to make the shared store file.
+SHARED_FILE_WAIT_S = 600.0
+
+
+@contextlib.contextmanager
+def _shared_file_made(args: argparse.Namespace, store: StoreLike) -> Iterator[None]:
+    """Around building the model: under torchrun every rank starts at once, so with one store file for all
+    ranks (``--store mmap``) the ranks other than 0 wait until rank 0 has made (or replaced) and opened it,
+    which it says with a hidden marker file named for the torchrun job. Lightning's own launcher starts the
+    other ranks only once rank 0 has built its model: nothing to wait for then."""
+    run = os.environ.get("TORCHELASTIC_RUN_ID")
+    if args.devices < 2 or not run or not isinstance(store, str):
+        yield
+        return
+    path = Path(store)
+    marker = path.with_name(f".{path.name}.made.{run}")
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        yield
+        marker.touch()
+        # every rank has read it once the process group is up: the end of this process removes it
+        atexit.register(marker.unlink, missing_ok=True)
+        return
+    deadline = time.monotonic() + SHARED_FILE_WAIT_S
+    while not marker.exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(
+                f"waited {SHARED_FILE_WAIT_S:.0f} s for rank 0 to make the store file {path} "
+                f"(marker {marker})"
+            )
+        time.sleep(0.05)
+    yield
 
 
 def build_model(
@@ -630,7 +660,9 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     root = Path(args.root_dir) if args.root_dir is not None else Path("runs") / name
     pl.seed_everything(args.seed, verbose=False)
     dm = build_datamodule(args)
-    model = build_model(args, dm, _store_arg(args, root))
+    store = _store_arg(args, root)
+    with _shared_file_made(args, store):
+        model = build_model(args, dm, store)
     meter = ThroughputMeter()
     checkpoint = None if args.no_checkpoint else CheckpointTimer(meter)
     # several processes share one mmap file per node (the default); each keeps its own tiered store
