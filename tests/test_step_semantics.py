@@ -7,6 +7,7 @@ that says what to do instead."""
 from __future__ import annotations
 
 import copy
+import functools
 
 import pytest
 import torch
@@ -260,3 +261,68 @@ def test_16_mixed_loss_scaling_trains_rows_on_unscaled_gradients_and_skips_overf
     assert torch.allclose(model.emb.store.tensor()[:, :DIM], ref_table, atol=1e-6, rtol=0)
     for (name, p), q in zip(model.named_parameters(), ref.parameters()):
         assert torch.allclose(p, q, atol=1e-6, rtol=0), name
+
+
+def test_the_learning_rate_finder_leaves_the_model_as_it_found_it(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    # Lightning's lr_find trains a few steps, then restores its checkpoint in the middle of the fit: the
+    # cache's trial rows were then written over the restored store (31 of 140 rows), and the fit after it
+    # started from them. The restore now discards the cache first.
+    from lightning.pytorch.tuner import Tuner
+
+    tables, batches = _setup(20)
+    torch.manual_seed(0)
+    tuned = TinyModel(tables, lb.optim.Adagrad(lr=0.1), dense_lr=DENSE_LR)
+    plain = copy.deepcopy(tuned)
+    trainer = quiet_trainer(default_root_dir=tmp_path)
+    dm = ListDataModule(tables, batches, lookahead=4, cache_rows=110)
+    Tuner(trainer).lr_find(tuned, datamodule=dm, num_training=8, update_attr=False, min_lr=1e-4, max_lr=1e-3)
+    assert torch.equal(tuned.emb.store.tensor(), plain.emb.store.tensor())
+    trainer.fit(tuned, datamodule=dm)
+    _fit(plain, tables, batches)
+    assert torch.equal(tuned.emb.store.tensor(), plain.emb.store.tensor())
+    for p, q in zip(tuned.head.parameters(), plain.head.parameters()):
+        assert torch.equal(p, q)
+
+
+class CopyAtEpochEnd(Callback):
+    """The "keep the best model" pattern: a deep copy of the module at an epoch's end."""
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:  # type: ignore[no-untyped-def]
+        self.copy = copy.deepcopy(pl_module)
+        self.rows = torch.cat(list(pl_module.emb.export().values()))
+
+
+def test_a_deep_copy_during_fit_holds_the_rows_as_trained_so_far(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    # (a copy took the store as it was, behind the cache: 21 of its rows were stale at the epoch's end)
+    tables, batches = _setup(10)
+    model = TinyModel(tables, lb.optim.SGD(lr=0.1), dense_lr=DENSE_LR)
+    spy = CopyAtEpochEnd()
+    _fit(model, tables, batches, callbacks=[spy])
+    copied = spy.copy.emb
+    assert torch.equal(torch.cat(list(copied.export().values())), spy.rows)
+    assert not copied._active and copied._cache is None  # (an inactive module: no cache, no driver)
+    # a file store cannot be copied: a copy would be a snapshot that no longer writes the file
+    for store in (str(tmp_path / "t.f32"), functools.partial(lb.TieredStore, tmp_path / "tt.f32")):
+        on_file = lb.CachedEmbedding(tables, dim=DIM, optimizer=lb.optim.SGD(lr=0.1), store=store)
+        with pytest.raises(
+            TypeError, match=r"Store\('.*f32'\) keeps its rows in a file: it cannot be copied"
+        ):
+            copy.deepcopy(on_file)
+        on_file.store.close()
+
+
+@pytest.mark.parametrize("averaging", ["swa", "ema"])
+def test_weight_averaging_callbacks_are_refused(averaging: str) -> None:
+    # SWA and EMA average parameters; the rows are not parameters, and an EMA run's checkpoints held the
+    # initial rows as the model's weights
+    from lightning.pytorch import callbacks
+
+    tables, batches = _setup(4)
+    make = {
+        "swa": lambda: callbacks.StochasticWeightAveraging(swa_lrs=0.01),
+        "ema": callbacks.EMAWeightAveraging,
+    }
+    with pytest.raises(
+        ValueError, match=r"averages the model's parameters, but CachedEmbedding rows are not"
+    ):
+        _fit(TinyModel(tables), tables, batches, callbacks=[make[averaging]()])

@@ -360,6 +360,15 @@ class CachedEmbedding(nn.Module):
             )
         owner.make_store_current()
 
+    def __getstate__(self) -> dict[str, Any]:
+        """A copy (``copy.deepcopy``, pickling) of the module as trained so far, without the cache: during
+        fit the store is brought up to date first, and the copy is an inactive module over a copy of the
+        store."""
+        self._store_up_to_date()
+        state = self.__dict__.copy()
+        state.update(_active=False, _owner=None, _cache=None, _pinned=None, _pending=[])
+        return state
+
     def _store_up_to_date(self) -> None:
         """Before the store is read during fit: bring it up to date with the cache's newer rows."""
         owner = None if self._owner is None else self._owner()

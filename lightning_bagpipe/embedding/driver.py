@@ -533,6 +533,24 @@ class CacheDriver:
                 "accumulation use Trainer(accumulate_grad_batches=k))."
             )
 
+    def discard_cache(self) -> None:
+        """Forget what the cache holds without writing it to the store: a checkpoint is about to replace
+        the store's rows in the middle of a fit (Lightning's learning-rate finder restores the model it
+        started from), and the cache's newer rows would otherwise be written over them. The next plan
+        starts a new stream (an empty cache)."""
+        if self.executor is None:
+            return
+        self.executor.drain()  # (writes already queued land before the rows are replaced)
+        for m in self.modules:
+            m._pending.clear()
+        self._current, self._writeback = None, None
+        self._queued_key, self._queued_ticket = None, None
+        self.executor.forget_staged()
+        self.slot_ids.fill(-1)
+        self.dirty.fill(False)
+        self._stream = -1
+        self._store_current = True
+
     @property
     def recovered(self) -> bool:
         """Whether the row executor failed and the store was brought up to date without it (one process):

@@ -472,6 +472,9 @@ class MmapStore(EmbeddingStore):
     def describe(self) -> str:
         return f"MmapStore('{self.path}')"
 
+    def __getstate__(self) -> dict[str, Any]:
+        raise TypeError(refuse_copy(self))
+
     @property
     def locked(self) -> bool:
         """Whether this store holds the lock on its file (shares this process's lock)."""
@@ -714,6 +717,17 @@ def allocate(path: Path, ranges: Iterable[tuple[int, int]], what: str) -> None:
         raise OSError(err.errno, f"{err.strerror} while allocating {what}", str(path)) from err
     finally:
         os.close(fd)
+
+
+def refuse_copy(store: EmbeddingStore) -> str:
+    """Why a file store cannot be copied or pickled (``copy.deepcopy``, ``torch.save`` of a model, a
+    "spawn" start method): a copy would be a RAM snapshot that no longer reads or writes the file."""
+    return (
+        f"{store.describe()} keeps its rows in a file: it cannot be copied or pickled (a copy would hold a "
+        "snapshot in RAM and no longer write the file). Save a model with a checkpoint or state_dict(), "
+        "read its rows with export(), or open the file again; start processes with Lightning's default "
+        "launcher, not start_method='spawn'"
+    )
 
 
 def write_atomically(path: Path, write: Callable[[BinaryIO], object], what: str) -> None:

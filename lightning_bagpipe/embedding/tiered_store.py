@@ -67,6 +67,7 @@ from lightning_bagpipe.embedding.store import (
     _as_ids,
     _check_unique,
     allocate,
+    refuse_copy,
     write_atomically,
 )
 from lightning_bagpipe.id_map import IdMap
@@ -746,6 +747,9 @@ class TieredStore(EmbeddingStore):
     def _save_log_runs(self) -> None:
         assert self.log is not None
         self.set_metadata(log_runs=self.log.runs, log_capacity=self.log.capacity, log_pair=self.log.pair)
+
+    def __getstate__(self) -> dict[str, Any]:
+        raise TypeError(refuse_copy(self))
 
     @property
     def locked(self) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Callable
@@ -13,7 +14,7 @@ import torch.distributed as dist
 from lightning.fabric.plugins import CheckpointIO
 from lightning.fabric.strategies.registry import _StrategyRegistry
 from lightning.fabric.utilities.types import _PATH
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, StochasticWeightAveraging
 from lightning.pytorch.plugins.io.wrapper import _WrappingCheckpointIO
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn, TrainerStatus
@@ -154,6 +155,7 @@ class BagpipeStrategy(DDPStrategy):
         assert self.lightning_module is not None
         modules = [m for m in self.lightning_module.modules() if isinstance(m, CachedEmbedding)]
         if trainer.state.fn == TrainerFn.FITTING and modules:
+            _refuse_weight_averaging(trainer)
             groups = self._distribute(modules) if self.world_size > 1 else None
             self._driver = CacheDriver(
                 modules,
@@ -558,6 +560,8 @@ class BagpipeStrategy(DDPStrategy):
         # a file or a directory, from any number of processes (the rows are re-sharded on load)
         trainer = self._trainer
         fitting = trainer is not None and trainer.state.fn == TrainerFn.FITTING
+        if self._driver is not None:  # mid-fit (the learning-rate finder restoring its start)
+            self._driver.discard_cache()
         checkpoint, section = load_bagpipe_checkpoint(
             self.checkpoint_io,
             checkpoint_path,
@@ -707,6 +711,26 @@ def _complete_a_finished_epoch(checkpoint: dict[str, Any]) -> None:
     for position in positions:
         if isinstance(position, dict):
             position.pop("counted", None)
+
+
+def _refuse_weight_averaging(trainer: pl.Trainer) -> None:
+    """Callbacks that average the model's parameters (SWA, EMA) would pair averaged dense layers with
+    embedding rows that are not averaged: the rows are not parameters (they live in the cache and the
+    store), and the averaged copy's store never changes, so its checkpoints hold the initial rows."""
+    averaging: list[type] = [StochasticWeightAveraging]
+    with contextlib.suppress(ImportError):  # (Lightning 2.6 and later)
+        from lightning.pytorch.callbacks import WeightAveraging
+
+        averaging.append(WeightAveraging)
+    callbacks: list[Callback] = trainer.callbacks  # type: ignore[attr-defined]
+    for c in callbacks:
+        if isinstance(c, tuple(averaging)):
+            raise ValueError(
+                f"{type(c).__name__} averages the model's parameters, but CachedEmbedding rows are not "
+                "parameters (they live in the cache and the store): the averaged model would pair averaged "
+                "dense layers with rows that are not averaged, and its checkpoints would hold the initial "
+                "rows. It is not supported with strategy='bagpipe'"
+            )
 
 
 _CONFIG_FIELDS = ("tables fingerprint", "dim", "optimizer", "seed", "rows", "width")
