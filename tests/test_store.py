@@ -868,7 +868,7 @@ def test_under_torchrun_the_other_ranks_open_a_shared_file_once_rank_0_made_it(
 
     args = _cli_args(tmp_path / "x.f32", devices=2)
     path = str(tmp_path / "x.f32")
-    marker = tmp_path / ".x.f32.made.job7"
+    marker = tmp_path / f".x.f32.made.job7.{os.getppid()}"  # (named for this launch: its torchrun agent)
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job7")
     monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setattr(train_module, "SHARED_FILE_WAIT_S", 0.3)
@@ -883,8 +883,12 @@ def test_under_torchrun_the_other_ranks_open_a_shared_file_once_rank_0_made_it(
     timer.join()
     marker.unlink()
     monkeypatch.setenv("LOCAL_RANK", "0")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    killed = tmp_path / f".x.f32.made.job7.{dead.pid}"  # a killed job's (torchrun's run id repeats)
+    killed.touch()
     with train_module._shared_file_made(args, path):
-        assert not marker.exists()  # (rank 0 makes the file in the block, then says so)
+        assert not marker.exists() and not killed.exists()  # (rank 0 makes the file, then says so)
     assert marker.exists()
     marker.unlink()
     monkeypatch.delenv("TORCHELASTIC_RUN_ID")  # Lightning's own launcher: nobody waits

@@ -48,6 +48,7 @@ from lightning_bagpipe.models.deepfm import DEFAULT_HIDDEN, DeepFM
 from lightning_bagpipe.models.dlrm import DLRM
 from lightning_bagpipe.optim.sparse import SparseOptimizer, from_hparams
 from lightning_bagpipe.strategies.bagpipe import BagpipeStrategy
+from lightning_bagpipe.temporaries import pid_alive
 
 __all__ = [
     "MODELS",
@@ -438,8 +439,14 @@ def _shared_file_made(args: argparse.Namespace, store: StoreLike) -> Iterator[No
         yield
         return
     path = Path(store)
-    marker = path.with_name(f".{path.name}.made.{run}")
+    # named for this launch: torchrun's run id is "none" without --standalone, and a marker a killed job
+    # left must not stand for this one (the ranks of one node share their torchrun agent, the parent)
+    marker = path.with_name(f".{path.name}.made.{run}.{os.getppid()}")
     if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        for old in path.parent.glob(f".{path.name}.made.*"):  # markers of killed jobs' agents
+            agent = old.name.rsplit(".", 1)[-1]
+            if agent.isdigit() and not pid_alive(int(agent)):
+                old.unlink(missing_ok=True)
         yield
         marker.touch()
         # every rank has read it once the process group is up: the end of this process removes it
@@ -661,8 +668,14 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     pl.seed_everything(args.seed, verbose=False)
     dm = build_datamodule(args)
     store = _store_arg(args, root)
-    with _shared_file_made(args, store):
-        model = build_model(args, dm, store)
+    try:
+        with _shared_file_made(args, store):
+            model = build_model(args, dm, store)
+    except FileExistsError as err:  # (made by another run between _store_arg's check and the creation)
+        raise FileExistsError(
+            f"store file {store} appeared while this run started (another run?): {err}. Pass --store-path "
+            "to use another file"
+        ) from err
     meter = ThroughputMeter()
     checkpoint = None if args.no_checkpoint else CheckpointTimer(meter)
     # several processes share one mmap file per node (the default); each keeps its own tiered store
