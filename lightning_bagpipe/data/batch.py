@@ -193,33 +193,13 @@ class SparseFeatures:
         weights: Tensor | np.ndarray | None = None,
     ) -> SparseFeatures:
         """Build from flat key-major ``values`` and ``F * B`` ``lengths``; checks they add up."""
-        v = _as_long(values, "values")
-        ln = _as_long(lengths, "lengths")
         keys = list(keys)
-        if v.dim() != 1:
-            raise ValueError(f"values must be 1-D (key-major: every bag's ids), got shape {tuple(v.shape)}")
-        if ln.dim() != 1:
-            raise ValueError(f"lengths must be 1-D (key-major, F*B entries), got shape {tuple(ln.shape)}")
         if len(keys) == 0:
             raise ValueError("at least one feature key is required")
-        if ln.numel() % len(keys):
-            raise ValueError(f"{ln.numel()} lengths are not a multiple of the {len(keys)} feature keys")
-        if ln.numel() and int(ln.min()) < 0:
-            raise ValueError(f"negative length {int(ln.min())} in sparse features")
-        total = int(ln.sum())
-        if total != v.numel():
-            b = ln.numel() // len(keys)
-            per_key = ln.view(len(keys), b).sum(1).tolist() if b else [0] * len(keys)
-            raise ValueError(
-                f"lengths add up to {total} ids but values holds {v.numel()} "
-                f"(per feature: {dict(zip(keys, per_key))})"
-            )
-        w = None
-        if weights is not None:
-            w = torch.as_tensor(weights, dtype=torch.float32)
-            if w.shape != v.shape:
-                raise ValueError(f"weights shape {tuple(w.shape)} does not match values {tuple(v.shape)}")
-        return cls(keys, v, ln, w)
+        w = None if weights is None else torch.as_tensor(weights, dtype=torch.float32)
+        features = cls(keys, _as_long(values, "values"), _as_long(lengths, "lengths"), w)
+        features._check_layout()
+        return features
 
     @classmethod
     def from_offsets(
@@ -366,7 +346,7 @@ class SparseFeatures:
                 f"{n} sparse lengths are not a multiple of the {f} features {self.keys}: every feature needs "
                 "one bag length per sample"
             )
-        lengths = self.lengths.numpy().reshape(f, n // f)
+        lengths = self.lengths.cpu().numpy().reshape(f, n // f)
         if lengths.size and int(lengths.min()) < 0:
             k, sample = (int(i[0]) for i in np.nonzero(lengths < 0))
             raise ValueError(

@@ -346,7 +346,7 @@ class CachedEmbedding(nn.Module):
     def _current_store(self, features: SparseFeatures) -> None:
         """Before features without a cache plan read the store during fit: refuse them if they would need
         training, else bring the store up to date (the cache holds the newest copies of its rows)."""
-        owner = None if self._owner is None else self._owner()
+        owner = self._active_owner()
         if owner is None:
             return
         if self.training and torch.is_grad_enabled() and owner.step_open:
@@ -369,9 +369,13 @@ class CachedEmbedding(nn.Module):
         state.update(_active=False, _owner=None, _cache=None, _pinned=None, _pending=[])
         return state
 
+    def _active_owner(self) -> _Owner | None:
+        """The driver of the active cache (``None`` outside fit)."""
+        return None if self._owner is None else self._owner()
+
     def _store_up_to_date(self) -> None:
         """Before the store is read during fit: bring it up to date with the cache's newer rows."""
-        owner = None if self._owner is None else self._owner()
+        owner = self._active_owner()
         if owner is not None:
             owner.make_store_current()
 

@@ -192,7 +192,6 @@ class CacheDriver:
         self._writes: deque[_WriteJob] = deque()  # write jobs not known to have written their rows
         self._recovered = False  # the store was brought up to date after the executor failed
         self._store_current = True  # no sparse update since the store last matched the cache
-        self._grad_scale = 1.0  # the loss scale of the step being updated
         self.last = StepStats()
         self.total = TotalStats()
 
@@ -293,7 +292,6 @@ class CacheDriver:
             return
         self._updated = True
         self._store_current = False
-        self._grad_scale = grad_scale
         if self.groups is None:
             for m in self.modules:
                 taken = m._take_grads(grad_scale)
@@ -301,9 +299,9 @@ class CacheDriver:
                     m._update_rows(*taken, step)
             self.dirty[plan.slots] = True
             return
-        self._sync_update(plan, step)
+        self._sync_update(plan, step, grad_scale)
 
-    def _sync_update(self, plan: StepPlan, step: int) -> None:
+    def _sync_update(self, plan: StepPlan, step: int, grad_scale: float) -> None:
         """LRPP: sum replicated rows' gradients across ranks, average them like DDP, update.
 
         The collective is the plan's choice (the same on every rank): an all-reduce of the replicated
@@ -333,7 +331,7 @@ class CacheDriver:
         for m in self.modules:
             buf = torch.zeros(sync_slots.numel(), m.dim, device=device)
             own = (torch.zeros(0, dtype=torch.long, device=device), torch.zeros(0, m.dim, device=device))
-            taken = m._take_grads(self._grad_scale)
+            taken = m._take_grads(grad_scale)
             if taken is not None:
                 slots, grad = taken
                 p = pos[slots]
@@ -494,8 +492,7 @@ class CacheDriver:
         if self._current is None or self._updated:
             return
         self._updated = True
-        for m in self.modules:
-            m._pending.clear()
+        self._drop_pending()
 
     @property
     def step_open(self) -> bool:
@@ -521,10 +518,9 @@ class CacheDriver:
         """Refuse to drop embedding gradients that no optimizer step applied (the step is ending)."""
         if self._current is None:
             return
-        if any(r.grad is not None for m in self.modules for _, r in m._pending):
+        if self.pending_grads():
             when = "after the step's optimizer step" if self._updated else "and no optimizer step followed"
-            for m in self.modules:
-                m._pending.clear()  # (said once: a teardown that flushes the cache does not repeat it)
+            self._drop_pending()  # (said once: a teardown that flushes the cache does not repeat it)
             raise RuntimeError(
                 f"step {self._current.key} of the cache plan: embedding gradients were computed {when}, so "
                 "they would be lost. The cached rows are updated once per training step, at its first "
@@ -541,8 +537,7 @@ class CacheDriver:
         if self.executor is None:
             return
         self.executor.drain()  # (writes already queued land before the rows are replaced)
-        for m in self.modules:
-            m._pending.clear()
+        self._drop_pending()
         self._current, self._writeback = None, None
         self._queued_key, self._queued_ticket = None, None
         self.executor.forget_staged()
@@ -615,10 +610,14 @@ class CacheDriver:
         """Close the current step: its end-of-use rows become due for write-back."""
         if self._current is None:
             return
-        for m in self.modules:
-            m._pending.clear()  # gradients no optimizer step consumed (e.g. manual optimization without step)
+        self._drop_pending()  # gradients no optimizer step consumed (e.g. manual optimization without step)
         self._writeback = self._current.writeback
         self._current = None
+
+    def _drop_pending(self) -> None:
+        """Forget the lookups of the step (and any gradients they received)."""
+        for m in self.modules:
+            m._pending.clear()
 
     def _take_writeback(self) -> IdSlots | None:
         """The last step's last-use rows, now due for write-back (their slots count as clean from here)."""

@@ -587,27 +587,24 @@ class BagpipeStrategy(DDPStrategy):
         if self._driver is not None and self._driver.groups is not None:
             trainer = self.lightning_module.trainer  # type: ignore[union-attr]
             n = trainer.num_training_batches
-            # the sources' own lengths too: the oracle reads past limit_train_batches for its lookahead
-            sources = [
-                ld._known_length()
-                for ld in _library_loaders(trainer.train_dataloader)
-                if isinstance(ld, BagpipeLoader)
+            loaders = [
+                ld for ld in _library_loaders(trainer.train_dataloader) if isinstance(ld, BagpipeLoader)
             ]
-            lengths = [None if x == float("inf") else int(x) for x in [n, *sources]]
-            counts = self._driver.groups.all_gather_object(lengths)
+            # the sources' own lengths too: the oracle reads past limit_train_batches for its lookahead
+            lengths = [
+                None if x == float("inf") else int(x) for x in [n, *(ld._known_length() for ld in loaders)]
+            ]
+            mine = [(ld.lookahead, ld.cache_rows, ld.prefetch_depth, ld.sync) for ld in loaders]
+            every = self._driver.groups.all_gather_object((lengths, mine))
             self._stream_sized = None not in lengths  # (else compared at every step: _check_same_stream)
+            counts = [c for c, _ in every]
             if any(c != lengths for c in counts):
                 raise ValueError(
                     f"the ranks' training sources yield different numbers of batches {counts} (per rank: "
                     "batches of the epoch, then the sources' own lengths); every rank must read the same "
                     "global stream"
                 )
-            mine = [
-                (ld.lookahead, ld.cache_rows, ld.prefetch_depth, ld.sync)
-                for ld in _library_loaders(trainer.train_dataloader)
-                if isinstance(ld, BagpipeLoader)
-            ]
-            for r, theirs in enumerate(self._driver.groups.all_gather_object(mine)):
+            for r, (_, theirs) in enumerate(every):
                 if theirs != mine:
                     raise ValueError(
                         f"rank {r}'s training loader settings {theirs} differ from rank {self.global_rank}'s "
